@@ -1,0 +1,71 @@
+"""ONNX Runtime runner (FP32 or QDQ INT8 ONNX) configured from the target's options.
+
+Options (``[onnxruntime]`` in a target profile): ``providers`` (list, default CPU),
+``intra_op_threads`` (0 = ORT's default), ``inter_op_threads``, ``graph_optimization_level``
+(``disable|basic|extended|all``, default ``all``), ``execution_mode`` (``sequential|parallel``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import EdgetlError, MissingDependencyError
+from .base import Runner
+
+_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+           "all": "ORT_ENABLE_ALL"}
+
+
+class OrtRunner(Runner):
+    backend = "onnxruntime"
+
+    def __init__(self, model_path: Path, options: dict[str, Any]):
+        super().__init__(model_path, options)
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise MissingDependencyError("onnxruntime", None, "the ONNX Runtime backend") from None
+        so = ort.SessionOptions()
+        level = options.get("graph_optimization_level", "all")
+        if level not in _LEVELS:
+            raise EdgetlError(f"onnxruntime.graph_optimization_level = {level!r} is not valid",
+                              hint=f"use one of {list(_LEVELS)}")
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
+        so.intra_op_num_threads = int(options.get("intra_op_threads", 0))
+        so.inter_op_num_threads = int(options.get("inter_op_threads", 0))
+        if options.get("execution_mode", "sequential") == "parallel":
+            so.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+        so.log_severity_level = 3
+        available = ort.get_available_providers()
+        wanted = list(options.get("providers", ["CPUExecutionProvider"]))
+        providers = [p for p in wanted if p in available]
+        if not providers:
+            raise EdgetlError(f"none of the ONNX Runtime providers {wanted} is available here ({available})",
+                              hint="install the onnxruntime build for this device (e.g. onnxruntime-gpu), "
+                                   "or list CPUExecutionProvider in the target's onnxruntime.providers")
+        try:
+            self.session = ort.InferenceSession(str(model_path), sess_options=so, providers=providers)
+        except Exception as exc:  # ORT raises its own exception types
+            raise EdgetlError(f"{model_path}: ONNX Runtime cannot load this model ({exc})") from None
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.output_name = self.session.get_outputs()[0].name
+        self._batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
+        self._version = ort.__version__
+        self._providers = self.session.get_providers()
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        out = self.session.run([self.output_name], {self.input_name: batch})[0]
+        return np.asarray(out, dtype=np.float32)
+
+    @property
+    def fixed_batch(self) -> int | None:
+        return self._batch
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {"backend": self.backend, "version": self._version, "device": self._providers[0],
+                "precision": "as-graph (fp32 or QDQ int8)", "options": self.options}
