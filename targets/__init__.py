@@ -1,0 +1,1 @@
+"""Bundled target profiles (data only: one TOML per device). Loaded by ``edgetl.targets``."""
