@@ -1,0 +1,383 @@
+"""The runtime loop: frames in, labels out, with timings, smoothing, overlay, JSON, video and signals.
+
+:class:`Stream` is the library iterator (``model.stream(source)``): it starts the capture thread
+(``edgetl.runtime.sources``), and per frame runs preprocess -> inference -> softmax / smoothing /
+top-k / threshold, yielding a :class:`Result` with per-stage timings. :func:`run_app` is
+``edgetl run``: a window or JSON lines, events, the annotated video, SIGINT/SIGTERM, the summary.
+
+Timings (milliseconds, ``time.perf_counter``):
+
+* ``wait``: the loop waiting for a frame (near 0 when the source is faster than inference)
+* ``preprocess``, ``infer``, ``post`` (softmax, smoothing, top-k)
+* ``latency``: from the frame's capture timestamp (the decoded frame became available) to the result
+* FPS: results / seconds since the loop started (source opening and model loading excluded)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+import cv2
+import numpy as np
+
+from .errors import EdgetlError
+from .model import Model, Roi, parse_roi, softmax
+from .overlay import draw_overlay
+from .sources import FrameSource, Note, SourceLostError, stderr_note
+
+UNKNOWN = "unknown"
+STAGES = ("wait", "preprocess", "infer", "post")
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How frames become results. ``smooth`` is an EMA span in frames over the class probabilities
+    (``alpha = 2 / (smooth + 1)``; 0 or 1 = off); below ``threshold`` the label is ``unknown``."""
+
+    top_k: int = 1
+    roi: Roi | str | None = None
+    smooth: float = 0.0
+    threshold: float = 0.0
+    realtime: bool | None = None
+    fps: float | None = None
+    reconnect_timeout: float = 10.0
+    queue_size: int = 4
+    max_frames: int | None = None
+    duration: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "roi", parse_roi(self.roi))
+        if int(self.top_k) < 1:
+            raise EdgetlError(f"--top-k {self.top_k} is not valid", hint="give 1 or more")
+        if not 0.0 <= float(self.threshold) <= 1.0:
+            raise EdgetlError(f"--threshold {self.threshold} is not valid", hint="give a probability in [0, 1]")
+        if float(self.smooth) < 0:
+            raise EdgetlError(f"--smooth {self.smooth} is not valid", hint="give a span in frames (0 = off)")
+        if self.reconnect_timeout < 0:
+            raise EdgetlError("--reconnect-timeout must be >= 0 seconds")
+
+
+@dataclass
+class Result:
+    """One frame's result. ``image`` is the captured frame (a pooled buffer): valid until the
+    iteration moves on, copy it to keep it."""
+
+    frame_index: int
+    image: np.ndarray
+    label: str
+    score: float
+    top_k: list[tuple[str, float]]
+    probs: np.ndarray
+    timings_ms: dict[str, float]
+    latency_ms: float
+    dropped: int
+    time: float  # wall clock (time.time()) when the result was ready
+
+
+class Stream:
+    """Iterate :class:`Result` over a source; ``summary()`` afterwards (or at any time)."""
+
+    def __init__(self, model: Model, source: Any, options: StreamOptions | None = None,
+                 stop: threading.Event | None = None, note: Note = stderr_note):
+        self.model = model
+        self.options = options or StreamOptions()
+        self.stop = stop or threading.Event()
+        o = self.options
+        self.source = FrameSource(source, realtime=o.realtime, fps=o.fps, reconnect_timeout=o.reconnect_timeout,
+                                  queue_size=o.queue_size, note=note)
+        self.stop_reason = ""
+        self.frames = 0
+        self._t_start = self._t_last = 0.0
+        self._lat: list[float] = []
+        self._stage: dict[str, list[float]] = {s: [] for s in STAGES}
+
+    def __iter__(self) -> Iterator[Result]:
+        o, model, src, stop = self.options, self.model, self.source, self.stop
+        alpha = 2.0 / (o.smooth + 1.0) if o.smooth > 1 else 1.0
+        k, thr, roi = int(o.top_k), float(o.threshold), o.roi
+        ema: np.ndarray | None = None
+        clock = time.perf_counter
+        src.start()
+        self._t_start = self._t_last = clock()
+        deadline = self._t_start + o.duration if o.duration else None
+        lat, stage = self._lat, self._stage
+        try:
+            while True:
+                if stop.is_set():
+                    self.stop_reason = self.stop_reason or "stopped"
+                    break
+                if o.max_frames is not None and self.frames >= o.max_frames:
+                    self.stop_reason = "max frames"
+                    break
+                t0 = clock()
+                if deadline is not None and t0 >= deadline:
+                    self.stop_reason = "duration"
+                    break
+                frame = src.get(0.1)
+                if frame is None:
+                    if src.done:
+                        self.stop_reason = src.end_reason or "end of source"
+                        break
+                    continue  # re-check stop / deadline
+                t1 = clock()
+                x = model.input_tensor(frame.image, roi)
+                t2 = clock()
+                logits = model.logits(x)
+                t3 = clock()
+                probs = softmax(logits[0])
+                if alpha < 1.0:
+                    if ema is None:
+                        ema = probs.copy()
+                    else:
+                        ema *= 1.0 - alpha
+                        ema += alpha * probs
+                    probs = ema
+                top = model.top_k(probs, k)
+                label, score = top[0]
+                if score < thr:
+                    label = UNKNOWN
+                t4 = clock()
+                timings = {"wait": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, "infer": (t3 - t2) * 1e3,
+                           "post": (t4 - t3) * 1e3}
+                latency = (t4 - frame.t_capture) * 1e3
+                lat.append(latency)
+                for name, v in timings.items():
+                    stage[name].append(v)
+                self.frames += 1
+                self._t_last = t4
+                yield Result(frame.index, frame.image, label, score, top, probs, timings, latency, src.dropped,
+                             time.time())
+                src.release(frame)
+        finally:
+            if self.frames == 0:
+                self._t_last = clock()
+            src.close()
+
+    def summary(self) -> dict[str, Any]:
+        src = self.source
+        elapsed = max(self._t_last - self._t_start, 1e-9)
+
+        def pct(values: list[float]) -> dict[str, float]:
+            if not values:
+                return {"p50": 0.0, "p90": 0.0, "mean": 0.0, "max": 0.0}
+            a = np.asarray(values)
+            return {"p50": round(float(np.percentile(a, 50)), 3), "p90": round(float(np.percentile(a, 90)), 3),
+                    "mean": round(float(a.mean()), 3), "max": round(float(a.max()), 3)}
+
+        return {
+            "source": src.spec.uri, "source_kind": src.spec.kind,
+            "policy": "latest-frame" if src.latest else "every-frame",
+            "frames": self.frames, "frames_read": src.frames_read, "dropped": src.dropped,
+            "reconnects": src.reconnects, "skipped_files": src.skipped,
+            "elapsed_s": round(elapsed, 3), "fps": round(self.frames / elapsed, 2) if self.frames else 0.0,
+            "latency_ms": pct(self._lat), "stages_ms": {s: pct(v) for s, v in self._stage.items()},
+            "stop_reason": self.stop_reason or src.end_reason, "model": self.model.info,
+        }
+
+
+# ---- edgetl run: outputs around the stream ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AppOptions:
+    headless: bool = False
+    events: bool = False
+    save: Path | None = None
+    summary_json: Path | None = None
+    window: str = "edgetl"
+
+
+def display_available() -> tuple[bool, str]:
+    """Whether cv2.imshow can open a window here, and why not."""
+    if re.search(r"GUI:\s*NONE", cv2.getBuildInformation()):
+        return False, (f"this OpenCV ({cv2.__version__}) is built without GUI support (e.g. "
+                       "opencv-python-headless): install opencv-python for a window")
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return False, "no display here ($DISPLAY is not set)"
+    return True, ""
+
+
+FOURCC = {".mp4": "mp4v", ".mov": "mp4v", ".m4v": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
+
+
+class VideoSaver:
+    """Writes annotated frames to ``<dir>/.<name>.partial<ext>`` and renames it on close, so a
+    video under the requested name is always finalised (playable)."""
+
+    def __init__(self, path: Path, fps: float):
+        self.path = Path(path)
+        suffix = self.path.suffix.lower()
+        if suffix not in FOURCC:
+            raise EdgetlError(f"--save {path}: unsupported video type {suffix or '(none)'}",
+                              hint=f"use one of {', '.join(sorted(FOURCC))}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
+        self.fourcc = cv2.VideoWriter_fourcc(*FOURCC[suffix])
+        self.fps = fps
+        self.size: tuple[int, int] | None = None
+        self.writer: cv2.VideoWriter | None = None
+        self.frames = 0
+
+    def write(self, img: np.ndarray) -> None:
+        if self.writer is None:
+            self.size = (img.shape[1], img.shape[0])
+            self.writer = cv2.VideoWriter(str(self.tmp), self.fourcc, self.fps, self.size)
+            if not self.writer.isOpened():
+                raise EdgetlError(f"--save {self.path}: OpenCV cannot write this video here",
+                                  hint="try another container (.avi writes MJPG, .mp4 writes mp4v)")
+        if (img.shape[1], img.shape[0]) != self.size:  # image folders with mixed sizes
+            img = cv2.resize(img, self.size, interpolation=cv2.INTER_AREA)
+        self.writer.write(img)
+        self.frames += 1
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.release()
+            self.writer = None
+            os.replace(self.tmp, self.path)
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[list[str]]:
+    """SIGINT/SIGTERM set ``stop`` (the loop ends cleanly); a second one acts as usual (forces)."""
+    got: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, _frame: Any) -> None:
+        got.append(signal.Signals(signum).name)
+        stop.set()
+        signal.signal(signum, previous[signum])
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        previous[s] = signal.signal(s, handler)
+    try:
+        yield got
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _json_line(r: Result, lj: dict[str, str]) -> str:
+    """One result as a JSON line (hand-formatted: label strings are JSON-escaped once, up front)."""
+    t = r.timings_ms
+    top = ",".join(f"[{lj[lab]},{s:.6f}]" for lab, s in r.top_k)
+    return (f'{{"t":{r.time:.3f},"frame":{r.frame_index},"label":{lj[r.label]},"score":{r.score:.6f},'
+            f'"top_k":[{top}],"latency_ms":{r.latency_ms:.3f},"timings_ms":{{"wait":{t["wait"]:.3f},'
+            f'"preprocess":{t["preprocess"]:.3f},"infer":{t["infer"]:.3f},"post":{t["post"]:.3f}}},'
+            f'"dropped":{r.dropped}}}\n')
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    m, lat, st = s["model"], s["latency_ms"], s["stages_ms"]
+    lines = [
+        f"edgetl run: {s['frames']} frames from {s['source']} in {s['elapsed_s']:.2f} s = {s['fps']:.1f} FPS "
+        f"({m.get('backend')} {m.get('device', '')}, {m.get('model')})",
+        f"  latency capture->result p50 {lat['p50']:.1f} ms, p90 {lat['p90']:.1f} ms",
+        "  stages p50: " + ", ".join(f"{k} {v['p50']:.2f}" for k, v in st.items()) + " ms",
+        f"  {s['policy']}: frames read {s['frames_read']}, dropped {s['dropped']}, reconnects {s['reconnects']}"
+        + (f", undecodable files skipped {s['skipped_files']}" if s["skipped_files"] else "")
+        + f"; stopped: {s['stop_reason']}",
+    ]
+    if s.get("saved"):
+        lines.append(f"  saved {s['saved']['frames']} annotated frames to {s['saved']['path']}")
+    return "\n".join(lines)
+
+
+def run_app(model: Model, source: Any, options: StreamOptions, app: AppOptions,
+            out: IO[str] | None = None, err: IO[str] | None = None) -> dict[str, Any]:
+    """``edgetl run``: returns the summary; raises SourceLostError (after the summary) when a live
+    source was lost for good."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+
+    def note(msg: str) -> None:
+        print(f"note: {msg}", file=err, flush=True)
+
+    for w in model.warnings:
+        note(w)
+    stop = threading.Event()
+    stream = Stream(model, source, options, stop=stop, note=note)
+    headless = app.headless
+    if not headless:
+        ok, why = display_available()
+        if ok:
+            try:
+                cv2.namedWindow(app.window, cv2.WINDOW_NORMAL)
+            except cv2.error as exc:
+                ok, why = False, f"cv2 cannot open a window ({str(exc).strip().splitlines()[-1]})"
+        if not ok:
+            note(f"{why}; running headless (JSON lines on stdout; --headless silences this note)")
+            headless = True
+    json_out = headless or app.events
+    summary_out = err if json_out else out  # stdout stays pure JSON lines
+    saver = None
+    if app.save is not None:
+        saver = VideoSaver(app.save, stream.source.fps or 30.0)
+    lj = {lab: json.dumps(lab) for lab in (*model.labels, UNKNOWN)}
+    roi = options.roi
+    last_label: str | None = None
+    fps_ema, t_prev = 0.0, 0.0
+    error: EdgetlError | None = None
+    with stop_on_signals(stop) as signals:
+        try:
+            for r in stream:
+                if json_out and (not app.events or r.label != last_label):
+                    try:
+                        out.write(_json_line(r, lj))
+                        out.flush()
+                    except BrokenPipeError:  # e.g. `edgetl run ... | head`: stop quietly
+                        json_out = False
+                        if out is sys.stdout:  # python docs' recipe: no second error at exit
+                            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                        stream.stop_reason = "stdout closed"
+                        stop.set()
+                last_label = r.label
+                if saver is not None or not headless:
+                    now = time.perf_counter()
+                    if t_prev:
+                        fps_ema = 0.9 * fps_ema + 0.1 / max(now - t_prev, 1e-6) if fps_ema else 1.0 / max(now - t_prev, 1e-6)
+                    t_prev = now
+                    draw_overlay(r.image, r.label, r.score, fps_ema, r.latency_ms, roi, r.label != UNKNOWN)
+                    if saver is not None:
+                        saver.write(r.image)
+                    if not headless:
+                        cv2.imshow(app.window, r.image)
+                        key = cv2.waitKey(1) & 0xFF
+                        if key in (27, ord("q")) or cv2.getWindowProperty(app.window, cv2.WND_PROP_VISIBLE) < 1:
+                            stream.stop_reason = "window closed"
+                            stop.set()
+        except SourceLostError as exc:
+            error = exc
+        finally:
+            if saver is not None:
+                saver.close()
+            if not headless:
+                with contextlib.suppress(cv2.error):
+                    cv2.destroyAllWindows()
+    summary = stream.summary()
+    if signals:
+        summary["stop_reason"] = signals[0]
+    if error is not None:
+        summary["stop_reason"] = "source lost"
+        summary["error"] = error.message
+    if saver is not None:
+        summary["saved"] = {"path": str(app.save), "frames": saver.frames, "fps": saver.fps}
+    print(format_summary(summary), file=summary_out, flush=True)
+    if app.summary_json is not None:
+        Path(app.summary_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(app.summary_json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if error is not None:
+        raise error
+    return summary

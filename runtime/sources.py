@@ -1,0 +1,463 @@
+"""Frame sources as URIs, and the capture thread that feeds the runtime loop.
+
+Source URIs (what ``edgetl run --source`` accepts):
+
+=========================================  ================================================
+``0``, ``1`` …                             camera by index (V4L2 on Linux)
+``v4l2:///dev/video0?width=1280&height=720&fps=30&fourcc=MJPG``   a V4L2 device with capture settings
+``csi://0?width=1920&height=1080&fps=30&flip=0``   Jetson CSI camera (GStreamer ``nvarguscamerasrc``)
+``rtsp://user:pw@host:554/stream``          RTSP, low latency (GStreamer if OpenCV has it, else FFmpeg)
+``http://host/stream.mjpg``, ``https://…``  HTTP(S) streams (MJPEG, HLS, …) through FFmpeg
+``video.mp4``, ``clip.avi`` …               a video file
+``images/``, ``'shots/*.png'``              an image folder (recursive, sorted) or a glob
+``gst:videotestsrc ! videoconvert ! appsink``   a raw GStreamer pipeline ending in ``appsink``
+=========================================  ================================================
+
+Capture runs on its own thread (decoding overlaps inference). Two policies:
+
+* **latest** (live sources, and files with ``realtime=True``): only the newest frame is kept; a
+  frame the loop did not take before the next one arrived is dropped and counted, so inference
+  never works on the past. Files are paced at their FPS (``realtime``) to behave like a camera.
+* **ordered** (files and image folders by default): every frame, in order, through a small
+  bounded queue (decode runs ahead by a few frames, nothing is dropped).
+
+A live source that stops delivering frames is reopened with back-off for ``reconnect_timeout``
+seconds, then the run fails with :class:`SourceLostError` (exit code 3). The end of a file or image
+folder ends the run cleanly.
+
+Frame buffers come from a small pool and are reused (``cv2.VideoCapture.read`` decodes into
+them), so a 720p stream does not allocate 2.7 MB per frame; the consumer hands each frame back
+with :meth:`FrameSource.release`.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import glob
+import os
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import parse_qsl, urlsplit
+
+import cv2
+import numpy as np
+
+from .errors import EdgetlError, ImageDecodeError
+from .imageio import is_image_file, read_image
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv",
+                  ".mjpg", ".mjpeg", ".h264", ".h265", ".hevc", ".y4m", ".gif")
+URI_FORMS = ("a camera index (0), v4l2:///dev/videoN, csi://N, rtsp://…, http(s)://…, "
+             "a video file, an image folder or glob, gst:<pipeline ending in appsink>")
+# FFmpeg options for low-latency RTSP when OpenCV has no GStreamer (read by OpenCV at open time).
+RTSP_FFMPEG_OPTIONS = "rtsp_transport;tcp|fflags;nobuffer|flags;low_delay"
+NETWORK_TIMEOUT_MS = 5000
+Note = Callable[[str], None]
+
+
+class SourceLostError(EdgetlError):
+    """A live source stopped delivering frames and could not be reopened in time."""
+
+    exit_code = 3
+
+
+def stderr_note(msg: str) -> None:
+    print(f"note: {msg}", file=sys.stderr, flush=True)
+
+
+@functools.lru_cache(maxsize=1)
+def opencv_has_gstreamer() -> bool:
+    """True when this OpenCV build was compiled with the GStreamer video I/O backend."""
+    return re.search(r"GStreamer:\s*YES", cv2.getBuildInformation()) is not None
+
+
+def _need_gstreamer(uri: str, what: str) -> None:
+    if not opencv_has_gstreamer():
+        raise EdgetlError(
+            f"source {uri!r}: {what} needs OpenCV built with GStreamer, and this OpenCV "
+            f"({cv2.__version__}) has none (cv2.getBuildInformation(): 'GStreamer: NO')",
+            hint="on a Jetson use JetPack's OpenCV (python3-opencv, built with GStreamer) instead of the pip "
+                 "wheel: `pip uninstall opencv-python-headless` in this environment, or create it with "
+                 "--system-site-packages; elsewhere build OpenCV with -DWITH_GSTREAMER=ON")
+
+
+# ---- readers: one open device/stream/file, read() -> BGR uint8 or None ---------------------------
+
+class Reader:
+    """An opened source. ``read(out)`` returns the next BGR uint8 frame (decoded into ``out`` when it
+    fits) or None when there is none (end of file, or a failed live stream)."""
+
+    fps: float | None = None
+
+    def read(self, out: np.ndarray | None) -> np.ndarray | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class CaptureReader(Reader):
+    def __init__(self, cap: cv2.VideoCapture, uri: str):
+        self.cap = cap
+        fps = cap.get(cv2.CAP_PROP_FPS)
+        self.fps = float(fps) if fps and np.isfinite(fps) and 0 < fps < 1000 else None
+        self.frame_count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+
+    def read(self, out: np.ndarray | None) -> np.ndarray | None:
+        ok, img = self.cap.read(out) if out is not None else self.cap.read()
+        if not ok or img is None:
+            return None
+        if img.ndim == 2 or img.shape[2] != 3:  # gray/BGRA from odd cameras or pipelines
+            from .imageio import to_bgr8
+            img = to_bgr8(img)
+        return img
+
+    def close(self) -> None:
+        self.cap.release()
+
+
+class ImageListReader(Reader):
+    def __init__(self, paths: list[Path], note: Note):
+        self.paths = paths
+        self.pos = 0
+        self.note = note
+        self.skipped = 0
+
+    def read(self, out: np.ndarray | None) -> np.ndarray | None:
+        while self.pos < len(self.paths):
+            path = self.paths[self.pos]
+            self.pos += 1
+            try:
+                return read_image(path)
+            except ImageDecodeError as exc:
+                self.skipped += 1
+                self.note(f"skipped {exc.message}")
+        return None
+
+
+# ---- URI parsing ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A parsed source URI. ``open()`` opens it (again, for reconnects) and returns a Reader."""
+
+    uri: str
+    kind: str  # camera | csi | rtsp | http | gst | file | images
+    target: Any  # camera index or device path, URL, pipeline, file path, list of image paths
+    params: dict = field(default_factory=dict)
+
+    @property
+    def live(self) -> bool:
+        return self.kind not in ("file", "images")
+
+    def open(self, note: Note = stderr_note) -> Reader:
+        if self.kind == "images":
+            return ImageListReader(list(self.target), note)
+        cap = self._capture()
+        if not cap.isOpened():
+            cap.release()
+            raise EdgetlError(f"source {self.uri!r}: OpenCV cannot open it", hint=self._open_hint())
+        if self.live:
+            cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # keep the driver/demuxer queue short (where supported)
+        return CaptureReader(cap, self.uri)
+
+    def _capture(self) -> cv2.VideoCapture:
+        p = self.params
+        if self.kind == "camera":
+            api = cv2.CAP_V4L2 if sys.platform.startswith("linux") else cv2.CAP_ANY
+            cap = cv2.VideoCapture(self.target, api)
+            if cap.isOpened():
+                if "fourcc" in p:
+                    cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*str(p["fourcc"])[:4].ljust(4)))
+                for key, prop in (("width", cv2.CAP_PROP_FRAME_WIDTH), ("height", cv2.CAP_PROP_FRAME_HEIGHT),
+                                  ("fps", cv2.CAP_PROP_FPS)):
+                    if key in p:
+                        cap.set(prop, float(p[key]))
+            return cap
+        if self.kind in ("gst", "csi") or (self.kind == "rtsp" and self.target.startswith("rtspsrc ")):
+            return cv2.VideoCapture(self.target, cv2.CAP_GSTREAMER)
+        # FFmpeg: files, http(s), and rtsp without GStreamer
+        params: list[int] = []
+        if self.kind in ("rtsp", "http"):
+            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, NETWORK_TIMEOUT_MS,
+                      cv2.CAP_PROP_READ_TIMEOUT_MSEC, NETWORK_TIMEOUT_MS]
+        if self.kind == "rtsp":
+            os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", RTSP_FFMPEG_OPTIONS)
+        return cv2.VideoCapture(self.target, cv2.CAP_FFMPEG, params)
+
+    def _open_hint(self) -> str:
+        if self.kind == "camera":
+            return ("check the camera is connected and not in use by another program (`v4l2-ctl --list-devices`), "
+                    "and that this user may open it (group 'video')")
+        if self.kind in ("rtsp", "http"):
+            return "check the URL, credentials and network (try it with `ffplay URL`)"
+        if self.kind in ("gst", "csi"):
+            return "test the pipeline with `gst-launch-1.0` (replace appsink with fakesink); it must end in appsink"
+        return "check the file is a complete video that FFmpeg can decode (`ffprobe FILE`)"
+
+
+def _query(uri: str) -> tuple[Any, dict]:
+    parts = urlsplit(uri)
+    return parts, dict(parse_qsl(parts.query))
+
+
+def _csi_pipeline(sensor: int, p: dict) -> str:
+    w, h, fps, flip = int(p.get("width", 1280)), int(p.get("height", 720)), int(p.get("fps", 30)), int(p.get("flip", 0))
+    return (f"nvarguscamerasrc sensor-id={sensor} ! video/x-raw(memory:NVMM),width={w},height={h},"
+            f"framerate={fps}/1 ! nvvidconv flip-method={flip} ! video/x-raw,format=BGRx ! videoconvert ! "
+            f"video/x-raw,format=BGR ! appsink drop=1 max-buffers=1 sync=false")
+
+
+def _image_list(uri: str, paths: list[Path]) -> SourceSpec:
+    paths = sorted(p for p in paths if p.is_file() and is_image_file(p))
+    if not paths:
+        raise EdgetlError(f"source {uri!r}: no image files found",
+                          hint="give a folder or glob with .jpg/.png/.bmp/.tif/.webp images, or a video file")
+    return SourceSpec(uri, "images", tuple(paths))
+
+
+def parse_source(uri: str | int) -> SourceSpec:
+    """Resolve a source URI (see the module doc) or raise an EdgetlError that lists the forms."""
+    uri = str(uri).strip()
+    if not uri:
+        raise EdgetlError("empty --source", hint=f"give {URI_FORMS}")
+    if uri.isdigit():
+        return SourceSpec(uri, "camera", int(uri))
+    low = uri.lower()
+    if low.startswith("gst:"):
+        pipeline = uri[4:].strip()
+        _need_gstreamer(uri, "a gst: pipeline")
+        if "appsink" not in pipeline:
+            raise EdgetlError(f"source {uri!r}: a gst: pipeline must end in appsink",
+                              hint="e.g. gst:v4l2src ! videoconvert ! video/x-raw,format=BGR ! appsink drop=1")
+        return SourceSpec(uri, "gst", pipeline)
+    if low.startswith("v4l2://"):
+        parts, q = _query(uri)
+        device = parts.path or parts.netloc
+        if not device:
+            raise EdgetlError(f"source {uri!r}: no device path", hint="e.g. v4l2:///dev/video0")
+        target: Any = int(device) if device.isdigit() else device
+        return SourceSpec(uri, "camera", target, q)
+    if low.startswith("csi://"):
+        parts, q = _query(uri)
+        sensor = parts.netloc or "0"
+        if not sensor.isdigit():
+            raise EdgetlError(f"source {uri!r}: the CSI sensor id must be a number", hint="e.g. csi://0")
+        _need_gstreamer(uri, "a Jetson CSI camera (nvarguscamerasrc)")
+        return SourceSpec(uri, "csi", _csi_pipeline(int(sensor), q), q)
+    if low.startswith(("rtsp://", "rtsps://")):
+        if opencv_has_gstreamer():
+            pipe = (f"rtspsrc location={uri} latency=0 ! decodebin ! videoconvert ! video/x-raw,format=BGR ! "
+                    "appsink drop=1 max-buffers=1 sync=false")
+            return SourceSpec(uri, "rtsp", pipe)
+        return SourceSpec(uri, "rtsp", uri)
+    if low.startswith(("http://", "https://")):
+        return SourceSpec(uri, "http", uri)
+    if re.match(r"^[a-z][a-z0-9+.-]*://", low):
+        raise EdgetlError(f"source {uri!r}: unknown scheme", hint=f"use {URI_FORMS}")
+    path = Path(uri).expanduser()
+    if path.is_dir():
+        return _image_list(uri, list(path.rglob("*")))
+    if any(ch in uri for ch in "*?[") and not path.exists():
+        return _image_list(uri, [Path(p) for p in glob.glob(str(path), recursive=True)])
+    if path.is_file():
+        if is_image_file(path):
+            return _image_list(uri, [path])
+        return SourceSpec(uri, "file", str(path))
+    raise EdgetlError(f"source {uri!r}: no such file or folder, and not a camera index or URI",
+                      hint=f"give {URI_FORMS}")
+
+
+# ---- the capture thread ---------------------------------------------------------------------------
+
+@dataclass
+class Frame:
+    """One captured frame. ``index`` counts every frame the source delivered (dropped ones too), so
+    gaps in the indices of results are the dropped frames. ``t_capture`` (``time.perf_counter``) is
+    when the decoded frame became available; latency is measured from it."""
+
+    index: int
+    image: np.ndarray
+    t_capture: float
+
+
+class FrameSource:
+    """Reads a source on a background thread; ``get()`` hands frames to the inference loop.
+
+    ``realtime=None`` picks the policy from the source: latest-frame for live sources, every frame
+    in order for files/image folders; ``realtime=True`` paces files at ``fps`` (the file's own by
+    default; 30 for image folders) with the latest-frame policy.
+    """
+
+    def __init__(self, source: str | int | SourceSpec, *, realtime: bool | None = None, fps: float | None = None,
+                 reconnect_timeout: float = 10.0, queue_size: int = 4, note: Note = stderr_note):
+        self.spec = source if isinstance(source, SourceSpec) else parse_source(source)
+        self.latest = self.spec.live or bool(realtime)
+        self.pace = self.latest and not self.spec.live
+        self.reconnect_timeout = float(reconnect_timeout)
+        self._fps_override = fps
+        self._maxlen = 1 if self.latest else max(1, int(queue_size))
+        self._note = note
+        self._queue: collections.deque[Frame] = collections.deque()
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._free: list[np.ndarray] = []
+        self._thread: threading.Thread | None = None
+        self._reader: Reader | None = None
+        self._ended = False
+        self.error: EdgetlError | None = None
+        self.frames_read = 0
+        self.dropped = 0
+        self.reconnects = 0
+        self.end_reason = ""
+
+    # -- lifecycle
+    def start(self) -> "FrameSource":
+        """Open the source (errors surface here, in the caller's thread) and start capturing."""
+        if self._thread is None:
+            self._reader = self.spec.open(self._note)
+            self._thread = threading.Thread(target=self._capture, name="edgetl-capture", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        elif self._reader is not None:
+            self._reader.close()
+
+    def __enter__(self) -> "FrameSource":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def fps(self) -> float | None:
+        """The rate the source delivers at: the override, else what the file/camera reports."""
+        if self._fps_override:
+            return float(self._fps_override)
+        reported = self._reader.fps if self._reader is not None else None
+        return reported or (30.0 if self.spec.kind == "images" else None)
+
+    @property
+    def skipped(self) -> int:
+        """Image files that could not be decoded (image-folder sources)."""
+        return getattr(self._reader, "skipped", 0)
+
+    # -- consumer side
+    def get(self, timeout: float | None = None) -> Frame | None:
+        """The next frame; None on timeout or at the end (see :attr:`done`). Raises the source's
+        error (e.g. :class:`SourceLostError`) once every frame before it has been handed out."""
+        with self._cond:
+            if not self._queue and not self._ended:
+                self._cond.wait(timeout)
+            if self._queue:
+                frame = self._queue.popleft()
+                self._cond.notify_all()
+                return frame
+            if self._ended and self.error is not None:
+                raise self.error
+            return None
+
+    @property
+    def done(self) -> bool:
+        with self._cond:
+            return self._ended and not self._queue
+
+    def release(self, frame: Frame) -> None:
+        """Give a frame's buffer back for reuse (the caller must not use ``frame.image`` after)."""
+        if len(self._free) < 4:
+            self._free.append(frame.image)
+
+    # -- producer side (capture thread)
+    def _publish(self, frame: Frame) -> None:
+        with self._cond:
+            if self.latest:
+                while self._queue:  # the loop has not taken it: it is stale now
+                    old = self._queue.popleft()
+                    self.dropped += 1
+                    self.release(old)
+            else:
+                while len(self._queue) >= self._maxlen and not self._stop.is_set():
+                    self._cond.wait(0.1)
+            self._queue.append(frame)
+            self._cond.notify_all()
+
+    def _capture(self) -> None:
+        reader = self._reader
+        assert reader is not None
+        interval = 1.0 / self.fps if self.pace and self.fps else 0.0
+        t0 = 0.0
+        try:
+            while not self._stop.is_set():
+                buf = self._free.pop() if self._free else None
+                img = reader.read(buf)
+                if img is None:
+                    if not self.spec.live:
+                        self.end_reason = "end of source"
+                        break
+                    reader.close()
+                    reader = self._reconnect()
+                    if reader is None:
+                        break
+                    self._reader = reader
+                    continue
+                if interval:
+                    if self.frames_read == 0:
+                        t0 = time.perf_counter()
+                    delay = t0 + self.frames_read * interval - time.perf_counter()
+                    if delay > 0 and self._stop.wait(delay):
+                        break
+                frame = Frame(self.frames_read, img, time.perf_counter())
+                self.frames_read += 1
+                self._publish(frame)
+        except Exception as exc:  # a bug or a backend crash: end the run with it rather than hang
+            self.error = EdgetlError(f"source {self.spec.uri!r}: capture failed ({type(exc).__name__}: {exc})")
+        finally:
+            if self._stop.is_set() and not self.end_reason:
+                self.end_reason = "stopped"
+            reader.close()
+            with self._cond:
+                self._ended = True
+                self._cond.notify_all()
+
+    def _reconnect(self) -> Reader | None:
+        """Reopen a lost live source with back-off; None (and ``self.error`` set) after the timeout."""
+        uri, limit = self.spec.uri, self.reconnect_timeout
+        self._note(f"source {uri!r}: no frame after {self.frames_read} frames; reconnecting for up to {limit:g} s")
+        deadline = time.monotonic() + limit
+        delay, attempts, last = 0.1, 0, ""
+        while not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if self._stop.wait(min(delay, remaining)):
+                return None
+            delay = min(delay * 2, 2.0)
+            attempts += 1
+            try:
+                reader = self.spec.open(self._note)
+            except EdgetlError as exc:
+                last = exc.message
+                continue
+            self.reconnects += 1
+            self._note(f"source {uri!r}: reconnected (attempt {attempts})")
+            return reader
+        if self._stop.is_set():
+            return None
+        self.end_reason = "source lost"
+        self.error = SourceLostError(
+            f"source {uri!r} stopped delivering frames after {self.frames_read} frames and could not be reopened "
+            f"in {limit:g} s ({attempts} attempts{': ' + last if last else ''})",
+            hint="check the camera/stream and its network; pass a longer --reconnect-timeout to wait longer")
+        return None
