@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "train": "edgetl.commands.train:train",
     "eval": "edgetl.commands.train:eval_cmd",
     "predict": "edgetl.commands.train:predict",
+    "run": "edgetl.commands.run:run",
     "targets": "edgetl.commands.targets:targets",
     "compile": "edgetl.commands.compile:compile_cmd",
     "build": "edgetl.commands.build:build",

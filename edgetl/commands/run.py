@@ -1,0 +1,92 @@
+"""``edgetl run``: classify a camera, stream, video or image folder with an artifact (torch-free)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict:
+    from ..runtime.errors import EdgetlError
+
+    opts = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise EdgetlError(f"--option {pair!r} is not KEY=VALUE", hint="e.g. --option intra_op_threads=2")
+        try:
+            opts[key] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key] = value
+    return opts
+
+
+@click.command("run")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--source", "-s", required=True, metavar="URI",
+              help="0 (camera index), v4l2:///dev/video0, csi://0, rtsp://…, http(s)://…, a video file, "
+                   "an image folder or glob, or gst:<pipeline … ! appsink>.")
+@click.option("--backend", default=None, help="Which build of the artifact to run (default: its first build).")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Override a backend option of the build (repeatable), e.g. intra_op_threads=2.")
+@click.option("--headless", is_flag=True, help="No window: one JSON line per result on stdout.")
+@click.option("--events", is_flag=True, help="Print a JSON line only when the label changes.")
+@click.option("--top-k", default=1, show_default=True, type=int, help="How many classes per result.")
+@click.option("--roi", default=None, metavar="X,Y,W,H", help="Classify only this region of the frame (pixels).")
+@click.option("--smooth", default=0.0, show_default=True, type=float, metavar="FRAMES",
+              help="Temporal smoothing: EMA of the scores over about this many frames (0 = off).")
+@click.option("--threshold", default=0.0, show_default=True, type=float,
+              help="Below this top-1 score the label is 'unknown'.")
+@click.option("--realtime", is_flag=True,
+              help="Play a file/image folder like a camera: paced at its FPS, latest-frame policy (drops "
+                   "frames when inference is slower). Default for files: every frame, in order.")
+@click.option("--fps", default=None, type=float, help="Pace for --realtime (default: the file's FPS; 30 for images).")
+@click.option("--save", default=None, type=click.Path(path_type=Path), metavar="OUT.mp4",
+              help="Write the annotated video (.mp4/.mov: mp4v, .avi/.mkv: MJPG).")
+@click.option("--max-frames", default=None, type=click.IntRange(min=1), help="Stop after this many results.")
+@click.option("--duration", default=None, type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Stop after this many seconds.")
+@click.option("--reconnect-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0),
+              metavar="SECONDS", help="How long to keep reopening a lost camera/stream before giving up (exit 3).")
+@click.option("--summary-json", default=None, type=click.Path(path_type=Path), metavar="FILE",
+              help="Also write the end-of-run summary as JSON.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifact's files at start.")
+def run(artifact: Path, source: str, backend: str | None, options: tuple[str, ...], headless: bool, events: bool,
+        top_k: int, roi: str | None, smooth: float, threshold: float, realtime: bool, fps: float | None,
+        save: Path | None, max_frames: int | None, duration: float | None, reconnect_timeout: float,
+        summary_json: Path | None, no_verify: bool) -> int:
+    """Run an artifact on a camera, stream, video file or image folder (no torch needed).
+
+    Shows a window with label, score, FPS and latency when a display exists; otherwise (or with
+    --headless) prints one JSON line per result: {"t", "frame", "label", "score", "top_k",
+    "latency_ms", "timings_ms": {wait, preprocess, infer, post}, "dropped"}. A summary (frames, FPS,
+    latency p50/p90, drops) goes to stderr at exit (stdout in window mode).
+
+    Live sources keep only the newest frame (stale frames are dropped and counted) and are reopened
+    with back-off when lost; files are processed frame by frame unless --realtime. Ctrl-C / SIGTERM
+    stop cleanly and finalise --save. Exit codes: 0 done, 2 bad input, 3 source lost.
+
+    \b
+    Examples:
+      edgetl run artifacts/elpv --source 0                          # USB camera, window
+      edgetl run artifacts/elpv --source csi://0 --headless --events
+      edgetl run artifacts/elpv --source rtsp://10.0.0.5/stream --headless --smooth 5 --threshold 0.6
+      edgetl run artifacts/elpv --source line.mp4 --headless --save annotated.mp4 --summary-json s.json
+      edgetl run artifacts/elpv --source line.mp4 --realtime --headless --duration 30
+      edgetl run artifacts/elpv --source 'shots/*.png' --headless --top-k 2 --backend openvino
+    """
+    from ..runtime.app import AppOptions, StreamOptions, run_app
+    from ..runtime.model import load
+
+    stream_opts = StreamOptions(top_k=top_k, roi=roi, smooth=smooth, threshold=threshold,
+                                realtime=True if realtime else None, fps=fps, reconnect_timeout=reconnect_timeout,
+                                max_frames=max_frames, duration=duration)
+    app_opts = AppOptions(headless=headless, events=events, save=save, summary_json=summary_json)
+    model = load(artifact, backend=backend, options=_parse_options(options), verify=not no_verify)
+    try:
+        run_app(model, source, stream_opts, app_opts)
+    finally:
+        model.close()
+    return 0
