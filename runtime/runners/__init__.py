@@ -20,6 +20,8 @@ from .base import Runner
 # backend name -> ("module", "Class", pip extra that installs the backend package or None)
 RUNNERS: dict[str, tuple[str, str, str | None]] = {
     "onnxruntime": ("edgetl.runtime.runners.onnxruntime", "OrtRunner", None),
+    "openvino": ("edgetl.runtime.runners.openvino", "OpenVINORunner", "openvino"),
+    "tensorrt": ("edgetl.runtime.runners.tensorrt", "TensorRTRunner", "tensorrt"),
 }
 
 
