@@ -1,0 +1,69 @@
+"""A tiny trained run folder for the quantization/gate tests (tiny_cnn, 32x32, generated images).
+
+Uses ``edgetl.train``'s Python API when it exists (``train_run``); otherwise trains a few epochs
+of plain torch on the generated folder, preprocessed with the shared ``preprocess``, and writes the
+run folder contract of ``edgetl/runs.py`` (manifest kind "run", model.safetensors, split.json).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from edgetl.backbones import build_classifier, get_backbone
+from edgetl.fsutil import atomic_output_dir
+from edgetl.runs import SPLIT_FILE, save_weights
+from edgetl.runtime.imageio import read_image
+from edgetl.runtime.manifest import Manifest, hash_files, write_manifest
+from edgetl.runtime.preprocess import preprocess
+
+CLASSES = ("disc", "stripes", "square")
+
+
+def make_tiny_run(tmp: Path, n_per_class: int = 24, classes=CLASSES, epochs: int = 15, seed: int = 0) -> Path:
+    """Write generated images under ``tmp/images`` and a trained tiny run at ``tmp/run``."""
+    import torch
+
+    from conftest import write_image_folder
+
+    images = write_image_folder(tmp / "images", n_per_class=n_per_class, classes=classes, seed=seed)
+    rng = np.random.default_rng(seed)
+    splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    for name in classes:
+        files = sorted((images / name).iterdir())
+        order = rng.permutation(len(files))
+        n_test = n_val = max(2, len(files) // 6)
+        for rank, idx in enumerate(order):
+            part = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+            splits[part].append({"path": str(files[idx].relative_to(images)), "label": name})
+
+    spec = get_backbone("tiny_cnn").preprocess
+    torch.manual_seed(seed)
+    model, built = build_classifier("tiny_cnn", len(classes), pretrained="none", dropout=0.0)
+    x = torch.from_numpy(np.stack([preprocess(read_image(images / s["path"]), spec) for s in splits["train"]]))
+    y = torch.tensor([classes.index(s["label"]) for s in splits["train"]])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 16):
+            idx = perm[i:i + 16]  # shuffled: single-class batches would wreck BatchNorm
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+    model.eval()
+
+    out = tmp / "run"
+    with atomic_output_dir(out) as d:
+        save_weights(model, d)
+        (d / SPLIT_FILE).write_text(json.dumps({"root": str(images), "seed": seed, "splits": splits}))
+        manifest = Manifest(kind="run", labels=classes, preprocess=spec,
+                            backbone={"name": "tiny_cnn", "pretrained": "none", "dropout": 0.0,
+                                      "weights": built.weights},
+                            training={"split_seed": seed, "epochs": epochs},
+                            files=hash_files(d))
+        write_manifest(manifest, d)
+    return out
