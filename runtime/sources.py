@@ -394,8 +394,7 @@ class FrameSource:
             self._cond.notify_all()
 
     def _capture(self) -> None:
-        reader = self._reader
-        assert reader is not None
+        reader: Reader | None = self._reader
         interval = 1.0 / self.fps if self.pace and self.fps else 0.0
         t0 = 0.0
         try:
@@ -407,10 +406,9 @@ class FrameSource:
                         self.end_reason = "end of source"
                         break
                     reader.close()
-                    reader = self._reconnect()
+                    reader = self._reader = self._reconnect()
                     if reader is None:
                         break
-                    self._reader = reader
                     continue
                 if interval:
                     if self.frames_read == 0:
@@ -426,7 +424,8 @@ class FrameSource:
         finally:
             if self._stop.is_set() and not self.end_reason:
                 self.end_reason = "stopped"
-            reader.close()
+            if reader is not None:
+                reader.close()
             with self._cond:
                 self._ended = True
                 self._cond.notify_all()
