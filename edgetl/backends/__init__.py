@@ -1,0 +1,157 @@
+"""Host-side backend builders: turn an artifact's ONNX into what a backend runs, then gate it.
+
+One module per backend, registered by name in ``BUILDERS`` (imported lazily; heavy packages are
+imported inside them). Each module has ``build(ctx: BuildContext) -> BuildOutcome``: it writes
+``builds/<backend>/`` (in a temp folder renamed when complete) and returns the manifest build entry
+``{"backend", "model", "precision", "options", "version", "device", ...}``, or no entry when the
+build can only be finished on the device (a TensorRT engine on a host without TensorRT: the build
+configuration is written, the engine is built by ``edgetl build`` on the Jetson).
+
+:func:`build_artifact` is what ``edgetl build`` and ``edgetl compile`` call: verify the artifact,
+build, run the accuracy gate through the built model (the runner the device uses), and record
+backend, version, device, precision and gate in ``manifest.builds`` (manifest rewritten atomically
+with fresh file hashes).
+
+Adding a backend = one module here + one line in ``BUILDERS`` (+ its runner in
+``edgetl/runtime/runners/``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..runtime.errors import EdgetlError
+from ..runtime.manifest import Manifest, hash_files, read_manifest, verify_files, write_manifest
+from ..targets import TargetProfile
+
+BUILDERS: dict[str, str] = {
+    "onnxruntime": "edgetl.backends.onnxruntime",
+    "openvino": "edgetl.backends.openvino",
+    "tensorrt": "edgetl.backends.tensorrt",
+}
+INT8_ONNX = "model_int8.onnx"
+FP32_ONNX = "model_fp32.onnx"
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    folder: Path  # the artifact folder
+    manifest: Manifest
+    profile: TargetProfile
+    backend: str
+    progress: Progress = print
+    gate: bool = True  # run accuracy gates (the builder's own, e.g. TensorRT's pre-build gate)
+
+    @property
+    def source(self) -> str:
+        """The artifact ONNX this build starts from (relative name)."""
+        return source_model(self.folder, self.profile.precision)
+
+    @property
+    def out_dir(self) -> Path:
+        return self.folder / "builds" / self.backend
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.profile.options_for(self.backend)
+
+
+@dataclass
+class BuildOutcome:
+    entry: dict[str, Any] | None  # the manifest build entry; None = prepared, finish on the device
+    notes: list[str] = field(default_factory=list)
+    gate: dict[str, Any] | None = None  # the gate that was run (pre-build gate when entry is None)
+    keep_existing: bool = False  # entry None and nothing changed: keep this backend's manifest entry
+
+
+def source_model(folder: Path, precision: str) -> str:
+    name = INT8_ONNX if precision == "int8" else FP32_ONNX
+    if not (Path(folder) / name).is_file():
+        why = ("precision int8 builds from the QDQ graph: quantize first (`edgetl compile RUN --target ...`)"
+               if precision == "int8" else "the artifact has no float export")
+        raise EdgetlError(f"{Path(folder) / name}: missing", hint=why)
+    return name
+
+
+def get_builder(backend: str):
+    if backend not in BUILDERS:
+        raise EdgetlError(f"unknown backend {backend!r}", hint=f"known backends: {', '.join(BUILDERS)}")
+    return importlib.import_module(BUILDERS[backend])
+
+
+def fresh_build_dir(ctx: BuildContext) -> Path:
+    """A temp folder beside ``builds/<backend>`` (renamed over it by :func:`commit_build_dir`)."""
+    tmp = ctx.out_dir.parent / f".{ctx.backend}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_build_dir(ctx: BuildContext, tmp: Path) -> None:
+    old = ctx.out_dir.parent / f".{ctx.backend}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if ctx.out_dir.exists():
+        ctx.out_dir.rename(old)
+    tmp.rename(ctx.out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def run_gate(runner: Any, folder: Path, profile: TargetProfile) -> dict[str, Any]:
+    """The accuracy gate of ``runner`` on the artifact's checkset with the profile's thresholds.
+
+    Integration point with ``edgetl/check.py`` (the gate's one implementation); returns the gate as
+    a JSON-able dict with at least ``passed``.
+    """
+    from .. import check
+
+    result = check.evaluate(runner, check.load_checkset(folder), profile.gate)
+    return result.to_dict() if hasattr(result, "to_dict") else dict(result)
+
+
+def build_artifact(folder: str | Path, profile: TargetProfile, backend: str | None = None, gate: bool = True,
+                   progress: Progress = print) -> BuildOutcome:
+    """Build ``folder`` for ``profile`` on this machine, gate it, record it in the manifest."""
+    folder = Path(folder)
+    manifest = verify_files(folder, read_manifest(folder))
+    if manifest.kind != "artifact":
+        raise EdgetlError(f"{folder} is an edgetl {manifest.kind}, not an artifact",
+                          hint="compile the run first: edgetl compile RUN --target T --out artifacts/NAME")
+    backend = backend or profile.backend
+    if backend != profile.backend:
+        profile = profile.with_changes(backend=backend)
+    profile.check_input_size(manifest.preprocess.input_size, f"the artifact {folder}")
+    ctx = BuildContext(folder, manifest, profile, backend, progress, gate)
+    outcome = get_builder(backend).build(ctx)
+    entry = outcome.entry
+    if entry is not None and gate:
+        from ..runtime.runners import open_runner
+
+        progress(f"gate: {backend} build on the checkset")
+        runner = open_runner(backend, folder / entry["model"], entry.get("options") or {})
+        try:
+            entry["gate"] = run_gate(runner, folder, profile)
+        finally:
+            runner.close()
+        outcome.gate = entry["gate"]
+    builds = [dict(b) for b in manifest.builds if b.get("backend") != backend or outcome.keep_existing]
+    if entry is not None:
+        builds.insert(0, entry)
+    target = profile.to_dict()
+    config = folder / "builds" / backend / "build_config.json"
+    if config.is_file():
+        target["build_config"] = str(config.relative_to(folder))
+    write_manifest(manifest.replace(builds=tuple(builds), target=target, files=hash_files(folder)), folder)
+    return outcome
+
+
+def profile_from_manifest(manifest: Manifest) -> TargetProfile | None:
+    """The resolved profile recorded in an artifact (``manifest.target``), if any."""
+    if not manifest.target:
+        return None
+    data = {k: v for k, v in dict(manifest.target).items() if k != "build_config"}
+    return TargetProfile.from_dict(data, source="manifest.json target")
