@@ -38,6 +38,12 @@ FP32_ONNX = "model_fp32.onnx"
 Progress = Callable[[str], None]
 
 
+class GateFailed(EdgetlError):
+    """The build was made and recorded, but it misses the target's accuracy gate: not deployable."""
+
+    exit_code = 4
+
+
 @dataclass(frozen=True)
 class BuildContext:
     folder: Path  # the artifact folder

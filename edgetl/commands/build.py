@@ -1,0 +1,96 @@
+"""``edgetl build``: (re)build an artifact's backend build on this machine, gate it, record it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def resolve_profile(folder: Path, target: str | None, backend: str | None, precision: str | None,
+                    sets: tuple[str, ...]):
+    """--target (a name or TOML path) or the profile recorded in the artifact, with overrides."""
+    from ..backends import profile_from_manifest
+    from ..runtime.errors import EdgetlError
+    from ..runtime.manifest import read_manifest
+    from ..targets import apply_overrides, load_target
+
+    if target:
+        profile = load_target(target)
+    else:
+        profile = profile_from_manifest(read_manifest(folder))
+        if profile is None:
+            raise EdgetlError(f"{folder}: the artifact records no target profile",
+                              hint="pass one: edgetl build ARTIFACT --target NAME (see `edgetl targets`)")
+    return apply_overrides(profile, precision=precision, backend=backend, sets=sets)
+
+
+def gate_cell(gate: Any) -> str:
+    if not isinstance(gate, dict):
+        return "not run"
+    word = "[green]passed[/]" if gate.get("passed") else "[red]FAILED[/]"
+    bits = []
+    if gate.get("drop") is not None:
+        bits.append(f"drop {gate['drop']:.2f} pt")
+    if gate.get("agreement") is not None:
+        bits.append(f"agreement {100 * gate['agreement']:.1f} %")
+    return word + (f" ({', '.join(bits)})" if bits else "")
+
+
+def build_table(rows: list[dict[str, Any]]):
+    from rich.table import Table
+
+    table = Table(title="build", header_style="bold")
+    for col in ("backend", "model", "precision", "version", "device", "gate"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*(str(r.get(c, "")) for c in ("backend", "model", "precision", "version", "device")),
+                      gate_cell(r.get("gate")))
+    return table
+
+
+@click.command()
+@click.argument("artifact", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--target", help="Target profile name or TOML path (default: the one recorded in the artifact).")
+@click.option("--backend", type=click.Choice(["tensorrt", "openvino", "onnxruntime"]),
+              help="Build for this backend instead of the profile's (its options come from the profile).")
+@click.option("--precision", type=click.Choice(["int8", "fp16", "fp32"]), help="Override the profile's precision.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a profile key, e.g. tensorrt.dla_core=0 (repeatable).")
+@click.option("--no-gate", is_flag=True, help="Skip the accuracy gate (the build is recorded as not gated).")
+def build(artifact: Path, target: str | None, backend: str | None, precision: str | None, sets: tuple[str, ...],
+          no_gate: bool) -> None:
+    """Build ARTIFACT for its target on this machine, run the accuracy gate through the build, and
+    record backend, version, device, precision and gate in the manifest.
+
+    The normal path on a Jetson: copy the portable artifact (ONNX + checkset + manifest +
+    builds/tensorrt/build_config.json) to the device and build the engine there.
+
+    \b
+    Examples:
+      edgetl build artifacts/elpv-orin                       # on the Jetson: TensorRT engine
+      edgetl build artifacts/elpv-ov --target x86-cpu-openvino
+      edgetl build artifacts/elpv-orin --set tensorrt.dla_core=0
+    """
+    from rich.console import Console
+
+    from ..backends import GateFailed, build_artifact
+
+    console = Console()
+    profile = resolve_profile(artifact, target, backend, precision, sets)
+    console.print(f"[bold]edgetl build[/] {artifact} for [cyan]{profile.name}[/] "
+                  f"({profile.backend}, {profile.precision})")
+    outcome = build_artifact(artifact, profile, gate=not no_gate,
+                             progress=lambda msg: console.print(f"  [dim]·[/] {msg}"))
+    for note in outcome.notes:
+        console.print(f"  [yellow]note[/] {note}")
+    if outcome.entry is not None:
+        console.print(build_table([outcome.entry]))
+    elif outcome.gate is not None:
+        console.print(f"pre-build gate (same graph through ONNX Runtime): {gate_cell(outcome.gate)}")
+    gate = outcome.entry["gate"] if outcome.entry is not None and "gate" in outcome.entry else outcome.gate
+    if isinstance(gate, dict) and not gate.get("passed"):
+        raise GateFailed(f"{artifact}: the accuracy gate failed for the {profile.backend} build",
+                         hint="see the gate details in manifest.json; try QAT (--method qat) or keep sensitive "
+                              "layers in float")
