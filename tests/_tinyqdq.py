@@ -21,16 +21,9 @@ SPEC = PreprocessSpec(input_size=(32, 32), resize="stretch", mean=(127.5,) * 3, 
 
 
 def fp32_onnx(path: Path, num_classes: int = len(LABELS), seed: int = 0) -> Path:
-    import torch
+    from _tinyartifact import tiny_cnn_onnx
 
-    from edgetl.backbones import build_classifier
-
-    torch.manual_seed(seed)
-    model, _ = build_classifier("tiny_cnn", num_classes, pretrained="none", dropout=0.0)
-    model.eval()
-    torch.onnx.export(model, torch.zeros(1, 3, 32, 32), str(path), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=17, dynamo=False)
-    return path
+    return tiny_cnn_onnx(path, num_classes=num_classes, seed=seed)
 
 
 def sample_inputs(n: int = 16, seed: int = 1) -> np.ndarray:
