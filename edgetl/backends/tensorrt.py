@@ -280,7 +280,7 @@ def _tensorrt_here() -> str | None:
         import_tensorrt()
         import_cudart()
     except MissingDependencyError as exc:
-        return exc.message
+        return exc.message.rstrip(".")
     return None
 
 
@@ -289,7 +289,7 @@ def build(ctx: BuildContext) -> BuildOutcome:
     config = recorded_config(ctx, resolved)
     missing = _tensorrt_here()
     if missing and config is not None:  # nothing changed and no TensorRT here: leave the build as it is
-        return BuildOutcome(None, [f"tensorrt: {missing}: builds/tensorrt/{BUILD_CONFIG} is up to date; run "
+        return BuildOutcome(None, [f"tensorrt: {missing}; builds/tensorrt/{BUILD_CONFIG} is up to date: run "
                                    "`edgetl build ARTIFACT` on the device to build the engine"],
                             gate=config.get("pre_build_gate"), keep_existing=True)
     tmp = fresh_build_dir(ctx)
@@ -302,7 +302,7 @@ def build(ctx: BuildContext) -> BuildOutcome:
             write_config(tmp, config)
         if missing:
             commit_build_dir(ctx, tmp)
-            return BuildOutcome(None, [f"tensorrt: {missing}: wrote builds/tensorrt/{BUILD_CONFIG} (conformance "
+            return BuildOutcome(None, [f"tensorrt: {missing}; wrote builds/tensorrt/{BUILD_CONFIG} (conformance "
                                        f"checked, pre-build gate {_gate_word(config.get('pre_build_gate'))}); copy "
                                        "the artifact to the device and run `edgetl build ARTIFACT` there"],
                                 gate=config.get("pre_build_gate"))

@@ -80,11 +80,11 @@ def build(artifact: Path, target: str | None, backend: str | None, precision: st
     console = Console()
     profile = resolve_profile(artifact, target, backend, precision, sets)
     console.print(f"[bold]edgetl build[/] {artifact} for [cyan]{profile.name}[/] "
-                  f"({profile.backend}, {profile.precision})")
+                  f"({profile.backend}, {profile.precision})", soft_wrap=True)
     outcome = build_artifact(artifact, profile, gate=not no_gate,
-                             progress=lambda msg: console.print(f"  [dim]·[/] {msg}"))
+                             progress=lambda msg: console.print(f"  [dim]·[/] {msg}", soft_wrap=True))
     for note in outcome.notes:
-        console.print(f"  [yellow]note[/] {note}")
+        console.print(f"  note: {note}", soft_wrap=True, markup=False, style="yellow")
     if outcome.entry is not None:
         console.print(build_table([outcome.entry]))
     elif outcome.gate is not None:
