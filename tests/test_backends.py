@@ -208,3 +208,45 @@ def test_missing_backend_package_names_the_extra(artifact, backend, blocked, ext
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert f"pip install '{extra}'" in r.stdout
+
+
+# ---- the gate through each build (edgetl.check) ----------------------------------------------
+
+@pytest.mark.parametrize("target", ["x86-cpu-onnxruntime", "x86-cpu-openvino"])
+def test_build_gate_recorded(artifact, target):
+    if target.endswith("openvino"):
+        pytest.importorskip("openvino", reason="openvino is not installed")
+    outcome = build_artifact(artifact, load_target(target), speed_check=False, **QUIET)
+    gate = outcome.entry["gate"]
+    assert gate["passed"] and gate["n"] == 24 and gate["agreement"] >= 0.98
+    assert gate["runner"]["backend"] == load_target(target).backend
+    if target.endswith("openvino"):  # the gate ran what the build records: int8 layers + pinned f32
+        assert gate["runner"]["precision"] == outcome.entry["precision"] == "int8+f32"
+    m = verify_files(artifact)
+    assert m.builds[0]["gate"]["passed"]
+    assert "report.md" in m.files
+
+
+def test_tensorrt_pre_build_gate_recorded(artifact):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is importable here: the engine is built instead")
+    except ImportError:
+        pass
+    outcome = build_artifact(artifact, load_target("jetson-orin-nano"), **QUIET)
+    cfg = json.loads((artifact / "builds/tensorrt/build_config.json").read_text())
+    pre = cfg["pre_build_gate"]
+    assert pre["passed"] and pre["graph"] == "model_int8.onnx" and pre["runner"]["backend"] == "onnxruntime"
+    assert outcome.gate == pre and "speed is not gated" in pre["speed_note"]
+
+
+def test_failing_gate_recorded_as_failed(artifact):
+    data = dict(np.load(artifact / "checkset.npz"))
+    data["float_logits"] = data["float_logits"][:, ::-1].copy()  # a float reference the build cannot match
+    np.savez(artifact / "checkset.npz", **data)
+    from edgetl.runtime.manifest import hash_files, write_manifest
+
+    write_manifest(read_manifest(artifact).replace(files=hash_files(artifact)), artifact)
+    outcome = build_artifact(artifact, load_target("x86-cpu-onnxruntime"), speed_check=False, **QUIET)
+    assert not outcome.gate["passed"] and any(f.startswith("agreement") for f in outcome.gate["failures"])
+    assert not verify_files(artifact).builds[0]["gate"]["passed"]

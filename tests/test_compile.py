@@ -48,3 +48,18 @@ def test_build_cli_tensorrt_on_host_writes_config(tmp_path, capsys):
     # int8 on a Jetson Nano is refused before anything is written
     assert main(["build", str(art), "--target", "jetson-nano", "--precision", "int8", "--no-gate"]) == 2
     assert "Maxwell" in capsys.readouterr().err
+
+
+def test_build_cli_gate_failure_exits_nonzero(tmp_path, capsys):
+    import numpy as np
+
+    from edgetl.runtime.manifest import hash_files, write_manifest
+
+    art = make_qdq_artifact(tmp_path / "art")
+    data = dict(np.load(art / "checkset.npz"))
+    data["float_logits"] = data["float_logits"][:, ::-1].copy()
+    np.savez(art / "checkset.npz", **data)
+    write_manifest(read_manifest(art).replace(files=hash_files(art)), art)
+    assert main(["build", str(art), "--target", "x86-cpu-onnxruntime", "--no-speed-check"]) == 4
+    assert "failed its gate" in capsys.readouterr().err
+    assert verify_files(art).builds[0]["gate"]["passed"] is False

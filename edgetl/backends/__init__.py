@@ -107,21 +107,32 @@ def commit_build_dir(ctx: BuildContext, tmp: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def run_gate(runner: Any, folder: Path, profile: TargetProfile) -> dict[str, Any]:
-    """The accuracy gate of ``runner`` on the artifact's checkset with the profile's thresholds.
+def thresholds_for(profile: TargetProfile, speed_check: bool = True):
+    """The gate thresholds of ``profile`` in the form ``edgetl.check`` takes."""
+    from ..check import Thresholds
 
-    Integration point with ``edgetl/check.py`` (the gate's one implementation); returns the gate as
-    a JSON-able dict with at least ``passed``.
-    """
+    return Thresholds(max_drop=profile.gate.max_accuracy_drop, min_agreement=profile.gate.min_agreement,
+                      speed_check=speed_check)
+
+
+def run_gate(runner: Any, folder: Path, profile: TargetProfile, labels: tuple[str, ...], note: str = "") -> dict:
+    """Accuracy gate of ``runner`` on the artifact's checkset (no speed gate): the summary dict."""
     from .. import check
 
-    result = check.evaluate(runner, check.load_checkset(folder), profile.gate)
-    return result.to_dict() if hasattr(result, "to_dict") else dict(result)
+    result = check.evaluate(runner, check.load_checkset(folder), thresholds_for(profile, speed_check=False), labels,
+                            speed_note=note or "speed not gated here")
+    return result.summary()
 
 
 def build_artifact(folder: str | Path, profile: TargetProfile, backend: str | None = None, gate: bool = True,
-                   progress: Progress = print) -> BuildOutcome:
-    """Build ``folder`` for ``profile`` on this machine, gate it, record it in the manifest."""
+                   speed_check: bool = True, progress: Progress = print) -> BuildOutcome:
+    """Build ``folder`` for ``profile`` on this machine, gate it, record it in the manifest.
+
+    The gate is ``edgetl.check.check_artifact`` on the new build (accuracy against the checkset with
+    the profile's thresholds; speed against the float model on the same backend unless
+    ``speed_check`` is off or the build is fp32); it is written into the build entry, report.json/md
+    and the manifest (hashes refreshed).
+    """
     folder = Path(folder)
     manifest = verify_files(folder, read_manifest(folder))
     if manifest.kind != "artifact":
@@ -134,16 +145,6 @@ def build_artifact(folder: str | Path, profile: TargetProfile, backend: str | No
     ctx = BuildContext(folder, manifest, profile, backend, progress, gate)
     outcome = get_builder(backend).build(ctx)
     entry = outcome.entry
-    if entry is not None and gate:
-        from ..runtime.runners import open_runner
-
-        progress(f"gate: {backend} build on the checkset")
-        runner = open_runner(backend, folder / entry["model"], entry.get("options") or {})
-        try:
-            entry["gate"] = run_gate(runner, folder, profile)
-        finally:
-            runner.close()
-        outcome.gate = entry["gate"]
     builds = [dict(b) for b in manifest.builds if b.get("backend") != backend or outcome.keep_existing]
     if entry is not None:
         builds.insert(0, entry)
@@ -152,6 +153,12 @@ def build_artifact(folder: str | Path, profile: TargetProfile, backend: str | No
     if config.is_file():
         target["build_config"] = str(config.relative_to(folder))
     write_manifest(manifest.replace(builds=tuple(builds), target=target, files=hash_files(folder)), folder)
+    if entry is not None and gate:
+        from ..check import check_artifact
+
+        th = thresholds_for(profile, speed_check=speed_check and profile.precision != "fp32")
+        result = check_artifact(folder, backend, th, update=True, log=progress)
+        outcome.gate = entry["gate"] = result.summary()
     return outcome
 
 

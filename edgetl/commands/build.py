@@ -59,8 +59,10 @@ def build_table(rows: list[dict[str, Any]]):
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a profile key, e.g. tensorrt.dla_core=0 (repeatable).")
 @click.option("--no-gate", is_flag=True, help="Skip the accuracy gate (the build is recorded as not gated).")
+@click.option("--no-speed-check", is_flag=True,
+              help="Do not require the quantized build to be faster than float (toy models).")
 def build(artifact: Path, target: str | None, backend: str | None, precision: str | None, sets: tuple[str, ...],
-          no_gate: bool) -> None:
+          no_gate: bool, no_speed_check: bool) -> None:
     """Build ARTIFACT for its target on this machine, run the accuracy gate through the build, and
     record backend, version, device, precision and gate in the manifest.
 
@@ -75,13 +77,13 @@ def build(artifact: Path, target: str | None, backend: str | None, precision: st
     """
     from rich.console import Console
 
-    from ..backends import GateFailed, build_artifact
+    from ..backends import build_artifact
 
     console = Console()
     profile = resolve_profile(artifact, target, backend, precision, sets)
     console.print(f"[bold]edgetl build[/] {artifact} for [cyan]{profile.name}[/] "
                   f"({profile.backend}, {profile.precision})", soft_wrap=True)
-    outcome = build_artifact(artifact, profile, gate=not no_gate,
+    outcome = build_artifact(artifact, profile, gate=not no_gate, speed_check=not no_speed_check,
                              progress=lambda msg: console.print(f"  [dim]·[/] {msg}", soft_wrap=True))
     for note in outcome.notes:
         console.print(f"  note: {note}", soft_wrap=True, markup=False, style="yellow")
@@ -89,8 +91,13 @@ def build(artifact: Path, target: str | None, backend: str | None, precision: st
         console.print(build_table([outcome.entry]))
     elif outcome.gate is not None:
         console.print(f"pre-build gate (same graph through ONNX Runtime): {gate_cell(outcome.gate)}")
-    gate = outcome.entry["gate"] if outcome.entry is not None and "gate" in outcome.entry else outcome.gate
+    raise_if_gate_failed(outcome.gate, f"{artifact}: the {profile.backend} build")
+
+
+def raise_if_gate_failed(gate: Any, what: str) -> None:
+    from ..backends import GateFailed
+
     if isinstance(gate, dict) and not gate.get("passed"):
-        raise GateFailed(f"{artifact}: the accuracy gate failed for the {profile.backend} build",
-                         hint="see the gate details in manifest.json; try QAT (--method qat) or keep sensitive "
-                              "layers in float")
+        raise GateFailed(f"{what} failed its gate: " + "; ".join(gate.get("failures") or ["see report.md"]),
+                         hint="the build is recorded as not deployable (report.md names the classes that lost "
+                              "most); try --method qat, more calibration images, or --no-speed-check for toy models")
