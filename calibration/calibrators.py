@@ -124,13 +124,15 @@ def nncf_ranges(model_path: str | Path, inputs: np.ndarray, estimator: str = "HI
 
 
 def calibrate(model_path: str | Path, inputs: np.ndarray, calibrator: str = "minmax",
-              symmetric: bool = False) -> Ranges:
-    """Ranges for ``model_path`` (the pre-processed float ONNX) from ``inputs`` with ``calibrator``."""
+              symmetric: bool = False, batch_size: int = 16) -> Ranges:
+    """Ranges for ``model_path`` (the pre-processed float ONNX) from ``inputs`` with ``calibrator``.
+
+    ``batch_size`` must be the model's batch when its batch axis is static."""
     cal = get_calibrator(calibrator)
     if len(inputs) == 0:
         raise EdgetlError("the calibration set is empty", hint="give calibration images (--calib-dir or a train split)")
     if cal.ort_method is not None:
-        return ort_ranges(model_path, inputs, cal.ort_method, symmetric, cal.ort_options)
-    base = ort_ranges(model_path, inputs, "MinMax", symmetric)
-    return merge_ranges(base, {k: v for k, v in nncf_ranges(model_path, inputs, cal.nncf_estimator or "HISTOGRAM").items()
-                               if k in base})
+        return ort_ranges(model_path, inputs, cal.ort_method, symmetric, cal.ort_options, batch_size)
+    base = ort_ranges(model_path, inputs, "MinMax", symmetric, batch_size=batch_size)
+    learned = nncf_ranges(model_path, inputs, cal.nncf_estimator or "HISTOGRAM", batch_size)
+    return merge_ranges(base, {k: v for k, v in learned.items() if k in base})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,10 +47,20 @@ def weighted_nodes(model: "str | Path | onnx.ModelProto", op_types=QUANTIZABLE_O
 
 
 def quantized_nodes(model: "str | Path | onnx.ModelProto", op_types=QUANTIZABLE_OPS) -> list[str]:
-    """Names of compute nodes that read at least one input through a DequantizeLinear node."""
+    """Names of the compute nodes whose weights are quantized (read through a DequantizeLinear of a
+    constant, or of a QuantizeLinear of a constant). A layer kept in float has float weights, even
+    when its activation input arrives through a Q/DQ pair of the quantized layer before it."""
     g = load_model(model).graph
-    dq_out = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return [n.name for n in g.node if n.op_type in op_types and any(i in dq_out for i in n.input)]
+    consts = constant_values(g)
+    producer = {o: n for n in g.node for o in n.output}
+    weight_dq = set()
+    for n in g.node:
+        if n.op_type != "DequantizeLinear":
+            continue
+        src = producer.get(n.input[0])
+        if n.input[0] in consts or (src is not None and src.op_type == "QuantizeLinear" and src.input[0] in consts):
+            weight_dq.add(n.output[0])
+    return [n.name for n in g.node if n.op_type in op_types and any(i in weight_dq for i in n.input)]
 
 
 def constant_values(graph: "onnx.GraphProto") -> dict[str, np.ndarray]:
@@ -197,3 +208,52 @@ def _drop_unused_initializers(g: "onnx.GraphProto") -> None:
     graph_inputs = [copy.deepcopy(i) for i in g.input if i.name in used or i.name not in init_names]
     del g.input[:]
     g.input.extend(graph_inputs)
+
+
+# ------------------------------------------------------------------------------------------
+# QDQ forms: one quantization result, rendered the way each consumer runs it fast
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QdqForm:
+    """How ``quantize_static`` renders the QDQ graph (see README "Quantization and the accuracy gate")."""
+
+    key: str  # what manifest.quantization.qdq_format records
+    short: str  # the --qdq-form value
+    activation: str  # onnxruntime.quantization.QuantType member for activations
+    symmetric_activations: bool
+    quantize_bias: bool
+    fast_on: tuple[str, ...]  # backends measured to run this form faster than float
+    description: str
+
+    def extra_options(self) -> dict[str, Any]:
+        return {"ActivationSymmetric": self.symmetric_activations, "WeightSymmetric": True,
+                "QuantizeBias": self.quantize_bias}
+
+
+QDQ_FORMS: dict[str, QdqForm] = {f.short: f for f in (
+    QdqForm("s8s8-symmetric-per-channel", "s8s8", "QInt8", True, False, ("tensorrt",),
+            "TensorRT explicit quantization: signed int8 activations and weights, symmetric (zero point 0), "
+            "per-channel weights, float biases"),
+    QdqForm("u8s8-asymmetric-per-channel", "u8s8", "QUInt8", False, True, ("onnxruntime", "openvino"),
+            "ONNX Runtime's CPU form: uint8 asymmetric activations (ReLU/Clip folded into the ranges), "
+            "signed symmetric per-channel weights, int32 biases"),
+)}
+# the form each backend's consumer runs fast (measured: benchmarks/quantize_elpv.py)
+FORM_FOR_BACKEND = {"tensorrt": "s8s8", "onnxruntime": "u8s8", "openvino": "u8s8"}
+
+
+def qdq_form(name: str, backend: str = "onnxruntime") -> QdqForm:
+    from ..runtime.errors import EdgetlError
+
+    if name == "auto":
+        if backend not in FORM_FOR_BACKEND:
+            raise EdgetlError(f"--backend {backend!r} has no QDQ form", hint=f"use one of {sorted(FORM_FOR_BACKEND)}")
+        name = FORM_FOR_BACKEND[backend]
+    if name not in QDQ_FORMS:
+        raise EdgetlError(f"--qdq-form {name!r} is not valid", hint=f"use auto or one of {sorted(QDQ_FORMS)}")
+    return QDQ_FORMS[name]
+
+
+def form_by_key(key: str | None) -> QdqForm | None:
+    return next((f for f in QDQ_FORMS.values() if f.key == key), None)

@@ -60,20 +60,25 @@ class CalibrationSet:
         vals, counts = np.unique(np.asarray(self.labels, dtype=np.int64), return_counts=True)
         return {int(v): int(c) for v, c in zip(vals, counts)}
 
-    def load(self, spec: PreprocessSpec, min_images: int = 1) -> np.ndarray:
-        """Decode + preprocess every image. Undecodable files are an error naming them."""
-        out, bad = [], []
-        for p in self.paths:
-            try:
-                out.append(preprocess(read_image(p), spec))
-            except ImageDecodeError as exc:
-                bad.append(exc.message)
-        if bad:
-            raise CalibrationError(f"{len(bad)} calibration image(s) cannot be decoded: {'; '.join(bad[:3])}",
-                                   hint="remove or replace those files (the run's split or --calib-dir lists them)")
-        if len(out) < max(1, min_images):
-            raise CalibrationError(f"only {len(out)} calibration images, at least {min_images} needed")
-        return np.stack(out)
+    def load(self, spec: PreprocessSpec) -> np.ndarray:
+        """Decode + preprocess every image (undecodable files are an error naming them)."""
+        return load_images(self.paths, spec)
+
+
+def load_images(paths: Sequence[Path], spec: PreprocessSpec) -> np.ndarray:
+    """``read_image`` + ``preprocess`` each file, stacked. Undecodable files are one error naming them."""
+    out, bad = [], []
+    for p in paths:
+        try:
+            out.append(preprocess(read_image(p), spec))
+        except ImageDecodeError as exc:
+            bad.append(exc.message)
+    if bad:
+        raise CalibrationError(f"{len(bad)} image(s) cannot be decoded: {'; '.join(bad[:3])}",
+                               hint="remove or replace those files (the run's split.json or --calib-dir lists them)")
+    if not out:
+        raise CalibrationError("no images to load")
+    return np.stack(out)
 
 
 def _too_few(n: int, wanted: int, min_images: int, where: str, exact: bool) -> CalibrationError | None:

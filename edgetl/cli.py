@@ -16,6 +16,8 @@ COMMANDS: dict[str, str] = {
     "train": "edgetl.commands.train:train",
     "eval": "edgetl.commands.train:eval_cmd",
     "predict": "edgetl.commands.train:predict",
+    "quantize": "edgetl.commands.quantize:quantize",
+    "check": "edgetl.commands.check:check",
     "run": "edgetl.commands.run:run",
     "targets": "edgetl.commands.targets:targets",
     "compile": "edgetl.commands.compile:compile_cmd",

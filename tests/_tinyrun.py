@@ -24,11 +24,22 @@ CLASSES = ("disc", "stripes", "square")
 
 def make_tiny_run(tmp: Path, n_per_class: int = 24, classes=CLASSES, epochs: int = 15, seed: int = 0) -> Path:
     """Write generated images under ``tmp/images`` and a trained tiny run at ``tmp/run``."""
-    import torch
-
     from conftest import write_image_folder
 
     images = write_image_folder(tmp / "images", n_per_class=n_per_class, classes=classes, seed=seed)
+    try:
+        from edgetl.train import train_run
+    except ImportError:
+        return _plain_torch_run(tmp, images, classes, epochs, seed)
+    train_run(images, tmp / "run", backbone="tiny_cnn", pretrained="none", epochs=epochs, lr=1e-2, augment=False,
+              num_workers=0, quiet=True, device="cpu", amp=False, channels_last=False, patience=0,
+              label_smoothing=0.0, warmup_epochs=0, split_seed=seed, seed=seed)
+    return tmp / "run"
+
+
+def _plain_torch_run(tmp: Path, images: Path, classes, epochs: int, seed: int) -> Path:
+    import torch
+
     rng = np.random.default_rng(seed)
     splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     for name in classes:

@@ -1,0 +1,585 @@
+"""The accuracy gate: does the quantized model, as the device runs it, still agree with the float one?
+
+Every artifact holds ``checkset.npz``: held-out TEST images (capped) preprocessed by the one
+deploy preprocessing, their labels, and the float model's logits (from PyTorch). The gate runs a
+model through :func:`~edgetl.runtime.runners.open_runner` (any backend: the gate measures what the
+device runs) on it and reports float vs quantized top-1, the drop (paired bootstrap 95% CI),
+prediction agreement (Wilson 95% CI), per-class recall of both, the classes that lost most, the
+max/mean logit error, and speed: the quantized model must be faster than the float model on the
+same backend (median of interleaved batch-1 runs).
+
+Python API (used by ``edgetl quantize``, ``edgetl check`` and the backend builds):
+
+* :func:`evaluate` ``(runner, checkset, thresholds, ...) -> GateResult``
+* :func:`check_artifact` ``(artifact_dir, backend=None, ...) -> GateResult`` (updates the manifest)
+* :func:`load_checkset` / :class:`Checkset`, :class:`Thresholds`
+
+No torch here: ``edgetl check`` runs on a device.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from .runtime.errors import EdgetlError
+from .runtime.manifest import Manifest, hash_files, read_manifest, verify_files, write_manifest
+
+CHECKSET_NAME = "checkset.npz"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+CONFUSION_PNG = "confusion.png"
+FP32_ONNX = "model_fp32.onnx"
+INT8_ONNX = "model_int8.onnx"
+GATE_BACKEND = "onnxruntime"  # the backend of the artifact-level gate (manifest.gate)
+
+
+# ------------------------------------------------------------------------------------------
+# Thresholds
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When the gate passes. ``max_drop`` in points of top-1 accuracy; ``min_agreement`` 0..1."""
+
+    max_drop: float = 1.0
+    min_agreement: float = 0.98
+    speed_check: bool = True
+    min_speedup: float = 1.0  # quantized must be at least this many times faster than float
+    speed_repeats: int = 30
+
+    def __post_init__(self) -> None:
+        if not (self.max_drop >= 0) or self.max_drop > 100:
+            raise EdgetlError(f"--max-drop {self.max_drop} is not valid",
+                              hint="give the allowed top-1 drop in points, 0..100 (e.g. --max-drop 1.0)")
+        if not 0 <= self.min_agreement <= 1:
+            raise EdgetlError(f"--min-agreement {self.min_agreement} is not valid",
+                              hint="give a fraction 0..1 (e.g. --min-agreement 0.98)")
+        if not self.min_speedup > 0:
+            raise EdgetlError(f"--min-speedup {self.min_speedup} is not valid", hint="give a ratio > 0 (1.0 = faster)")
+        if self.speed_repeats < 3:
+            raise EdgetlError(f"speed_repeats {self.speed_repeats} is too small", hint="use at least 3")
+
+    @classmethod
+    def coerce(cls, obj: Any = None) -> "Thresholds":
+        """A Thresholds from itself, a target profile's ``Gate`` (max_accuracy_drop, min_agreement),
+        a mapping with either spelling, or None (defaults)."""
+        if obj is None:
+            return cls()
+        if isinstance(obj, cls):
+            return obj
+        get = obj.get if isinstance(obj, Mapping) else lambda k, d=None: getattr(obj, k, d)
+        kw: dict[str, Any] = {}
+        drop = get("max_drop", get("max_accuracy_drop", None))
+        if drop is not None:
+            kw["max_drop"] = float(drop)
+        for key in ("min_agreement", "min_speedup", "speed_repeats", "speed_check"):
+            if get(key, None) is not None:
+                kw[key] = get(key)
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------
+# Checkset
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Checkset:
+    inputs: np.ndarray  # preprocessed (N, ...) float32, the manifest's input layout
+    labels: np.ndarray  # (N,) int64 class index
+    float_logits: np.ndarray  # (N, K) float32 from the float PyTorch model
+    paths: tuple[str, ...] = ()  # the test images, relative to the run's data root
+
+    def __post_init__(self) -> None:
+        n = len(self.labels)
+        if len(self.inputs) != n or len(self.float_logits) != n or n == 0:
+            raise EdgetlError(f"checkset: {len(self.inputs)} inputs, {n} labels, {len(self.float_logits)} logits",
+                              hint="the checkset is damaged: re-create the artifact with `edgetl quantize`")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def save(self, path: str | Path) -> Path:
+        np.savez_compressed(path, inputs=self.inputs.astype(np.float32), labels=self.labels.astype(np.int64),
+                            float_logits=self.float_logits.astype(np.float32), paths=np.asarray(self.paths, dtype=str))
+        return Path(path)
+
+
+def load_checkset(path: str | Path) -> Checkset:
+    """Read ``checkset.npz`` (or the artifact folder holding it)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CHECKSET_NAME
+    if not p.is_file():
+        raise EdgetlError(f"{p}: no checkset", hint="the artifact is incomplete: re-create it with `edgetl quantize`")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            missing = [k for k in ("inputs", "labels", "float_logits") if k not in data]
+            if missing:
+                raise EdgetlError(f"{p}: missing array(s) {missing}", hint="re-create the artifact with `edgetl quantize`")
+            paths = tuple(str(x) for x in data["paths"]) if "paths" in data else ()
+            return Checkset(np.asarray(data["inputs"], np.float32), np.asarray(data["labels"], np.int64),
+                            np.asarray(data["float_logits"], np.float32), paths)
+    except (OSError, ValueError) as exc:
+        raise EdgetlError(f"{p}: not a readable checkset ({exc})", hint="re-create the artifact") from None
+
+
+# ------------------------------------------------------------------------------------------
+# Statistics
+# ------------------------------------------------------------------------------------------
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def paired_bootstrap_drop(correct_float: np.ndarray, correct_quant: np.ndarray, n_boot: int = 2000,
+                          seed: int = 0) -> tuple[float, float]:
+    """95% CI of (float top-1 - quantized top-1) in points, resampling images (paired)."""
+    n = len(correct_float)
+    rng = np.random.default_rng(seed)
+    diff = correct_float.astype(np.float64) - correct_quant.astype(np.float64)
+    if n == 0 or not diff.any():
+        return 0.0, 0.0
+    idx = rng.integers(0, n, size=(n_boot, n))
+    drops = 100.0 * diff[idx].mean(axis=1)
+    return float(np.percentile(drops, 2.5)), float(np.percentile(drops, 97.5))
+
+
+def confusion(labels: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (labels, pred), 1)
+    return cm
+
+
+# ------------------------------------------------------------------------------------------
+# Speed
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Speed:
+    float_ms: float
+    quant_ms: float
+    repeats: int
+    backend: str
+    batch: int = 1
+
+    @property
+    def speedup(self) -> float:
+        return self.float_ms / self.quant_ms if self.quant_ms > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "speedup": self.speedup}
+
+
+def measure_speed(float_runner, quant_runner, sample: np.ndarray, repeats: int = 30, warmup: int = 5) -> Speed:
+    """Median batch-1 latency of both runners, measured side by side (alternating every call)."""
+    x = np.ascontiguousarray(sample[:1])
+    for _ in range(warmup):
+        float_runner.infer(x)
+        quant_runner.infer(x)
+    tf, tq = [], []
+    for i in range(repeats):
+        order = (float_runner, quant_runner) if i % 2 == 0 else (quant_runner, float_runner)
+        for r in order:
+            t0 = time.perf_counter()
+            r.infer(x)
+            (tf if r is float_runner else tq).append(time.perf_counter() - t0)
+    return Speed(1000 * float(np.median(tf)), 1000 * float(np.median(tq)), repeats,
+                 getattr(quant_runner, "backend", "?"))
+
+
+# ------------------------------------------------------------------------------------------
+# The gate
+# ------------------------------------------------------------------------------------------
+
+SUGGEST_ACCURACY = [
+    "calibrate on more images (--calib-size, default 300) or from the deployment scene (--calib-dir)",
+    "try another calibrator (--calibrator percentile | entropy | mse)",
+    "use quantization-aware training (--method qat)",
+    "keep more layers in float (--max-fallback-rounds, --fallback-step; see sensitivity.csv)",
+]
+SUGGEST_SPEED = [
+    "the backend does not run this QDQ form faster than float: render the form that backend runs fast "
+    "(--qdq-form auto --backend B), or check the device has fast INT8 (VNNI/DP4A/tensor cores)",
+    "for toy models, where quantize/dequantize overhead dominates, relax it with --no-speed-check",
+]
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    n: int
+    float_top1: float
+    quant_top1: float
+    drop: float  # points
+    drop_ci: tuple[float, float]
+    agreement: float
+    agreement_ci: tuple[float, float]
+    max_logit_error: float
+    mean_logit_error: float
+    per_class: list[dict[str, Any]]
+    worst_classes: list[dict[str, Any]]
+    confusion_float: list[list[int]]
+    confusion_quant: list[list[int]]
+    thresholds: dict[str, Any]
+    speed: dict[str, Any] | None = None  # Speed.to_dict() + gated, or None when not measured
+    speed_note: str = ""
+    failures: list[str] = field(default_factory=list)
+    suggestions: list[str] = field(default_factory=list)
+    runner: dict[str, Any] = field(default_factory=dict)  # backend, version, device, precision
+    checked: str = ""
+
+    @property
+    def accuracy_passed(self) -> bool:
+        return not any(f.startswith(("accuracy", "agreement")) for f in self.failures)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["drop_ci"] = list(self.drop_ci)
+        d["agreement_ci"] = list(self.agreement_ci)
+        d["status"] = "passed" if self.passed else "failed"
+        return d
+
+    def summary(self) -> dict[str, Any]:
+        """The compact form stored in manifest.json (the full one is in report.json)."""
+        keep = ("passed", "status", "n", "float_top1", "quant_top1", "drop", "drop_ci", "agreement", "agreement_ci",
+                "max_logit_error", "mean_logit_error", "speed", "speed_note", "failures", "thresholds", "runner", "checked")
+        d = self.to_dict()
+        return {k: d[k] for k in keep}
+
+
+def gate_from_logits(quant_logits: np.ndarray, checkset: Checkset, thresholds: Any = None,
+                     labels: Sequence[str] | None = None, speed: Speed | None = None, speed_gated: bool = True,
+                     speed_note: str = "", runner_info: Mapping[str, Any] | None = None) -> GateResult:
+    """The gate verdict from the quantized logits on the checkset (pure: no model is run here)."""
+    th = Thresholds.coerce(thresholds)
+    q = np.asarray(quant_logits, np.float32)
+    f = checkset.float_logits
+    if q.shape != f.shape:
+        raise EdgetlError(f"the model returns logits of shape {q.shape[1:]}, the checkset's float model {f.shape[1:]}",
+                          hint="the model and the checkset are from different runs: re-create the artifact")
+    y = checkset.labels
+    k = f.shape[1]
+    names = list(labels) if labels is not None else [str(i) for i in range(k)]
+    pf, pq = f.argmax(1), q.argmax(1)
+    cf, cq = pf == y, pq == y
+    n = len(y)
+    agree_k = int((pf == pq).sum())
+    float_top1, quant_top1 = float(cf.mean()), float(cq.mean())
+    drop = 100.0 * (float_top1 - quant_top1)
+    err = np.abs(q - f)
+    per_class = []
+    for c in range(k):
+        m = y == c
+        nc = int(m.sum())
+        rf = float(cf[m].mean()) if nc else float("nan")
+        rq = float(cq[m].mean()) if nc else float("nan")
+        per_class.append({"label": names[c], "n": nc, "recall_float": rf, "recall_quant": rq,
+                          "delta_points": 100.0 * (rq - rf) if nc else 0.0})
+    worst = sorted((p for p in per_class if p["n"] and p["delta_points"] < 0), key=lambda p: p["delta_points"])[:3]
+    failures = []
+    if drop > th.max_drop:
+        failures.append(f"accuracy: top-1 drop {drop:.2f} points > --max-drop {th.max_drop:g}")
+    agreement = agree_k / n
+    if agreement < th.min_agreement:
+        failures.append(f"agreement: {agreement:.4f} < --min-agreement {th.min_agreement:g}")
+    speed_d = None
+    if speed is not None:
+        gated = bool(th.speed_check and speed_gated)
+        speed_d = {**speed.to_dict(), "gated": gated, "min_speedup": th.min_speedup}
+        if gated and speed.speedup < th.min_speedup:
+            failures.append(f"speed: the quantized model is not faster than float on {speed.backend} "
+                            f"({speed.quant_ms:.2f} ms vs {speed.float_ms:.2f} ms batch-1 median, "
+                            f"speed-up {speed.speedup:.2f}x < {th.min_speedup:g}x)")
+    elif th.speed_check and not speed_note:
+        speed_note = "speed not measured: no float model on this backend to compare with"
+    suggestions = []
+    if any(x.startswith(("accuracy", "agreement")) for x in failures):
+        suggestions += SUGGEST_ACCURACY
+    if any(x.startswith("speed") for x in failures):
+        suggestions += SUGGEST_SPEED
+    info = {k2: v for k2, v in dict(runner_info or {}).items() if k2 != "options"}
+    return GateResult(
+        passed=not failures, n=n, float_top1=float_top1, quant_top1=quant_top1, drop=drop,
+        drop_ci=paired_bootstrap_drop(cf, cq), agreement=agreement, agreement_ci=wilson(agree_k, n),
+        max_logit_error=float(err.max()), mean_logit_error=float(err.mean()), per_class=per_class,
+        worst_classes=worst, confusion_float=confusion(y, pf, k).tolist(), confusion_quant=confusion(y, pq, k).tolist(),
+        thresholds=th.to_dict(), speed=speed_d, speed_note=speed_note, failures=failures, suggestions=suggestions,
+        runner=info, checked=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def evaluate(runner, checkset: Checkset, thresholds: Any = None, labels: Sequence[str] | None = None,
+             float_runner=None, speed_gated: bool = True, speed_note: str = "") -> GateResult:
+    """Run ``runner`` (any backend's Runner) on the checkset and return the gate verdict.
+
+    ``thresholds``: :class:`Thresholds`, a target profile's ``Gate``, a mapping, or None.
+    ``float_runner``: the float model on the same backend; when given (and the speed check is on)
+    the batch-1 latencies of both are measured side by side and gated (``speed_gated``).
+    """
+    th = Thresholds.coerce(thresholds)
+    logits = runner.infer_many(checkset.inputs)
+    speed = None
+    if th.speed_check and float_runner is not None:
+        speed = measure_speed(float_runner, runner, checkset.inputs, repeats=th.speed_repeats)
+    return gate_from_logits(logits, checkset, th, labels, speed, speed_gated, speed_note, getattr(runner, "info", {}))
+
+
+# ------------------------------------------------------------------------------------------
+# Reports
+# ------------------------------------------------------------------------------------------
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def gate_markdown(g: Mapping[str, Any], title: str = "Accuracy gate") -> str:
+    th = g["thresholds"]
+    verdict = "PASSED" if g["passed"] else "FAILED"
+    lines = [f"## {title}: {verdict}", ""]
+    r = g.get("runner") or {}
+    if r:
+        lines.append(f"Run by **{r.get('backend', '?')}** {r.get('version', '')} on {r.get('device', '?')} "
+                     f"(precision: {r.get('precision', '?')}), {g['n']} held-out test images.")
+        lines.append("")
+    lo, hi = g["drop_ci"]
+    alo, ahi = g["agreement_ci"]
+    lines += [
+        "| | value | 95% CI | threshold |", "| --- | --- | --- | --- |",
+        f"| float top-1 (PyTorch) | {_pct(g['float_top1'])} | | |",
+        f"| quantized top-1 | {_pct(g['quant_top1'])} | | |",
+        f"| drop (points) | {g['drop']:.2f} | [{lo:.2f}, {hi:.2f}] (paired bootstrap) | ≤ {th['max_drop']:g} |",
+        f"| agreement with float | {_pct(g['agreement'])} | [{_pct(alo)}, {_pct(ahi)}] (Wilson) | ≥ {_pct(th['min_agreement'])} |",
+        f"| logit error max / mean | {g['max_logit_error']:.4f} / {g['mean_logit_error']:.4f} | | |",
+    ]
+    s = g.get("speed")
+    if s:
+        gated = "gated" if s.get("gated") else "not gated"
+        lines.append(f"| batch-1 latency float / quantized ({s['backend']}) | {s['float_ms']:.2f} / {s['quant_ms']:.2f} ms "
+                     f"(×{s['speedup']:.2f}) | median of {s['repeats']} interleaved | ≥ ×{th['min_speedup']:g} ({gated}) |")
+    if g.get("speed_note"):
+        lines += ["", f"Speed: {g['speed_note']}"]
+    lines += ["", "| class | n | recall float | recall quantized | Δ points |", "| --- | --- | --- | --- | --- |"]
+    for p in g["per_class"]:
+        lines.append(f"| {p['label']} | {p['n']} | {_pct(p['recall_float'])} | {_pct(p['recall_quant'])} | "
+                     f"{p['delta_points']:+.2f} |")
+    if g["worst_classes"]:
+        lines += ["", "Classes that lost most: " + ", ".join(f"{w['label']} ({w['delta_points']:+.1f})"
+                                                           for w in g["worst_classes"])]
+    if g["failures"]:
+        lines += ["", "**Failures:**", ""] + [f"- {f}" for f in g["failures"]]
+        lines += ["", "**What to try:**", ""] + [f"- {s2}" for s2 in g["suggestions"]]
+    return "\n".join(lines)
+
+
+def render_report_md(report: Mapping[str, Any]) -> str:
+    """report.md, rendered from report.json's content (so a re-check re-renders it)."""
+    g = report.get("gate")
+    deployable = bool(report.get("deployable"))
+    head = ("**VERIFIED: the quantized model passed its accuracy gate: deployable.**" if deployable else
+            "**NOT DEPLOYABLE: the quantized model failed its accuracy gate** (manifest.gate.passed = false).")
+    lines = [f"# edgetl artifact report: {report.get('name', '')}", "", head, ""]
+    q = report.get("quantization") or {}
+    if q:
+        lines += ["## Quantization", "", "| | |", "| --- | --- |"]
+        for key in ("method", "calibrator", "qdq_format", "for_backend", "calibration_images", "calibration_source",
+                    "calibration_sha256", "float_layers", "seconds"):
+            if key in q:
+                val = ", ".join(f"`{v}`" for v in q[key]) if isinstance(q[key], list) else q[key]
+                lines.append(f"| {key} | {val if val not in ('', None) else '—'} |")
+        lines.append("")
+    p = report.get("parity")
+    if p:
+        lines += [f"FP32 ONNX parity with PyTorch on {p['n']} test images: max |diff| {p['max_abs_diff']:.2e} "
+                  f"(tolerance {p['tolerance']:.2e}), top-1 agreement {_pct(p['top1_agreement'])}.", ""]
+    if g:
+        lines += [gate_markdown(g), ""]
+        lines += [f"![float vs quantized confusion matrices]({CONFUSION_PNG})", ""]
+    rounds = report.get("rounds") or []
+    if len(rounds) > 1 or (rounds and rounds[0].get("float_layers")):
+        lines += ["## Mixed-precision rounds", "", "| round | layers kept in float | top-1 | drop | agreement | passed |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in rounds:
+            lines.append(f"| {r['round']} | {len(r['float_layers'])} | {_pct(r['quant_top1'])} | {r['drop']:.2f} | "
+                         f"{_pct(r['agreement'])} | {r['accuracy_passed']} |")
+        lines.append("")
+    forms = report.get("forms") or []
+    if forms:
+        lines += ["## QDQ forms measured", "", "| form | top-1 | agreement | ORT batch-1 ms | chosen |",
+                  "| --- | --- | --- | --- | --- |"]
+        for fm in forms:
+            ms = f"{fm['ort_ms']:.2f}" if fm.get("ort_ms") is not None else "—"
+            lines.append(f"| {fm['form']} | {_pct(fm['quant_top1'])} | {_pct(fm['agreement'])} | {ms} | {fm.get('chosen', False)} |")
+        lines.append("")
+    sens = report.get("sensitivity") or []
+    if sens:
+        from .calibration.sensitivity import LayerSensitivity, to_markdown
+
+        lines += ["## Layer sensitivity (quantize only this layer; worst first)", "",
+                  to_markdown([LayerSensitivity(**s) for s in sens]), ""]
+    builds = report.get("builds") or {}
+    for backend, bg in builds.items():
+        lines += [gate_markdown(bg, title=f"Gate of the {backend} build"), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_confusion_png(gate: GateResult | Mapping[str, Any], labels: Sequence[str], path: Path,
+                        quant_title: str = "quantized") -> Path | None:
+    """Float and quantized confusion matrices side by side (edgetl.plots.plot_confusion, twice)."""
+    import tempfile
+
+    import cv2
+
+    try:
+        from .plots import plot_confusion
+        g = gate.to_dict() if isinstance(gate, GateResult) else dict(gate)
+        with tempfile.TemporaryDirectory(prefix="edgetl-cm-") as tmp:
+            a = plot_confusion(g["confusion_float"], labels, Path(tmp) / "f.png", title="float (PyTorch)")
+            b = plot_confusion(g["confusion_quant"], labels, Path(tmp) / "q.png", title=quant_title)
+            ia, ib = cv2.imread(str(a)), cv2.imread(str(b))
+    except EdgetlError:  # matplotlib missing (a device install): keep the report without the picture
+        return None
+    h = max(ia.shape[0], ib.shape[0])
+    pad = [cv2.copyMakeBorder(im, 0, h - im.shape[0], 0, 0, cv2.BORDER_CONSTANT, value=(255, 255, 255))
+           for im in (ia, ib)]
+    tmp_out = path.with_name(path.name + ".tmp.png")
+    cv2.imwrite(str(tmp_out), cv2.hconcat(pad))
+    os.replace(tmp_out, path)
+    return path
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(folder: Path, report: Mapping[str, Any], labels: Sequence[str], gate: GateResult | None = None) -> list[str]:
+    """report.json + report.md (+ confusion.png when ``gate`` is given). Returns the names written."""
+    folder = Path(folder)
+    _write_text(folder / REPORT_JSON, json.dumps(report, indent=2, default=_json_default) + "\n")
+    _write_text(folder / REPORT_MD, render_report_md(report))
+    names = [REPORT_JSON, REPORT_MD]
+    if gate is not None:
+        title = f"quantized ({(gate.runner or {}).get('backend', '?')})"
+        if write_confusion_png(gate, labels, folder / CONFUSION_PNG, title):
+            names.append(CONFUSION_PNG)
+    return names
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, (Path,)):
+        return str(o)
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(type(o).__name__)
+
+
+# ------------------------------------------------------------------------------------------
+# Checking an artifact
+# ------------------------------------------------------------------------------------------
+
+def _build_entry(manifest: Manifest, backend: str) -> dict[str, Any] | None:
+    return next((dict(b) for b in manifest.builds if b.get("backend") == backend), None)
+
+
+def check_artifact(folder: str | Path, backend: str | None = None, thresholds: Any = None,
+                   options: Mapping[str, Any] | None = None, update: bool = True,
+                   log: Callable[[str], None] = lambda s: None) -> GateResult:
+    """Re-run the gate of an artifact's build for ``backend`` (default: the artifact's own gate,
+    model_int8.onnx on ONNX Runtime) on its checkset, verify every file first, and record the
+    result: manifest.gate (artifact gate) or the build's ``gate`` entry, report.json/md and
+    confusion.png rewritten, file hashes refreshed, manifest rewritten atomically."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EdgetlError(f"{folder}: no such artifact folder", hint="pass the --out folder of `edgetl quantize`")
+    manifest = verify_files(folder, read_manifest(folder))
+    if manifest.kind != "artifact":
+        raise EdgetlError(f"{folder} is an edgetl {manifest.kind}, not an artifact",
+                          hint="quantize the run first: edgetl quantize RUN --out artifacts/NAME")
+    th = Thresholds.coerce(thresholds if thresholds is not None else (manifest.gate or {}).get("thresholds"))
+    backend = backend or GATE_BACKEND
+    entry = _build_entry(manifest, backend)
+    if entry is None:
+        if backend != GATE_BACKEND:
+            raise EdgetlError(f"{folder}: has no {backend} build",
+                              hint=f"build it first: edgetl build {folder} --backend {backend}")
+        entry = {"backend": GATE_BACKEND, "model": INT8_ONNX, "precision": "int8", "options": {}}
+    opts = {**dict(entry.get("options") or {}), **dict(options or {})}
+    checkset = load_checkset(folder)
+    from .calibration.qdq import form_by_key
+    from .runtime.runners import open_runner
+
+    form = form_by_key((manifest.quantization or {}).get("qdq_format"))
+    speed_gated = form is None or backend in form.fast_on
+    note = "" if speed_gated else (f"measured, not gated: this artifact holds the {form.key} form, rendered for "
+                                   f"{', '.join(form.fast_on)}; its speed is gated on that backend's build")
+    log(f"gate: {backend} {entry['model']} on {len(checkset)} checkset images")
+    runner = open_runner(backend, folder / entry["model"], opts)
+    float_runner = None
+    if th.speed_check:
+        try:
+            float_runner = open_runner(backend, folder / FP32_ONNX, opts)
+        except EdgetlError as exc:
+            note = f"speed not measured: the float model does not load on {backend} ({exc.message})"
+    try:
+        result = evaluate(runner, checkset, th, manifest.labels, float_runner, speed_gated, note)
+    finally:
+        runner.close()
+        if float_runner is not None:
+            float_runner.close()
+    if update:
+        record_gate(folder, manifest, backend, entry, result)
+    return result
+
+
+def record_gate(folder: Path, manifest: Manifest, backend: str, entry: Mapping[str, Any], result: GateResult) -> Manifest:
+    """Write ``result`` into report.json/md (+ confusion.png) and the manifest; refresh hashes."""
+    report_path = folder / REPORT_JSON
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {"name": folder.name}
+    artifact_gate = backend == GATE_BACKEND and entry.get("model") == INT8_ONNX
+    builds = [dict(b) for b in manifest.builds]
+    for b in builds:
+        if b.get("backend") == backend:
+            b["gate"] = result.summary()
+    changes: dict[str, Any] = {"builds": tuple(builds)}
+    if artifact_gate:
+        report["gate"] = result.to_dict()
+        report["deployable"] = result.passed
+        changes["gate"] = {**result.summary(), "deployable": result.passed, "backend": backend, "model": INT8_ONNX}
+        written = write_report(folder, report, manifest.labels, result)
+    else:
+        report.setdefault("builds", {})[backend] = result.to_dict()
+        written = write_report(folder, report, manifest.labels)
+    files = dict(manifest.files)
+    files.update(hash_files(folder, written))
+    new = manifest.replace(files=files, **changes)
+    write_manifest(new, folder)
+    return new
+
+
+def deployable(manifest: Manifest) -> bool:
+    return bool((manifest.gate or {}).get("passed"))
+
+
+__all__ = ["Checkset", "GateResult", "Speed", "Thresholds", "check_artifact", "evaluate", "gate_from_logits",
+           "load_checkset", "measure_speed", "paired_bootstrap_drop", "record_gate", "render_report_md", "wilson",
+           "write_report"]

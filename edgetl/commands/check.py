@@ -1,0 +1,85 @@
+"""``edgetl check``: re-run an artifact's accuracy gate on its checkset (no dataset, no torch needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import click
+
+
+def gate_options(fn: Callable) -> Callable:
+    """The gate thresholds, shared by ``edgetl quantize`` and ``edgetl check``."""
+    for opt in reversed([
+        click.option("--max-drop", type=float, default=None,
+                     help="Allowed top-1 drop, in points (float -> quantized). [default: 1.0]"),
+        click.option("--min-agreement", type=float, default=None,
+                     help="Minimum top-1 agreement with the float model, 0..1. [default: 0.98]"),
+        click.option("--speed-check/--no-speed-check", default=None,
+                     help="Fail when the quantized model is not faster than float on the same backend (median of "
+                          "interleaved batch-1 runs). --no-speed-check for toy models. [default: on]"),
+        click.option("--min-speedup", type=float, default=None, help="Required float/quantized latency ratio. [default: 1.0]"),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def thresholds_from(opts: Mapping[str, Any], base: Any = None):
+    """Thresholds from the CLI options given (others from ``base``: a stored gate's thresholds, or defaults)."""
+    from ..check import Thresholds
+
+    th = Thresholds.coerce(base)
+    given = {k: v for k, v in {"max_drop": opts.get("max_drop"), "min_agreement": opts.get("min_agreement"),
+                               "speed_check": opts.get("speed_check"), "min_speedup": opts.get("min_speedup")}.items()
+             if v is not None}
+    return Thresholds.coerce({**th.to_dict(), **given})
+
+
+@click.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default=None,
+              help="Check this backend's build (from manifest.builds). [default: model_int8.onnx on ONNX Runtime]")
+@gate_options
+@click.option("--no-update", is_flag=True, help="Only report: leave manifest.json and the report files unchanged.")
+def check(artifact: Path, backend: str | None, no_update: bool, **gate: Any) -> int:
+    """Run an artifact's quantized model on its checkset and gate it against the float model.
+
+    Verifies every file's sha256 first. Reports float vs quantized top-1, the drop and the
+    agreement with 95% confidence intervals, per-class recall, the worst classes, the logit error
+    and the batch-1 speed-up over the float model. Exits 1 when the gate fails and records the
+    result in manifest.json (gate.passed) and report.md/json.
+
+    \b
+    Examples:
+      edgetl check artifacts/elpv-int8
+      edgetl check artifacts/elpv-int8 --max-drop 0.5 --min-agreement 0.99
+      edgetl check artifacts/elpv-ov --backend openvino
+    """
+    from ..check import check_artifact
+    from ..runtime.manifest import read_manifest
+
+    stored = None
+    if (artifact / "manifest.json").is_file():
+        stored = (read_manifest(artifact).gate or {}).get("thresholds")
+    th = thresholds_from(gate, stored)
+    result = check_artifact(artifact, backend=backend, thresholds=th, update=not no_update, log=click.echo)
+    g = result
+    click.echo(f"float top-1 {g.float_top1:.4f}  quantized top-1 {g.quant_top1:.4f}  drop {g.drop:.2f} points "
+               f"[{g.drop_ci[0]:.2f}, {g.drop_ci[1]:.2f}]  agreement {g.agreement:.4f} "
+               f"[{g.agreement_ci[0]:.4f}, {g.agreement_ci[1]:.4f}]  max logit error {g.max_logit_error:.4f}")
+    if g.speed:
+        click.echo(f"batch-1 latency: float {g.speed['float_ms']:.2f} ms, quantized {g.speed['quant_ms']:.2f} ms "
+                   f"(x{g.speed['speedup']:.2f}{'' if g.speed['gated'] else ', not gated'})")
+    elif g.speed_note:
+        click.echo(g.speed_note)
+    for w in g.worst_classes:
+        click.echo(f"  lost most: {w['label']} recall {w['recall_float']:.3f} -> {w['recall_quant']:.3f}")
+    if g.passed:
+        click.echo("gate PASSED")
+        return 0
+    click.secho("gate FAILED", fg="red")
+    for f in g.failures:
+        click.echo(f"  {f}")
+    for s in g.suggestions:
+        click.echo(f"  try: {s}")
+    return 1

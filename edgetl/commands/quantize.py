@@ -1,0 +1,78 @@
+"""``edgetl quantize``: a trained run -> a gated INT8 artifact (QDQ ONNX + checkset + report)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .check import gate_options, thresholds_from
+
+
+@click.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The artifact folder to write.")
+@click.option("--method", type=click.Choice(["ptq", "qat"]), default="ptq", show_default=True,
+              help="ptq: static post-training quantization; qat: NNCF quantization-aware fine-tuning, then rendered "
+                   "in the chosen QDQ form.")
+@click.option("--calibrator", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default=None,
+              help="Activation range calibrator. [default: minmax for ptq, mse for qat]")
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="The backend the artifact is for: picks the QDQ form with --qdq-form auto.")
+@click.option("--qdq-form", type=click.Choice(["auto", "s8s8", "u8s8"]), default="auto", show_default=True,
+              help="s8s8: signed symmetric int8 (TensorRT); u8s8: uint8 asymmetric activations (fast in ONNX Runtime "
+                   "and OpenVINO on CPU); auto: the form --backend runs fast.")
+@click.option("--calib-size", type=int, default=None,
+              help="Calibration images (stratified from the train split). Given explicitly, fewer available is an "
+                   "error. [default: 300, or all when fewer]")
+@click.option("--calib-min", type=int, default=64, show_default=True,
+              help="Refuse to calibrate on fewer images than this.")
+@click.option("--calib-dir", type=click.Path(path_type=Path), default=None,
+              help="Calibrate on this folder of images instead of the train split (must not hold test images).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration/checkset selection.")
+@click.option("--checkset-cap", type=int, default=1000, show_default=True,
+              help="At most this many held-out test images in checkset.npz.")
+@click.option("--static-batch", type=int, default=None, help="Export with this fixed batch (default: dynamic batch).")
+@click.option("--max-fallback-rounds", type=int, default=3, show_default=True,
+              help="Mixed-precision rounds: each keeps the next most sensitive layer(s) in float.")
+@click.option("--fallback-step", type=int, default=1, show_default=True, help="Layers kept in float per round.")
+@click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
+              help="Rank all layers by quantization sensitivity (sensitivity.csv) even when no fallback is needed.")
+@click.option("--sensitivity-images", type=int, default=32, show_default=True)
+@click.option("--qat-epochs", type=int, default=2, show_default=True)
+@click.option("--qat-lr", type=float, default=1e-5, show_default=True)
+@click.option("--qat-batch-size", type=int, default=32, show_default=True)
+@click.option("--qat-max-images", type=int, default=None, help="Training images per QAT epoch (default: all).")
+@gate_options
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def quantize(run: Path, out: Path, method: str, calibrator: str | None, backend: str, qdq_form: str,
+             calib_size: int | None, calib_min: int, calib_dir: Path | None, seed: int, checkset_cap: int,
+             static_batch: int | None, max_fallback_rounds: int, fallback_step: int, sensitivity: bool,
+             sensitivity_images: int, qat_epochs: int, qat_lr: float, qat_batch_size: int, qat_max_images: int | None,
+             overwrite: bool, **gate: object) -> int:
+    """Quantize a trained run to INT8 and gate it against the float model.
+
+    Writes OUT/ with model_fp32.onnx (parity-checked), model_int8.onnx (QDQ), checkset.npz,
+    calibration.txt, sensitivity.csv, report.md/json, confusion.png and manifest.json. Exits 1 when
+    the gate fails after all mixed-precision rounds: the artifact is still written, marked not
+    deployable (manifest.gate.passed = false).
+
+    \b
+    Examples:
+      edgetl quantize runs/elpv --out artifacts/elpv-int8
+      edgetl quantize runs/elpv --method qat --out artifacts/elpv-qat --backend tensorrt
+      edgetl quantize runs/elpv --calib-dir data/line-camera --calibrator percentile --out artifacts/x
+    """
+    from ..quantize import QuantizeConfig, quantize_run
+
+    cfg = QuantizeConfig(method=method, calibrator=calibrator, backend=backend, qdq_form=qdq_form,
+                         calib_size=calib_size or 300, calib_exact=calib_size is not None, calib_min=calib_min,
+                         calib_dir=str(calib_dir) if calib_dir else None, seed=seed, checkset_cap=checkset_cap,
+                         static_batch=static_batch, thresholds=thresholds_from(gate),
+                         max_fallback_rounds=max_fallback_rounds, fallback_step=fallback_step, sensitivity=sensitivity,
+                         sensitivity_images=sensitivity_images, qat_epochs=qat_epochs, qat_lr=qat_lr,
+                         qat_batch_size=qat_batch_size, qat_max_images=qat_max_images)
+    outcome = quantize_run(run, out, cfg, overwrite=overwrite, log=click.echo)
+    verdict = "deployable" if outcome.passed else "NOT deployable (gate failed; see report.md)"
+    click.echo(f"wrote {out}: {verdict}")
+    return 0 if outcome.passed else 1
