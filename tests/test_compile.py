@@ -63,3 +63,129 @@ def test_build_cli_gate_failure_exits_nonzero(tmp_path, capsys):
     assert main(["build", str(art), "--target", "x86-cpu-onnxruntime", "--no-speed-check"]) == 4
     assert "failed its gate" in capsys.readouterr().err
     assert verify_files(art).builds[0]["gate"]["passed"] is False
+
+
+# ---- edgetl compile: a tiny trained run, end to end ------------------------------------------
+
+TINY = ["--calib-min", "8", "--no-speed-check"]  # toy model: few images, Q/DQ overhead dominates its speed
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from _tinyrun import make_tiny_run
+
+    return make_tiny_run(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.mark.parametrize("target,method", [("x86-cpu-openvino", "ptq"), ("x86-cpu-onnxruntime", None)])
+def test_compile_run_passes_gate(tiny_run, tmp_path, capsys, target, method):
+    if target.endswith("openvino"):
+        pytest.importorskip("openvino", reason="openvino is not installed")
+    out = tmp_path / "artifacts" / "tiny"
+    args = ["compile", str(tiny_run), "--target", target, "--out", str(out), *TINY]
+    args += ["--method", method] if method else ["--qat-epochs", "1"]  # the profile's default method is qat
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "deployable" in text and "yes" in text
+    m = verify_files(out)
+    assert m.kind == "artifact" and m.gate["passed"] and m.target["name"] == target
+    assert m.quantization["method"] == (method or "qat")
+    backend = m.target["backend"]
+    build = next(b for b in m.builds if b["backend"] == backend)
+    assert build["gate"]["passed"] and build["gate"]["runner"]["backend"] == backend
+    if backend == "openvino":
+        assert build["precision"] == "int8+f32" and (out / build["model"]).is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny"]  # no temp folder left behind
+
+
+def test_compile_run_for_jetson_on_host(tiny_run, tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is importable here: the engine would be built instead")
+    except ImportError:
+        pass
+    out = tmp_path / "orin"
+    assert main(["compile", str(tiny_run), "--target", "jetson-agx-orin", "--method", "ptq", "--set",
+                 "tensorrt.dla_core=0", "--out", str(out), *TINY]) == 0
+    m = verify_files(out)
+    assert m.quantization["qdq_format"].startswith("s8s8")  # the form TensorRT takes
+    cfg = json.loads((out / "builds/tensorrt/build_config.json").read_text())
+    assert cfg["pre_build_gate"]["passed"] and all(c["ok"] for c in cfg["conformance"].values())
+    assert cfg["device_type"] == "DLA" and cfg["static_shapes"] and cfg["engine"] is None
+
+
+def test_compile_fp16_target_exports_float(tiny_run, tmp_path):
+    import onnx
+
+    out = tmp_path / "nano"
+    assert main(["compile", str(tiny_run), "--target", "jetson-nano", "--out", str(out), *TINY]) == 0
+    m = verify_files(out)
+    assert m.quantization is None and not (out / "model_int8.onnx").exists()
+    assert onnx.load(str(out / "model_fp32.onnx")).opset_import[0].version == 13  # TensorRT 8.2's parser limit
+    cfg = json.loads((out / "builds/tensorrt/build_config.json").read_text())
+    assert cfg["flags"] == ["FP16"] and cfg["onnx"] == "model_fp32.onnx"
+
+
+def test_compile_refusals_write_nothing(tiny_run, tmp_path, capsys):
+    out = tmp_path / "nano8"
+    assert main(["compile", str(tiny_run), "--target", "jetson-nano", "--precision", "int8", "--out", str(out)]) == 2
+    assert "Maxwell" in capsys.readouterr().err and not out.exists()
+    assert main(["compile", str(tiny_run), "--target", "x86-cpu-onnxruntime", "--out", str(out), "--calib-size",
+                 "5000", "--no-speed-check"]) == 2
+    assert not out.exists() and not list(tmp_path.glob(".nano8*"))
+
+
+def _onnx_and_images(tiny_run, tmp_path):
+    """An FP32 ONNX classifier (exported from the tiny run) + its labels file + labelled image folder."""
+    from edgetl.export import export_onnx
+    from edgetl.runs import load_run
+
+    run = load_run(tiny_run)
+    model = export_onnx(run.model, run.manifest.preprocess, tmp_path / "model.onnx")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(run.manifest.labels) + "\n")
+    images = tiny_run.parent / "images"
+    return model, labels, images
+
+
+PRE = ["--input-size", "32", "--resize", "stretch", "--mean", "127.5,127.5,127.5", "--std", "127.5,127.5,127.5"]
+
+
+def test_compile_bare_onnx_with_labelled_images(tiny_run, tmp_path, capsys):
+    model, labels, images = _onnx_and_images(tiny_run, tmp_path)
+    out = tmp_path / "ext"
+    assert main(["compile", str(model), "--labels", str(labels), "--images", str(images), *PRE,
+                 "--target", "x86-cpu-onnxruntime", "--out", str(out), *TINY]) == 0
+    text = capsys.readouterr().out
+    assert "PTQ" in text
+    m = verify_files(out)
+    assert m.quantization["method"] == "ptq" and m.quantization["labels"].startswith("from --images")
+    assert m.gate["passed"] and m.gate["float_top1"] > 0.5 and m.builds[0]["gate"]["passed"]
+    cal = set((out / "calibration.txt").read_text().split())
+    from edgetl.check import load_checkset
+
+    assert cal and not cal & set(load_checkset(out).paths)  # calibration and checkset are disjoint
+
+
+def test_compile_bare_onnx_without_labels_gates_agreement_only(tiny_run, tmp_path, capsys):
+    import shutil
+
+    model, labels, images = _onnx_and_images(tiny_run, tmp_path)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in images.rglob("*.png"):
+        shutil.copy(p, flat / f"{p.parent.name}_{p.name}")
+    out = tmp_path / "ext2"
+    assert main(["compile", str(model), "--labels", str(labels), "--images", str(flat), *PRE,
+                 "--target", "x86-cpu-onnxruntime", "--out", str(out), *TINY]) == 0
+    assert "agreement with the float model only" in capsys.readouterr().out
+    m = verify_files(out)
+    assert m.quantization["labels"].startswith("none") and m.gate["float_top1"] == 1.0  # labels = float argmax
+    assert m.gate["thresholds"]["max_drop"] == 100.0 and m.gate["passed"]
+
+
+def test_compile_bare_onnx_needs_preprocessing(tiny_run, tmp_path, capsys):
+    model, labels, images = _onnx_and_images(tiny_run, tmp_path)
+    assert main(["compile", str(model), "--labels", str(labels), "--images", str(images),
+                 "--target", "x86-cpu-onnxruntime", "--out", str(tmp_path / "x")]) == 2
+    assert "--preprocess" in capsys.readouterr().err

@@ -107,19 +107,29 @@ def commit_build_dir(ctx: BuildContext, tmp: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def thresholds_for(profile: TargetProfile, speed_check: bool = True):
-    """The gate thresholds of ``profile`` in the form ``edgetl.check`` takes."""
+def thresholds_for(profile: TargetProfile, speed_check: bool = True, labelled: bool = True):
+    """The gate thresholds of ``profile`` in the form ``edgetl.check`` takes.
+
+    ``labelled=False`` (a checkset whose labels are the float model's own predictions): the accuracy
+    drop is not measurable, only agreement is gated."""
     from ..check import Thresholds
 
-    return Thresholds(max_drop=profile.gate.max_accuracy_drop, min_agreement=profile.gate.min_agreement,
-                      speed_check=speed_check)
+    return Thresholds(max_drop=profile.gate.max_accuracy_drop if labelled else 100.0,
+                      min_agreement=profile.gate.min_agreement, speed_check=speed_check)
+
+
+def is_labelled(manifest: Manifest) -> bool:
+    """False when the artifact's checkset labels are the float model's predictions (no real labels)."""
+    return bool((manifest.quantization or {}).get("labelled", True))
 
 
 def run_gate(runner: Any, folder: Path, profile: TargetProfile, labels: tuple[str, ...], note: str = "") -> dict:
     """Accuracy gate of ``runner`` on the artifact's checkset (no speed gate): the summary dict."""
     from .. import check
 
-    result = check.evaluate(runner, check.load_checkset(folder), thresholds_for(profile, speed_check=False), labels,
+    manifest = read_manifest(folder)
+    result = check.evaluate(runner, check.load_checkset(folder),
+                            thresholds_for(profile, speed_check=False, labelled=is_labelled(manifest)), labels,
                             speed_note=note or "speed not gated here")
     return result.summary()
 
@@ -156,7 +166,8 @@ def build_artifact(folder: str | Path, profile: TargetProfile, backend: str | No
     if entry is not None and gate:
         from ..check import check_artifact
 
-        th = thresholds_for(profile, speed_check=speed_check and profile.precision != "fp32")
+        th = thresholds_for(profile, speed_check=speed_check and profile.precision != "fp32",
+                            labelled=is_labelled(manifest))
         result = check_artifact(folder, backend, th, update=True, log=progress)
         outcome.gate = entry["gate"] = result.summary()
     return outcome

@@ -153,13 +153,14 @@ def prepare(ctx: BuildContext, dest: Path, config: dict[str, Any] | None = None)
     onnx_name = config["onnx"]
     onnx_path = ctx.folder / onnx_name
     try:
+        rules = "explicit-quantization rules" if ctx.profile.precision == "int8" else "ONNX parser (opset, ops)"
         ctx.progress(f"tensorrt: check {onnx_name} against TensorRT {', '.join(ctx.profile.tensorrt.supported_versions)} "
-                     "explicit-quantization rules")
+                     f"{rules}")
         config["conformance"] = conformance(onnx_path, ctx.profile)
     except MissingDependencyError:  # on a device without the `onnx` package: the host's check stands
         config["conformance"] = "not re-checked here (the onnx package is not installed)"
     if ctx.gate:
-        ctx.progress("tensorrt: pre-build gate (the same QDQ graph through ONNX Runtime)")
+        ctx.progress(f"tensorrt: pre-build gate (the same {onnx_name} through ONNX Runtime)")
         config["pre_build_gate"] = pre_build_gate(ctx, onnx_name)
     config["engine"] = None
     write_config(dest, config)

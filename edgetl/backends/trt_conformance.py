@@ -70,6 +70,11 @@ SUPPORTED_OPS: dict[str, frozenset[str]] = {
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
+def max_opset(trt_versions: Any) -> int:
+    """The highest ONNX opset every one of ``trt_versions`` parses (for the export of a TensorRT target)."""
+    return min(OPSET_RANGE[version_key(v)][1] for v in trt_versions)
+
+
 def version_key(trt_version: str) -> str:
     """``"10.3.0"`` -> ``"10"``, ``"8.6.2"`` -> ``"8.6"``; refuses versions the tables do not cover."""
     parts = str(trt_version).split(".")
@@ -100,6 +105,7 @@ class Report:
     opset: int
     problems: tuple[Problem, ...]
     stats: dict[str, Any] = field(default_factory=dict)
+    quantized: bool = True  # checked as a QDQ (explicit quantization) graph
 
     @property
     def ok(self) -> bool:
@@ -118,11 +124,12 @@ class Report:
             return
         shown = "\n  ".join(str(p) for p in self.problems[:12])
         more = f"\n  ... and {len(self.problems) - 12} more" if len(self.problems) > 12 else ""
-        raise EdgetlError(
-            f"{self.path} does not follow TensorRT {self.trt_version}'s explicit-quantization rules "
-            f"({len(self.problems)} problem(s)):\n  {shown}{more}",
-            hint="re-quantize with signed INT8, symmetric (zero point 0), per-channel weights on the output-channel "
-                 "axis and float biases (`edgetl compile` does), or pick a non-TensorRT target")
+        rules = "explicit-quantization rules" if self.quantized else "ONNX parser"
+        hint = ("re-quantize with signed INT8, symmetric (zero point 0), per-channel weights on the output-channel "
+                "axis and float biases (`edgetl compile` does), or pick a non-TensorRT target") if self.quantized else \
+            f"export the model with an opset and ops TensorRT {self.trt_version} parses, or pick another target"
+        raise EdgetlError(f"{self.path} does not follow TensorRT {self.trt_version}'s {rules} "
+                          f"({len(self.problems)} problem(s)):\n  {shown}{more}", hint=hint)
 
 
 def _onnx():
@@ -244,7 +251,7 @@ def check_model(model: Any, trt_version: str, require_qdq: bool = True, path: st
                                 "no QuantizeLinear/DequantizeLinear nodes: not a QDQ model (TensorRT INT8 explicit "
                                 "quantization needs one)"))
     stats = {"nodes": len(graph.node), "qdq_nodes": len(qdq), "per_channel_qdq": per_channel}
-    return Report(path, str(trt_version), int(opset), tuple(problems), stats)
+    return Report(path, str(trt_version), int(opset), tuple(problems), stats, quantized=require_qdq)
 
 
 def _weight_source(node: Any, consts: dict[str, np.ndarray], producers: dict[str, Any]) -> np.ndarray | None:

@@ -1,0 +1,161 @@
+"""``edgetl compile``: a run (or an FP32 ONNX model) -> a quantized, built, gated artifact for one target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def _floats(text: str | None, what: str, n: int = 3) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        vals = ()
+    if len(vals) != n:
+        from ..runtime.errors import EdgetlError
+
+        raise EdgetlError(f"{what} {text!r}: give {n} numbers, e.g. \"123.675,116.28,103.53\"")
+    return vals
+
+
+def _spec_from_flags(preprocess: Path | None, input_size: str | None, mean: str | None, std: str | None,
+                     resize: str | None, color: str | None, layout: str | None):
+    from ..compile import read_preprocess
+    from ..runtime.errors import EdgetlError
+    from ..runtime.preprocess import PreprocessSpec
+
+    if preprocess is not None:
+        spec = read_preprocess(preprocess)
+    elif mean is None or std is None:
+        raise EdgetlError("a bare ONNX model needs its preprocessing: --preprocess pre.toml, or at least --mean "
+                          "and --std (plus --input-size, --resize, --color, --layout when not the defaults)",
+                          hint="the same normalisation the model was trained with; a mismatch silently ruins accuracy")
+    else:
+        spec = PreprocessSpec()
+    changes = {}
+    if input_size:
+        size = _floats(input_size, "--input-size", 2 if ("," in input_size or " " in input_size) else 1)
+        changes["input_size"] = (int(size[0]), int(size[-1]))
+    for key, val in (("mean", _floats(mean, "--mean")), ("std", _floats(std, "--std")), ("resize", resize),
+                     ("color", color), ("layout", layout)):
+        if val is not None:
+            changes[key] = val
+    return PreprocessSpec.from_dict({**spec.to_dict(), **changes}) if changes else spec
+
+
+def summary_table(result):
+    from rich.table import Table
+
+    from .build import gate_cell
+
+    t = Table(title=f"edgetl compile -> {result.artifact}", header_style="bold", show_lines=False)
+    t.add_column("step")
+    t.add_column("seconds", justify="right")
+    t.add_column("result")
+    for row in result.steps:
+        t.add_row(row["step"], f"{row['seconds']:.1f}", row["detail"])
+    t.add_section()
+    p = result.profile
+    t.add_row("target", "", f"{p.name}: {p.backend} {p.precision}, method {result.method or 'none'}")
+    t.add_row("artifact gate (QDQ graph, ONNX Runtime)", "", gate_cell(result.artifact_gate))
+    entry = result.build.entry
+    if entry is not None:
+        t.add_row(f"{entry['backend']} build gate", "", gate_cell(entry.get("gate")))
+        t.add_row("runs as", "", f"{entry.get('precision')} on {entry.get('device')} ({entry['model']})")
+    else:
+        t.add_row("pre-build gate (same graph, ONNX Runtime)", "", gate_cell(result.build.gate))
+        t.add_row("engine", "", "built on the device: edgetl build ARTIFACT")
+    t.add_row("deployable", "", "[green]yes[/]" if result.passed else "[red]NO[/] (see report.md)")
+    return t
+
+
+@click.command("compile")
+@click.argument("source", type=click.Path(path_type=Path, exists=True))
+@click.option("--target", required=True, help="Target profile name (see `edgetl targets`) or a TOML path.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The artifact folder to write.")
+@click.option("--method", type=click.Choice(["qat", "ptq"]), help="Quantization method (default: the profile's).")
+@click.option("--precision", type=click.Choice(["int8", "fp16", "fp32"]), help="Override the profile's precision.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a profile key (repeatable).")
+@click.option("--calib-size", type=int, help="Calibration images (default 300).")
+@click.option("--calib-min", type=int, help="Fewest calibration images accepted (default 64).")
+@click.option("--calibrator", type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
+              help="Range calibrator (default: minmax for PTQ, mse for QAT).")
+@click.option("--qat-epochs", type=int, help="QAT fine-tuning epochs (default 2).")
+@click.option("--no-speed-check", is_flag=True,
+              help="Do not require the quantized model to be faster than float (toy models).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--labels", type=click.Path(path_type=Path), help="[ONNX input] class names, one per line.")
+@click.option("--images", type=click.Path(path_type=Path),
+              help="[ONNX input] images for calibration and the gate (class sub-folders = labelled).")
+@click.option("--preprocess", type=click.Path(path_type=Path), help="[ONNX input] preprocessing TOML.")
+@click.option("--input-size", help="[ONNX input] e.g. 224 or 224,224 (height,width).")
+@click.option("--mean", help="[ONNX input] per-channel mean in 0..255 units, e.g. 123.675,116.28,103.53.")
+@click.option("--std", help="[ONNX input] per-channel std in 0..255 units, e.g. 58.395,57.12,57.375.")
+@click.option("--resize", type=click.Choice(["shorter_crop", "stretch", "letterbox"]), help="[ONNX input]")
+@click.option("--color", type=click.Choice(["RGB", "BGR"]), help="[ONNX input]")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="[ONNX input]")
+def compile_cmd(source: Path, target: str, out: Path, method: str | None, precision: str | None,
+                sets: tuple[str, ...], calib_size: int | None, calib_min: int | None, calibrator: str | None,
+                qat_epochs: int | None,
+                no_speed_check: bool, overwrite: bool, labels: Path | None, images: Path | None,
+                preprocess: Path | None, input_size: str | None, mean: str | None, std: str | None,
+                resize: str | None, color: str | None, layout: str | None) -> None:
+    """Quantize SOURCE as the target profile says, build it for the target, gate it, and write the
+    artifact OUT (in a temp folder, renamed when complete).
+
+    SOURCE is a run folder from `edgetl train`, or an FP32 ONNX classifier trained elsewhere (then
+    --labels, --images and the preprocessing are needed; the method is PTQ; without class
+    sub-folders in --images the gate checks agreement with the float model only).
+
+    \b
+    Examples:
+      edgetl compile runs/elpv --target x86-cpu-openvino --out artifacts/elpv-ov
+      edgetl compile runs/elpv --target jetson-agx-orin --method qat --out artifacts/elpv-orin
+      edgetl compile model.onnx --labels labels.txt --images data/val --mean 123.675,116.28,103.53 \\
+          --std 58.395,57.12,57.375 --input-size 224 --target x86-cpu-onnxruntime --out artifacts/mine
+    """
+    from rich.console import Console
+
+    from ..compile import compile_onnx, compile_run, read_labels
+    from ..runtime.errors import EdgetlError
+    from ..targets import apply_overrides, load_target
+    from .build import raise_if_gate_failed
+
+    console = Console()
+    profile = apply_overrides(load_target(target), precision=precision, method=method, sets=sets)
+    overrides = {k: v for k, v in (("calib_size", calib_size), ("calib_min", calib_min), ("calibrator", calibrator),
+                                   ("qat_epochs", qat_epochs)) if v is not None}
+    if calib_size is not None:
+        overrides["calib_exact"] = True
+
+    def progress(msg: str) -> None:
+        if msg.startswith("[") and msg.endswith("]"):  # a step of the pipeline
+            console.print(msg[1:-1], style="bold", markup=False, soft_wrap=True)
+        else:
+            console.print(f"  · {msg}", markup=False, soft_wrap=True, highlight=False)
+
+    console.print(f"[bold]edgetl compile[/] {source} for [cyan]{profile.name}[/] ({profile.backend}, "
+                  f"{profile.precision})", soft_wrap=True)
+    if source.is_file() and source.suffix == ".onnx":
+        if labels is None or images is None:
+            raise EdgetlError("compiling an ONNX model needs --labels labels.txt and --images DIR",
+                              hint="--images: a folder of images for calibration and the gate (one sub-folder per class "
+                                   "for an accuracy gate)")
+        if method == "qat":
+            raise EdgetlError("--method qat needs the PyTorch model (a run folder); a bare ONNX model is quantized by PTQ")
+        spec = _spec_from_flags(preprocess, input_size, mean, std, resize, color, layout)
+        result = compile_onnx(source, read_labels(labels), spec, images, out, profile, not no_speed_check, overwrite,
+                              progress, **overrides)
+    elif source.is_dir():
+        result = compile_run(source, out, profile, method, not no_speed_check, overwrite, progress, **overrides)
+    else:
+        raise EdgetlError(f"{source}: neither a run folder nor an .onnx file",
+                          hint="pass the --out folder of `edgetl train`, or an FP32 ONNX classifier")
+    for note in result.notes:
+        console.print(f"  note: {note}", soft_wrap=True, markup=False, style="yellow")
+    console.print(summary_table(result))
+    raise_if_gate_failed(result.artifact_gate, f"{out}: the quantized graph")
+    raise_if_gate_failed(result.build_gate, f"{out}: the {profile.backend} build")
