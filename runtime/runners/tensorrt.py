@@ -132,6 +132,9 @@ class TensorRTRunner(Runner):
         super().__init__(model_path, options)
         trt = import_tensorrt()
         cudart = import_cudart()
+        if self.model_path.suffix not in (".engine", ".plan"):
+            raise EdgetlError(f"{model_path}: TensorRT runs a serialized engine (.engine), not {self.model_path.suffix}",
+                              hint="build the engine on this device: edgetl build ARTIFACT")
         self.trt, self.cudart = trt, cudart
         self.key = recorded_key(self.model_path, options)
         self.here = device_key(trt, cudart)
