@@ -8,7 +8,8 @@ top-k / threshold, yielding a :class:`Result` with per-stage timings. :func:`run
 Timings (milliseconds, ``time.perf_counter``):
 
 * ``wait``: the loop waiting for a frame (near 0 when the source is faster than inference)
-* ``preprocess``, ``infer``, ``post`` (softmax, smoothing, top-k)
+* ``preprocess`` (in every-frame mode it runs on the capture thread, overlapping inference),
+  ``infer``, ``post`` (softmax, smoothing, top-k)
 * ``latency``: from the frame's capture timestamp (the decoded frame became available) to the result
 * FPS: results / seconds since the loop started (source opening and model loading excluded)
 """
@@ -93,8 +94,10 @@ class Stream:
         self.options = options or StreamOptions()
         self.stop = stop or threading.Event()
         o = self.options
+        roi = o.roi
         self.source = FrameSource(source, realtime=o.realtime, fps=o.fps, reconnect_timeout=o.reconnect_timeout,
-                                  queue_size=o.queue_size, note=note)
+                                  queue_size=o.queue_size, note=note,
+                                  prepare=lambda img: model.input_tensor(img, roi))
         self.stop_reason = ""
         self.frames = 0
         self._t_start = self._t_last = 0.0
@@ -130,8 +133,12 @@ class Stream:
                         break
                     continue  # re-check stop / deadline
                 t1 = clock()
-                x = model.input_tensor(frame.image, roi)
-                t2 = clock()
+                if frame.tensor is None:
+                    x = model.input_tensor(frame.image, roi)
+                    t2 = clock()
+                    prep = (t2 - t1) * 1e3
+                else:  # prepared on the capture thread, overlapping the previous inference
+                    x, t2, prep = frame.tensor, t1, frame.prep_ms
                 logits = model.logits(x)
                 t3 = clock()
                 probs = softmax(logits[0])
@@ -147,7 +154,7 @@ class Stream:
                 if score < thr:
                     label = UNKNOWN
                 t4 = clock()
-                timings = {"wait": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, "infer": (t3 - t2) * 1e3,
+                timings = {"wait": (t1 - t0) * 1e3, "preprocess": prep, "infer": (t3 - t2) * 1e3,
                            "post": (t4 - t3) * 1e3}
                 latency = (t4 - frame.t_capture) * 1e3
                 lat.append(latency)
@@ -213,7 +220,7 @@ class VideoSaver:
     """Writes annotated frames to ``<dir>/.<name>.partial<ext>`` and renames it on close, so a
     video under the requested name is always finalised (playable)."""
 
-    def __init__(self, path: Path, fps: float):
+    def __init__(self, path: Path, fps: float | None = None):
         self.path = Path(path)
         suffix = self.path.suffix.lower()
         if suffix not in FOURCC:
@@ -222,7 +229,7 @@ class VideoSaver:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
         self.fourcc = cv2.VideoWriter_fourcc(*FOURCC[suffix])
-        self.fps = fps
+        self.fps = fps  # None: set from the source once it is open (else 30)
         self.size: tuple[int, int] | None = None
         self.writer: cv2.VideoWriter | None = None
         self.frames = 0
@@ -230,6 +237,7 @@ class VideoSaver:
     def write(self, img: np.ndarray) -> None:
         if self.writer is None:
             self.size = (img.shape[1], img.shape[0])
+            self.fps = self.fps or 30.0
             self.writer = cv2.VideoWriter(str(self.tmp), self.fourcc, self.fps, self.size)
             if not self.writer.isOpened():
                 raise EdgetlError(f"--save {self.path}: OpenCV cannot write this video here",
@@ -324,7 +332,7 @@ def run_app(model: Model, source: Any, options: StreamOptions, app: AppOptions,
     summary_out = err if json_out else out  # stdout stays pure JSON lines
     saver = None
     if app.save is not None:
-        saver = VideoSaver(app.save, stream.source.fps or 30.0)
+        saver = VideoSaver(app.save)  # checks the file type before anything starts
     lj = {lab: json.dumps(lab) for lab in (*model.labels, UNKNOWN)}
     roi = options.roi
     last_label: str | None = None
@@ -351,6 +359,7 @@ def run_app(model: Model, source: Any, options: StreamOptions, app: AppOptions,
                     t_prev = now
                     draw_overlay(r.image, r.label, r.score, fps_ema, r.latency_ms, roi, r.label != UNKNOWN)
                     if saver is not None:
+                        saver.fps = saver.fps or stream.source.fps  # the source is open now
                         saver.write(r.image)
                     if not headless:
                         cv2.imshow(app.window, r.image)

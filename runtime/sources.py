@@ -285,6 +285,8 @@ class Frame:
     index: int
     image: np.ndarray
     t_capture: float
+    tensor: np.ndarray | None = None  # the model input, when the capture thread prepared it
+    prep_ms: float = 0.0
 
 
 class FrameSource:
@@ -293,13 +295,19 @@ class FrameSource:
     ``realtime=None`` picks the policy from the source: latest-frame for live sources, every frame
     in order for files/image folders; ``realtime=True`` paces files at ``fps`` (the file's own by
     default; 30 for image folders) with the latest-frame policy.
+
+    ``prepare`` (image -> model input) runs on the capture thread in every-frame mode, so decoding
+    and preprocessing of the next frames overlap inference of the current one. In latest-frame mode
+    the loop preprocesses only the frames it takes (no work is spent on frames that get dropped).
     """
 
     def __init__(self, source: str | int | SourceSpec, *, realtime: bool | None = None, fps: float | None = None,
-                 reconnect_timeout: float = 10.0, queue_size: int = 4, note: Note = stderr_note):
+                 reconnect_timeout: float = 10.0, queue_size: int = 4, note: Note = stderr_note,
+                 prepare: Callable[[np.ndarray], np.ndarray] | None = None):
         self.spec = source if isinstance(source, SourceSpec) else parse_source(source)
         self.latest = self.spec.live or bool(realtime)
         self.pace = self.latest and not self.spec.live
+        self.prepare = None if self.latest else prepare
         self.reconnect_timeout = float(reconnect_timeout)
         self._fps_override = fps
         self._maxlen = 1 if self.latest else max(1, int(queue_size))
@@ -399,6 +407,12 @@ class FrameSource:
         t0 = 0.0
         try:
             while not self._stop.is_set():
+                if interval:  # like a camera: the frame "arrives" on its due time, then is decoded
+                    if self.frames_read == 0:
+                        t0 = time.perf_counter()
+                    delay = t0 + self.frames_read * interval - time.perf_counter()
+                    if delay > 0 and self._stop.wait(delay):
+                        break
                 buf = self._free.pop() if self._free else None
                 img = reader.read(buf)
                 if img is None:
@@ -410,15 +424,14 @@ class FrameSource:
                     if reader is None:
                         break
                     continue
-                if interval:
-                    if self.frames_read == 0:
-                        t0 = time.perf_counter()
-                    delay = t0 + self.frames_read * interval - time.perf_counter()
-                    if delay > 0 and self._stop.wait(delay):
-                        break
                 frame = Frame(self.frames_read, img, time.perf_counter())
+                if self.prepare is not None:
+                    frame.tensor = self.prepare(img)
+                    frame.prep_ms = (time.perf_counter() - frame.t_capture) * 1e3
                 self.frames_read += 1
                 self._publish(frame)
+        except EdgetlError as exc:  # e.g. an ROI outside the frame, found while preparing it
+            self.error = exc
         except Exception as exc:  # a bug or a backend crash: end the run with it rather than hang
             self.error = EdgetlError(f"source {self.spec.uri!r}: capture failed ({type(exc).__name__}: {exc})")
         finally:

@@ -110,14 +110,14 @@ def test_image_folder_and_roi(tmp_path, artifact, model):
 
 
 def test_save_writes_the_annotated_video(tmp_path, artifact):
-    video = write_video(tmp_path / "clip.mp4", n=30, size=(160, 120))
+    video = write_video(tmp_path / "clip.mp4", n=30, size=(160, 120), fps=25.0)
     out = tmp_path / "out" / "annotated.mp4"
     r = edgetl("run", artifact, "--source", video, "--headless", "--save", out, "--max-frames", 25)
     assert r.returncode == 0, r.stderr
     assert len(lines(r.stdout)) == 25 and "stopped: max frames" in r.stderr
     saved = decode_video(out)
     cap = cv2.VideoCapture(str(out))
-    assert len(saved) == 25 == int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) and cap.get(cv2.CAP_PROP_FPS) == 30
+    assert len(saved) == 25 == int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) and cap.get(cv2.CAP_PROP_FPS) == 25
     assert saved[0].shape == (120, 160, 3)
     src = decode_video(video)
     # the overlay (label box at the top left) is drawn; the rest of the frame is the source
