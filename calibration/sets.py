@@ -154,9 +154,17 @@ def from_folder(folder: str | Path, size: int = DEFAULT_SIZE, seed: int = 0, min
 
 
 def assert_disjoint(cal: CalibrationSet, held_out: Iterable[Path], what: str = "test") -> None:
-    """Refuse a calibration set that shares files with held-out data (it would bias the gate)."""
-    held = {Path(p).resolve() for p in held_out}
-    overlap = [p for p in cal.paths if p.resolve() in held]
+    """Refuse a calibration set that shares images with held-out data (it would bias the gate).
+
+    Compared by path and by content (sha256), so copies of test images under another name count."""
+    from ..runtime.manifest import sha256_file
+
+    held = [Path(p) for p in held_out]
+    held_paths = {p.resolve() for p in held}
+    overlap = [p for p in cal.paths if p.resolve() in held_paths]
+    if not overlap and held:
+        held_sums = {sha256_file(p) for p in held if p.is_file()}
+        overlap = [p for p in cal.paths if p.is_file() and sha256_file(p) in held_sums]
     if overlap:
         raise CalibrationError(
             f"{len(overlap)} calibration image(s) are in the run's {what} split, e.g. {overlap[0]}",

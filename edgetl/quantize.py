@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -34,7 +35,7 @@ import numpy as np
 from .calibration import sensitivity as sens
 from .calibration.cache import merge_ranges, save_ranges
 from .calibration.calibrators import calibrate, get_calibrator
-from .calibration.qdq import QdqForm, qdq_form, quantized_nodes, strip_qdq, weighted_nodes
+from .calibration.qdq import QDQ_FORMS, QdqForm, qdq_form, quantized_nodes, strip_qdq, weighted_nodes
 from .calibration.sets import (DEFAULT_MIN, DEFAULT_SIZE, LISTING_NAME, CalibrationSet, assert_disjoint, from_folder,
                                load_images, select_stratified)
 from .check import (CHECKSET_NAME, FP32_ONNX, GATE_BACKEND, INT8_ONNX, Checkset, GateResult, Thresholds,
@@ -48,6 +49,7 @@ from .runtime.runners import open_runner
 METHODS = ("ptq", "qat")
 DEFAULT_CALIBRATOR = {"ptq": "minmax", "qat": "mse"}
 SENSITIVITY_CSV = "sensitivity.csv"
+FORMS_DIR = "forms"
 PARITY_IMAGES = 200
 Log = Callable[[str], None]
 
@@ -75,6 +77,7 @@ class QuantizeConfig:
     qat_batch_size: int = 32
     qat_max_images: int | None = None  # training images per epoch (None: the whole train split)
     qat_freeze_bn: bool = True
+    all_forms: bool = False  # also write the other QDQ forms under forms/ and measure them side by side
 
     def __post_init__(self) -> None:
         def bad(opt: str, value: Any, hint: str) -> EdgetlError:
@@ -274,6 +277,28 @@ def export_nncf_form(qmodel, spec, path: Path, static_batch: int | None) -> Path
     return export_onnx(stripped, spec, path, static_batch)
 
 
+def qat(run, cal_inputs: np.ndarray, fp32: Path, cfg: QuantizeConfig, work: Path,
+        log: Log = print) -> tuple[Path, Callable[[QdqForm], dict], dict[str, Any], Path]:
+    """QAT, then its result (QAT-trained weights, fake-quantized, + learned activation ranges) as a
+    prepared float graph and ranges for ``quantize_static``; also returns NNCF's own QDQ export.
+    Tensors NNCF does not quantize (ORT also quantizes Conv outputs) get min-max ranges."""
+    import onnx
+
+    train = [(s.path, s.label) for s in run.samples("train")]
+    qmodel, info = qat_finetune(run.model, cal_inputs, train, run.manifest.preprocess, cfg, log)
+    nncf_onnx = export_nncf_form(qmodel, run.manifest.preprocess, work / "qat_nncf.onnx", cfg.static_batch)
+    float_graph, learned = strip_qdq(nncf_onnx)
+    onnx.save(float_graph, str(work / "qat_float.onnx"))
+    prepared = prepare_float(work / "qat_float.onnx", work / "prepared.onnx")
+
+    def ranges_for(form: QdqForm) -> dict:
+        base = calibrate(prepared, cal_inputs, "minmax", form.symmetric_activations, cfg.static_batch or 16)
+        return merge_ranges(base, {k: v for k, v in learned.items() if k in base})
+
+    info["learned_ranges"] = len(set(learned) & set(ranges_for(cfg.form)))
+    return prepared, ranges_for, info, nncf_onnx
+
+
 # ------------------------------------------------------------------------------------------
 # Sensitivity and mixed precision
 # ------------------------------------------------------------------------------------------
@@ -341,7 +366,6 @@ def quantize_run(run_path: str | Path, out: str | Path, cfg: QuantizeConfig = Qu
     out = check_output_dir(out, overwrite)
     run = load_run(run_path)
     spec = run.manifest.preprocess
-    form = cfg.form
     cal = calibration_set(run, cfg)
     log(f"calibration: {len(cal)} images from {cal.source} ({cfg.resolved_calibrator})")
     cal_inputs = _static_trim(cal.load(spec), cfg.static_batch)
@@ -355,73 +379,111 @@ def quantize_run(run_path: str | Path, out: str | Path, cfg: QuantizeConfig = Qu
         parity = check_parity(checkset.float_logits[:n_par], fp32, checkset.inputs[:n_par])
         log(f"export: {FP32_ONNX} parity max |diff| {parity.max_abs_diff:.2e}, top-1 agreement {parity.top1_agreement:.4f}")
         t0 = time.perf_counter()
-        forms: list[dict[str, Any]] = []
         qat_info: dict[str, Any] | None = None
-        bs = cfg.static_batch or 16
+        extra: dict[str, Path] = {}
         if cfg.method == "ptq":
             prepared = prepare_float(fp32, work / "prepared.onnx")
-            ranges = calibrate(prepared, cal_inputs, cfg.resolved_calibrator, form.symmetric_activations, bs)
+
+            def ranges_for(form: QdqForm) -> dict:
+                return calibrate(prepared, cal_inputs, cfg.resolved_calibrator, form.symmetric_activations,
+                                 cfg.static_batch or 16)
         else:
-            train = [(s.path, s.label) for s in run.samples("train")]
-            qmodel, qat_info = qat_finetune(run.model, cal_inputs, train, spec, cfg, log)
-            nncf_onnx = export_nncf_form(qmodel, spec, work / "qat_nncf.onnx", cfg.static_batch)
-            float_graph, learned = strip_qdq(nncf_onnx)
-            import onnx
-
-            onnx.save(float_graph, str(work / "qat_float.onnx"))
-            prepared = prepare_float(work / "qat_float.onnx", work / "prepared.onnx")
-            base = calibrate(prepared, cal_inputs, "minmax", form.symmetric_activations, bs)
-            ranges = merge_ranges(base, {k: v for k, v in learned.items() if k in base})
-            qat_info["learned_ranges"] = sum(k in base for k in learned)
-            g = gate_from_logits(ort_logits(nncf_onnx, checkset.inputs), checkset, replace(cfg.thresholds, speed_check=False),
-                                 run.manifest.labels)
-            forms.append({"form": "nncf-native (NNCF's Q/DQ placement)", "quant_top1": g.quant_top1, "agreement": g.agreement,
-                          "drop": g.drop, "ort_ms": _ort_ms(fp32, nncf_onnx, checkset, cfg)[1], "chosen": False})
-        cache = save_ranges(ranges, work / "ranges.json")
+            prepared, ranges_for, qat_info, extra["nncf-native"] = qat(run, cal_inputs, fp32, cfg, work, log)
+        ranges = ranges_for(cfg.form)
         timings["calibrate_or_train_s"] = time.perf_counter() - t0
-        sens_inputs = cal_inputs[:cfg.sensitivity_images] if not cfg.static_batch else \
-            _static_trim(cal_inputs[:max(cfg.sensitivity_images, cfg.static_batch)], cfg.static_batch)
-        r = quantize_with_fallback(prepared, cache, form, d / INT8_ONNX, checkset, run.manifest.labels, cfg,
-                                   sens_inputs, work, log)
-        leaked = set(quantized_nodes(d / INT8_ONNX)) & set(r.float_layers)
-        if leaked:  # pragma: no cover - guards ORT's nodes_to_exclude contract
-            raise EdgetlError(f"layers {sorted(leaked)} were to stay in float but are quantized")
-        timings["quantize_s"] = time.perf_counter() - t0
-        # the final gate, with speed measured side by side on the gate backend
-        speed = None
-        note = ""
-        if cfg.thresholds.speed_check:
-            speed = _ort_speed(d / FP32_ONNX, d / INT8_ONNX, checkset, cfg)
-        gated = GATE_BACKEND in form.fast_on
-        if not gated:
-            note = (f"measured, not gated: the {form.key} form is rendered for {', '.join(form.fast_on)}; "
-                    "its speed is gated on that backend's build")
-        runner = open_runner(GATE_BACKEND, d / INT8_ONNX)
-        gate = gate_from_logits(runner.infer_many(checkset.inputs), checkset, cfg.thresholds, run.manifest.labels,
-                                speed, gated, note, runner.info)
-        runner.close()
-        if speed is not None:
-            forms.append({"form": form.key, "quant_top1": gate.quant_top1, "agreement": gate.agreement, "drop": gate.drop,
-                          "ort_ms": speed.quant_ms, "fp32_ms": speed.float_ms, "chosen": True})
-        log(f"gate: {'PASSED' if gate.passed else 'FAILED'}  top-1 {gate.quant_top1:.4f} vs float {gate.float_top1:.4f} "
-            f"(drop {gate.drop:.2f} points), agreement {gate.agreement:.4f}" +
-            (f", batch-1 {speed.quant_ms:.2f} ms vs float {speed.float_ms:.2f} ms" if speed else ""))
-        for f in gate.failures:
-            log(f"  failure: {f}")
-
-        checkset.save(d / CHECKSET_NAME)
-        (d / LISTING_NAME).write_text(cal.listing(), encoding="utf-8")
-        if r.sensitivity:
-            (d / SENSITIVITY_CSV).write_text(sens.to_csv(r.sensitivity), encoding="utf-8")
-        timings["total_s"] = time.perf_counter() - t_start
-        quant = _quantization_record(cfg, form, cal, r, qat_info, parity.to_dict(), timings)
-        report = {"name": out.name, "run": str(Path(run_path)), "deployable": gate.passed, "quantization": quant,
-                  "parity": parity.to_dict(), "gate": gate.to_dict(), "rounds": r.rounds, "forms": forms,
-                  "sensitivity": [s.to_dict() for s in (r.sensitivity or [])]}
-        write_report(d, report, run.manifest.labels, gate)
-        manifest = _artifact_manifest(run.manifest, cfg, quant, gate, d)
-        write_manifest(manifest, d)
+        manifest, gate = finish_artifact(d, prepared, ranges, cal, cal_inputs, checkset, run.manifest, cfg, work, log,
+                                         parity=parity.to_dict(), qat_info=qat_info, timings=timings,
+                                         report_extra={"name": out.name, "run": str(Path(run_path))}, t_start=t_start,
+                                         ranges_for=ranges_for, extra_forms=extra)
     return QuantizeOutcome(out, gate, manifest)
+
+
+def finish_artifact(folder: Path, prepared: Path, ranges: dict, cal: CalibrationSet, cal_inputs: np.ndarray,
+                    checkset: Checkset, source: Manifest, cfg: QuantizeConfig, work: Path, log: Log = print, *,
+                    parity: dict[str, Any] | None = None, qat_info: dict[str, Any] | None = None,
+                    timings: dict[str, float] | None = None, report_extra: dict[str, Any] | None = None,
+                    t_start: float | None = None, ranges_for: Callable[[QdqForm], dict] | None = None,
+                    extra_forms: dict[str, Path] | None = None) -> tuple[Manifest, GateResult]:
+    """From a prepared float graph and its ranges to a finished artifact folder.
+
+    ``folder`` already holds ``model_fp32.onnx``. Renders ``model_int8.onnx`` (mixed-precision
+    fallback included), runs the final gate (speed measured side by side on ONNX Runtime, gated
+    when the form is one ORT runs fast), and writes checkset.npz, calibration.txt, sensitivity.csv,
+    report.json/md, confusion.png and manifest.json (kind "artifact", fields of ``source``: the
+    run's manifest or a stand-in for an external model).
+
+    Every form in ``extra_forms`` (e.g. NNCF's own QAT export) is measured (checkset accuracy,
+    ORT batch-1 latency) for the report; with ``cfg.all_forms`` the other QDQ forms are rendered
+    too (ranges from ``ranges_for``) and all of them are kept under ``forms/``.
+    """
+    form = cfg.form
+    timings = dict(timings or {})
+    forms: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    cache = save_ranges(ranges, work / "ranges.json")
+    sens_inputs = cal_inputs[:cfg.sensitivity_images] if not cfg.static_batch else \
+        _static_trim(cal_inputs[:max(cfg.sensitivity_images, cfg.static_batch)], cfg.static_batch)
+    r = quantize_with_fallback(prepared, cache, form, folder / INT8_ONNX, checkset, source.labels, cfg,
+                               sens_inputs, work, log)
+    leaked = set(quantized_nodes(folder / INT8_ONNX)) & set(r.float_layers)
+    if leaked:  # pragma: no cover - guards ORT's nodes_to_exclude contract
+        raise EdgetlError(f"layers {sorted(leaked)} were to stay in float but are quantized")
+    timings["quantize_s"] = time.perf_counter() - t0
+    speed = _ort_speed(folder / FP32_ONNX, folder / INT8_ONNX, checkset, cfg) if cfg.thresholds.speed_check else None
+    gated = GATE_BACKEND in form.fast_on
+    note = "" if gated else (f"measured, not gated: the {form.key} form is rendered for {', '.join(form.fast_on)}; "
+                             "its speed is gated on that backend's build")
+    runner = open_runner(GATE_BACKEND, folder / INT8_ONNX)
+    try:
+        gate = gate_from_logits(runner.infer_many(checkset.inputs), checkset, cfg.thresholds, source.labels,
+                                speed, gated, note, runner.info)
+    finally:
+        runner.close()
+    forms.append(_form_row(form.key, gate, speed, chosen=True))
+    others: dict[str, Path] = {}
+    if cfg.all_forms and ranges_for is not None:
+        (folder / FORMS_DIR).mkdir(exist_ok=True)
+        for other in QDQ_FORMS.values():
+            if other.key != form.key:
+                path = folder / FORMS_DIR / f"model_int8_{other.short}.onnx"
+                render_qdq(prepared, save_ranges(ranges_for(other), work / f"ranges_{other.short}.json"), path,
+                           other, r.float_layers)
+                others[other.key] = path
+    for name, src in (extra_forms or {}).items():
+        if cfg.all_forms:
+            (folder / FORMS_DIR).mkdir(exist_ok=True)
+            others[name] = Path(shutil.copyfile(src, folder / FORMS_DIR / f"model_int8_{name}.onnx"))
+        else:
+            others[name] = Path(src)
+    for name, path in others.items():
+        g = gate_from_logits(ort_logits(path, checkset.inputs), checkset, replace(cfg.thresholds, speed_check=False),
+                             source.labels)
+        sp = _ort_speed(folder / FP32_ONNX, path, checkset, cfg) if cfg.thresholds.speed_check else None
+        row = _form_row(name, g, sp)
+        if cfg.all_forms:
+            row["file"] = str(path.relative_to(folder))
+        forms.append(row)
+        log(f"form {name}: top-1 {g.quant_top1:.4f}, agreement {g.agreement:.4f}" +
+            (f", batch-1 {sp.quant_ms:.3g} ms vs float {sp.float_ms:.3g} ms" if sp else ""))
+    log(f"gate: {'PASSED' if gate.passed else 'FAILED'}  top-1 {gate.quant_top1:.4f} vs float {gate.float_top1:.4f} "
+        f"(drop {gate.drop:.2f} points), agreement {gate.agreement:.4f}" +
+        (f", batch-1 {speed.quant_ms:.3g} ms vs float {speed.float_ms:.3g} ms" if speed else ""))
+    for f in gate.failures:
+        log(f"  failure: {f}")
+    checkset.save(folder / CHECKSET_NAME)
+    (folder / LISTING_NAME).write_text(cal.listing(), encoding="utf-8")
+    if r.sensitivity:
+        (folder / SENSITIVITY_CSV).write_text(sens.to_csv(r.sensitivity), encoding="utf-8")
+    if t_start is not None:
+        timings["total_s"] = time.perf_counter() - t_start
+    quant = _quantization_record(cfg, form, cal, r, qat_info, parity or {}, timings)
+    report = {"name": folder.name, **dict(report_extra or {}), "deployable": gate.passed, "quantization": quant, "parity": parity,
+              "gate": gate.to_dict(), "rounds": r.rounds, "forms": forms,
+              "sensitivity": [x.to_dict() for x in (r.sensitivity or [])]}
+    write_report(folder, report, source.labels, gate)
+    manifest = _artifact_manifest(source, cfg, quant, gate, folder)
+    write_manifest(manifest, folder)
+    return manifest, gate
 
 
 def _ort_speed(fp32: Path, int8: Path, checkset: Checkset, cfg: QuantizeConfig):
@@ -433,11 +495,9 @@ def _ort_speed(fp32: Path, int8: Path, checkset: Checkset, cfg: QuantizeConfig):
         q.close()
 
 
-def _ort_ms(fp32: Path, model: Path, checkset: Checkset, cfg: QuantizeConfig) -> tuple[float | None, float | None]:
-    if not cfg.thresholds.speed_check:
-        return None, None
-    s = _ort_speed(fp32, model, checkset, cfg)
-    return s.float_ms, s.quant_ms
+def _form_row(name: str, g: GateResult, speed, chosen: bool = False) -> dict[str, Any]:
+    return {"form": name, "quant_top1": g.quant_top1, "agreement": g.agreement, "drop": g.drop,
+            "ort_ms": speed.quant_ms if speed else None, "fp32_ms": speed.float_ms if speed else None, "chosen": chosen}
 
 
 def _quantization_record(cfg: QuantizeConfig, form: QdqForm, cal: CalibrationSet, r: Rendered,

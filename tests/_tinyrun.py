@@ -78,3 +78,12 @@ def _plain_torch_run(tmp: Path, images: Path, classes, epochs: int, seed: int) -
                             files=hash_files(d))
         write_manifest(manifest, d)
     return out
+
+
+def session_tiny_run(tmp_path_factory) -> Path:
+    """One tiny run per test session (shared by the test modules that need it)."""
+    root = tmp_path_factory.getbasetemp() / "tinyrun"
+    if not (root / "run" / "manifest.json").is_file():
+        root.mkdir(exist_ok=True)
+        make_tiny_run(root)
+    return root / "run"

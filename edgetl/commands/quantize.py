@@ -43,13 +43,16 @@ from .check import gate_options, thresholds_from
 @click.option("--qat-lr", type=float, default=1e-5, show_default=True)
 @click.option("--qat-batch-size", type=int, default=32, show_default=True)
 @click.option("--qat-max-images", type=int, default=None, help="Training images per QAT epoch (default: all).")
+@click.option("--all-forms", is_flag=True,
+              help="Also render the other QDQ form(s) (and NNCF's own QAT export) under forms/, measured side by side "
+                   "in the report.")
 @gate_options
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def quantize(run: Path, out: Path, method: str, calibrator: str | None, backend: str, qdq_form: str,
              calib_size: int | None, calib_min: int, calib_dir: Path | None, seed: int, checkset_cap: int,
              static_batch: int | None, max_fallback_rounds: int, fallback_step: int, sensitivity: bool,
              sensitivity_images: int, qat_epochs: int, qat_lr: float, qat_batch_size: int, qat_max_images: int | None,
-             overwrite: bool, **gate: object) -> int:
+             all_forms: bool, overwrite: bool, **gate: object) -> int:
     """Quantize a trained run to INT8 and gate it against the float model.
 
     Writes OUT/ with model_fp32.onnx (parity-checked), model_int8.onnx (QDQ), checkset.npz,
@@ -71,7 +74,7 @@ def quantize(run: Path, out: Path, method: str, calibrator: str | None, backend:
                          static_batch=static_batch, thresholds=thresholds_from(gate),
                          max_fallback_rounds=max_fallback_rounds, fallback_step=fallback_step, sensitivity=sensitivity,
                          sensitivity_images=sensitivity_images, qat_epochs=qat_epochs, qat_lr=qat_lr,
-                         qat_batch_size=qat_batch_size, qat_max_images=qat_max_images)
+                         qat_batch_size=qat_batch_size, qat_max_images=qat_max_images, all_forms=all_forms)
     outcome = quantize_run(run, out, cfg, overwrite=overwrite, log=click.echo)
     verdict = "deployable" if outcome.passed else "NOT deployable (gate failed; see report.md)"
     click.echo(f"wrote {out}: {verdict}")
