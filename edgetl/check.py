@@ -306,7 +306,7 @@ def gate_from_logits(quant_logits: np.ndarray, checkset: Checkset, thresholds: A
         speed_d = {**speed.to_dict(), "gated": gated, "min_speedup": th.min_speedup}
         if gated and speed.speedup < th.min_speedup:
             failures.append(f"speed: the quantized model is not faster than float on {speed.backend} "
-                            f"({speed.quant_ms:.2f} ms vs {speed.float_ms:.2f} ms batch-1 median, "
+                            f"({speed.quant_ms:.3g} ms vs {speed.float_ms:.3g} ms batch-1 median, "
                             f"speed-up {speed.speedup:.2f}x < {th.min_speedup:g}x)")
     elif th.speed_check and not speed_note:
         speed_note = "speed not measured: no float model on this backend to compare with"
@@ -371,7 +371,7 @@ def gate_markdown(g: Mapping[str, Any], title: str = "Accuracy gate") -> str:
     s = g.get("speed")
     if s:
         gated = "gated" if s.get("gated") else "not gated"
-        lines.append(f"| batch-1 latency float / quantized ({s['backend']}) | {s['float_ms']:.2f} / {s['quant_ms']:.2f} ms "
+        lines.append(f"| batch-1 latency float / quantized ({s['backend']}) | {s['float_ms']:.3g} / {s['quant_ms']:.3g} ms "
                      f"(×{s['speedup']:.2f}) | median of {s['repeats']} interleaved | ≥ ×{th['min_speedup']:g} ({gated}) |")
     if g.get("speed_note"):
         lines += ["", f"Speed: {g['speed_note']}"]
@@ -393,7 +393,7 @@ def render_report_md(report: Mapping[str, Any]) -> str:
     g = report.get("gate")
     deployable = bool(report.get("deployable"))
     head = ("**VERIFIED: the quantized model passed its accuracy gate: deployable.**" if deployable else
-            "**NOT DEPLOYABLE: the quantized model failed its accuracy gate** (manifest.gate.passed = false).")
+            "**NOT DEPLOYABLE: the quantized model failed its gate** (manifest.gate.passed = false).")
     lines = [f"# edgetl artifact report: {report.get('name', '')}", "", head, ""]
     q = report.get("quantization") or {}
     if q:
@@ -424,7 +424,7 @@ def render_report_md(report: Mapping[str, Any]) -> str:
         lines += ["## QDQ forms measured", "", "| form | top-1 | agreement | ORT batch-1 ms | chosen |",
                   "| --- | --- | --- | --- | --- |"]
         for fm in forms:
-            ms = f"{fm['ort_ms']:.2f}" if fm.get("ort_ms") is not None else "—"
+            ms = f"{fm['ort_ms']:.3g}" if fm.get("ort_ms") is not None else "—"
             lines.append(f"| {fm['form']} | {_pct(fm['quant_top1'])} | {_pct(fm['agreement'])} | {ms} | {fm.get('chosen', False)} |")
         lines.append("")
     sens = report.get("sensitivity") or []

@@ -68,7 +68,7 @@ def check(artifact: Path, backend: str | None, no_update: bool, **gate: Any) -> 
                f"[{g.drop_ci[0]:.2f}, {g.drop_ci[1]:.2f}]  agreement {g.agreement:.4f} "
                f"[{g.agreement_ci[0]:.4f}, {g.agreement_ci[1]:.4f}]  max logit error {g.max_logit_error:.4f}")
     if g.speed:
-        click.echo(f"batch-1 latency: float {g.speed['float_ms']:.2f} ms, quantized {g.speed['quant_ms']:.2f} ms "
+        click.echo(f"batch-1 latency: float {g.speed['float_ms']:.3g} ms, quantized {g.speed['quant_ms']:.3g} ms "
                    f"(x{g.speed['speedup']:.2f}{'' if g.speed['gated'] else ', not gated'})")
     elif g.speed_note:
         click.echo(g.speed_note)
