@@ -138,12 +138,17 @@ def render_qdq(prepared: Path, cache: Path, out: Path, form: QdqForm, exclude: l
     """``quantize_static`` of the prepared float graph with the ranges in ``cache`` (no calibration run)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # ORT logs progress as warnings
-    quantize_static(str(prepared), str(out), None, quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=getattr(QuantType, form.activation), weight_type=QuantType.QInt8,
-                    nodes_to_exclude=list(exclude) or None, nodes_to_quantize=only,
-                    calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(cache),
-                    extra_options=form.extra_options())
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # ORT logs its progress as root-logger warnings
+    try:
+        quantize_static(str(prepared), str(out), None, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=getattr(QuantType, form.activation), weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(exclude) or None, nodes_to_quantize=only,
+                        calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(cache),
+                        extra_options=form.extra_options())
+    finally:
+        root.setLevel(level)
     return out
 
 

@@ -178,3 +178,13 @@ def test_calib_dir_with_test_images_is_refused(run: Path, tmp_path: Path, capsys
     assert main(["quantize", str(run), "--out", str(tmp_path / "b"), "--calib-dir", str(leak), *FAST]) == 2
     assert "2 calibration image(s) are in the run's test split" in capsys.readouterr().err
     assert not (tmp_path / "b").exists() and no_partial(tmp_path)
+
+
+def test_static_batch_artifact(run: Path, tmp_path: Path):
+    out = tmp_path / "static"
+    assert main(["quantize", str(run), "--out", str(out), "--static-batch", "4", "--no-sensitivity", *FAST]) == 0
+    m = read_manifest(out)
+    assert m.input["batch"] == 4
+    for name in ("model_fp32.onnx", "model_int8.onnx"):
+        r = open_runner("onnxruntime", out / name)
+        assert r.fixed_batch == 4 and r.infer_many(np.zeros((6, 3, 32, 32), np.float32)).shape == (6, 3)
