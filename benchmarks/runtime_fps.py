@@ -1,6 +1,6 @@
 """Runtime efficiency: `edgetl run --headless` vs the backend's raw inference, in one run.
 
-    .venv/bin/python benchmarks/runtime_fps.py                       # newest artifacts/*/ with model_int8.onnx
+    .venv/bin/python benchmarks/runtime_fps.py     # newest artifacts/*/ (or bench-out/**/) with model_int8.onnx
     .venv/bin/python benchmarks/runtime_fps.py --artifact artifacts/elpv --backend openvino --pairs 8
 
 On a generated 1280x720, 300-frame "conveyor" video (ELPV cells from --images, or synthetic cells):
@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def find_artifact() -> Path | None:
-    found = sorted((p.parent for p in ROOT.glob("artifacts/*/model_int8.onnx") if (p.parent / "manifest.json").exists()),
+    hits = [*ROOT.glob("artifacts/*/model_int8.onnx"), *ROOT.glob("bench-out/**/model_int8.onnx")]
+    found = sorted((p.parent for p in hits if (p.parent / "manifest.json").exists()),
                    key=lambda p: (p / "manifest.json").stat().st_mtime)
     return found[-1] if found else None
 
@@ -200,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--artifact", type=Path, default=None, help="artifact folder (default: newest artifacts/*)")
     ap.add_argument("--backend", default=None, help="which build to run (default: the artifact's first)")
     ap.add_argument("--standin", default="efficientnet_lite0", help="backbone of the stand-in when no artifact")
-    ap.add_argument("--images", type=Path, default=ROOT / "data" / "elpv", help="cells for the video")
+    ap.add_argument("--images", type=Path, default=None,
+                    help="cells for the video (default: data/elpv or bench-out/quantize_elpv/data, else synthetic)")
     ap.add_argument("--frames", type=int, default=300)
     ap.add_argument("--pairs", type=int, default=6, help="interleaved raw/runtime measurement rounds")
     ap.add_argument("--seconds", type=float, default=2.0, help="length of each burst")
@@ -216,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     if artifact is None:
         kind = f"stand-in ({args.standin}, random init, fp32; no artifacts/*/model_int8.onnx found)"
         artifact = standin_artifact(tmp / "standin", args.standin)
+    if args.images is None:
+        args.images = next((p for p in (ROOT / "data" / "elpv", ROOT / "bench-out" / "quantize_elpv" / "data")
+                            if p.is_dir()), None)
     items = cell_images(tmp / "cells", args.images)
     per_item = max(1, args.frames // len(items))
     info = make_conveyor_video(items, tmp / "conveyor.mp4", fps=30.0, frames_per_item=per_item, size=(1280, 720))
@@ -228,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     model = rt.load(artifact, backend=args.backend)
     print(f"model: {artifact} [{kind}] -> {model.info['backend']} {model.info.get('device')} "
           f"{model.build['model']} ({model.build.get('precision')}); video {info['frames']} frames 1280x720 "
-          f"({'ELPV cells' if args.images.is_dir() else 'synthetic cells'}); {cpus} CPUs", flush=True)
+          f"({f'cells from {args.images}' if args.images else 'synthetic cells'}); {cpus} CPUs", flush=True)
     # Config A: the build's own options. Config B (CPU onnxruntime only): inference leaves one core to
     # capture/decode/preprocess, which is how a small CPU device should be configured.
     configs = [("build options", model, {})]

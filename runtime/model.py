@@ -106,7 +106,7 @@ class Model:
         self.labels = manifest.labels
         self.warnings: list[str] = []
         gate = manifest.gate or {}
-        if gate and gate.get("passed") is False:
+        if gate and (gate.get("passed") is False or gate.get("deployable") is False):
             self.warnings.append(f"{folder}: this artifact did NOT pass its accuracy gate "
                                  f"(see {folder / 'report.md'}); its predictions may be off")
         if build.get("implicit"):
