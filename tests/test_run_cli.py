@@ -20,6 +20,7 @@ from _tinyartifact import MjpegServer, decode_video, frame_at, make_tiny_artifac
 from edgetl import runtime as rt
 from edgetl.runtime.app import AppOptions, StreamOptions, run_app
 from edgetl.runtime.runners.onnxruntime import OrtRunner
+from edgetl.runtime.sources import opencv_has_gstreamer
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +129,15 @@ def test_save_writes_the_annotated_video(tmp_path, artifact):
     assert r.returncode == 2 and "unsupported video type" in r.stderr
 
 
+def test_duration_bounds_a_realtime_run(tmp_path, artifact):
+    video = write_video(tmp_path / "long.avi", n=300, fps=30.0)
+    r = edgetl("run", artifact, "--source", video, "--realtime", "--headless", "--duration", "0.4",
+               "--summary-json", tmp_path / "s.json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["stop_reason"] == "duration" and 0 < s["frames"] == len(lines(r.stdout)) < 300
+
+
 def test_no_display_falls_back_to_json_with_a_note(tmp_path, artifact):
     video = write_video(tmp_path / "clip.avi", n=5)
     r = edgetl("run", artifact, "--source", video, env={"DISPLAY": "", "WAYLAND_DISPLAY": ""})
@@ -205,6 +215,9 @@ def test_user_errors_exit_2_with_a_hint(tmp_path, artifact):
     assert r.returncode == 2 and "no manifest" in r.stderr
     r = edgetl("run", artifact, "--source", "0", "--backend", "tensorrt")
     assert r.returncode == 2 and "no build for backend 'tensorrt'" in r.stderr
+    if not opencv_has_gstreamer():
+        r = edgetl("run", artifact, "--source", "csi://0", "--headless")
+        assert r.returncode == 2 and "needs OpenCV built with GStreamer" in r.stderr and "JetPack" in r.stderr
     blocker = textwrap.dedent("""
         import sys
         class _Block:
