@@ -25,6 +25,20 @@ from .runtime.manifest import Manifest, read_manifest, verify_files
 
 WEIGHTS_FILE = "model.safetensors"
 SPLIT_FILE = "split.json"
+CONFIG_FILE = "config.toml"
+METRICS_FILE = "metrics.json"
+DATA_REPORT_FILE = "data_report.json"
+CONFUSION_PNG = "confusion.png"
+CURVES_PNG = "curves.png"
+CHECKPOINT_FILE = "checkpoint.pt"  # only inside the resumable ``NAME.partial`` folder
+
+
+def partial_dir(out: str | Path) -> Path:
+    """Where an interrupted ``edgetl train --out OUT`` keeps its resumable state: ``OUT.partial``.
+
+    It never holds a manifest, so it can never be mistaken for a finished run."""
+    out = Path(out)
+    return out.parent / f"{out.name}.partial"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,174 @@
+"""``edgetl train``, ``edgetl eval`` and ``edgetl predict``.
+
+Every option of ``train`` is a key of the training config (``--batch-size`` = ``batch_size``);
+``--config FILE.toml`` supplies keys, options given on the command line win, and the resolved
+config is saved in the run as ``config.toml``. torch is imported only inside the command bodies.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..train import BALANCES, DEVICES, MODES, SELECTION_METRICS, TrainConfig
+
+D = TrainConfig()
+_RESIZES = ("shorter_crop", "stretch", "letterbox")
+
+
+def _d(value) -> str:
+    return f" [default: {value}]"
+
+
+@click.command(context_settings={"max_content_width": 100})
+@click.argument("data", required=False, type=click.Path(path_type=Path))
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="Run folder to write, e.g. runs/NAME.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="TOML file of config keys (flat, as in a run's config.toml); command-line options win.")
+@click.option("--backbone", "-b", help="Backbone name (see edgetl/backbones.py)." + _d(D.backbone))
+@click.option("--mode", "-m", type=click.Choice(MODES), help="What trains." + _d(D.mode))
+@click.option("--pretrained", type=click.Choice(["imagenet", "none"]), help="Start weights." + _d(D.pretrained))
+@click.option("--weights", type=click.Path(path_type=Path), help="Pretrained backbone weights file (a state dict).")
+@click.option("--input-size", help="Input size: 224 or HEIGHTxWIDTH. [default: the backbone's]")
+@click.option("--resize", type=click.Choice(_RESIZES),
+              help="Resize policy of the preprocessing. [default: the backbone's, shorter_crop]")
+@click.option("--epochs", type=int, help="Max epochs. [default: 30 for cached feature-extract, 10 otherwise]")
+@click.option("--batch-size", type=int, help="Batch size." + _d(D.batch_size))
+@click.option("--lr", type=float, help="Head learning rate (AdamW)." + _d(D.lr))
+@click.option("--backbone-lr-factor", type=float, help="Backbone LR = head LR x this." + _d(D.backbone_lr_factor))
+@click.option("--backbone-lr", type=float, help="Explicit backbone LR (instead of the factor).")
+@click.option("--weight-decay", type=float, help="AdamW weight decay (not on biases/norms)." + _d(D.weight_decay))
+@click.option("--warmup-epochs", type=float, help="Linear warm-up before the cosine decay." + _d(D.warmup_epochs))
+@click.option("--label-smoothing", type=float, help="Label smoothing." + _d(D.label_smoothing))
+@click.option("--dropout", type=float, help="Dropout before the head." + _d(D.dropout))
+@click.option("--patience", type=int, help="Early stopping: epochs without improvement (0 = off)." + _d(D.patience))
+@click.option("--metric", type=click.Choice(SELECTION_METRICS), help="Validation metric that picks the best epoch."
+              + _d(D.metric))
+@click.option("--balance", type=click.Choice(BALANCES), help="Class-imbalance handling." + _d(D.balance))
+@click.option("--unfreeze-every", type=int,
+              help="gradual-unfreeze: one more backbone layer group (from the top) every N epochs; the head "
+                   "alone for the first N." + _d(D.unfreeze_every))
+@click.option("--freeze-bn/--no-freeze-bn", default=None,
+              help="Keep BatchNorm statistics and affine frozen (eval mode) while training. [default: off]")
+@click.option("--augment/--no-augment", default=None,
+              help="Random augmentation of the decoded training images. [default: on, except cached feature-extract]")
+@click.option("--aug-scale", type=float, help="Random resized crop keeps >= this fraction of the area." + _d(D.aug_scale))
+@click.option("--aug-hflip", type=float, help="Horizontal flip probability." + _d(D.aug_hflip))
+@click.option("--aug-vflip", type=float, help="Vertical flip probability." + _d(D.aug_vflip))
+@click.option("--aug-rotate", type=float, help="Max rotation in degrees." + _d(D.aug_rotate))
+@click.option("--aug-brightness", type=float, help="Brightness jitter (factor 1 +- x)." + _d(D.aug_brightness))
+@click.option("--aug-contrast", type=float, help="Contrast jitter (factor 1 +- x)." + _d(D.aug_contrast))
+@click.option("--cache/--no-cache", default=None,
+              help="feature-extract: compute backbone features once and train the head on them; --no-cache runs "
+                   "the frozen backbone every step (with augmentation). [default: cache]")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="feature-extract: also keep the features on disk here.")
+@click.option("--val", type=click.Path(path_type=Path), help="Separate validation folder (one sub-folder per class).")
+@click.option("--test", type=click.Path(path_type=Path), help="Separate test folder (one sub-folder per class).")
+@click.option("--val-fraction", type=float, help="Stratified validation share, when not given." + _d(D.val_fraction))
+@click.option("--test-fraction", type=float, help="Stratified test share, when not given." + _d(D.test_fraction))
+@click.option("--split-seed", type=int, help="Seed of the stratified split." + _d(D.split_seed))
+@click.option("--seed", type=int, help="Seed of initialisation, shuffling, augmentation, dropout." + _d(D.seed))
+@click.option("--device", type=click.Choice(DEVICES), help="cuda uses mixed precision." + _d(D.device))
+@click.option("--amp/--no-amp", default=None, help="Mixed precision on CUDA. [default: on]")
+@click.option("--channels-last/--no-channels-last", default=None, help="channels_last memory format. [default: on]")
+@click.option("--num-workers", type=int, help="DataLoader worker processes. [default: min(2, CPUs)]")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run of --out (from OUT.partial).")
+@click.option("--overwrite", is_flag=True, help="Replace --out (and any interrupted run of it).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress or log lines.")
+def train(data, out, config_file, resume, overwrite, quiet, **options) -> None:
+    """Fine-tune a backbone on DATA and write a run folder.
+
+    DATA is an image folder with one sub-folder per class, a folder laid out as DATA/train,
+    DATA/val, DATA/test, or a CSV with path,label columns (paths relative to the CSV).
+    Splits not given are drawn stratified (70/15/15) with --split-seed and saved in split.json.
+
+    \b
+    Examples:
+      edgetl train data/elpv --backbone efficientnet_lite0 --mode feature-extract --out runs/elpv-fe
+      edgetl train data/elpv --mode fine-tune --resize stretch --epochs 12 --out runs/elpv-ft
+      edgetl train --config runs/elpv-ft/config.toml --epochs 20 --out runs/elpv-ft20
+      edgetl train --resume --out runs/elpv-ft          # after Ctrl-C
+    """
+    from ..train import Reporter, resolve_config, run_training
+
+    cli = {"data": str(data) if data else None, "out": str(out) if out else None,
+           **{k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}}
+    cfg = resolve_config(cli, config_file, resume=resume)
+    run_training(cfg, resume=resume, overwrite=overwrite, reporter=Reporter(quiet=quiet))
+
+
+@click.command("eval", context_settings={"max_content_width": 100})
+@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("data", required=False, type=click.Path(path_type=Path))
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True,
+              help="Without DATA: evaluate on this split of the run's own data (split.json).")
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="Also write metrics.json and confusion.png here.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--num-workers", type=int, help="DataLoader worker processes. [default: min(2, CPUs)]")
+def eval_cmd(run, data, split, out, overwrite, as_json, device, batch_size, num_workers) -> None:
+    """Accuracy, macro-F1, per-class recall and the confusion matrix of RUN on DATA.
+
+    DATA is a labelled folder (one sub-folder per class) or a path,label CSV, preprocessed exactly as
+    in training and on the device. Without DATA, the run's own --split is used.
+
+    \b
+    Examples:
+      edgetl eval runs/elpv-ft data/elpv-new
+      edgetl eval runs/elpv-ft --split test --out runs/elpv-ft-eval
+    """
+    from ..fsutil import atomic_output_dir
+    from ..plots import plot_confusion
+    from ..train import Reporter, evaluate_run, format_metrics
+
+    res = evaluate_run(run, data, split=split, device=device, batch_size=batch_size, workers=num_workers,
+                       reporter=Reporter(quiet=as_json))
+    m = res["metrics"]
+    labels = list(m["per_class"])
+    if as_json:
+        click.echo(json.dumps(res, indent=1))
+    else:
+        skipped = res["data_report"].get("skipped", [])
+        click.echo(f"{run} on {res['data']}" + (f" ({len(skipped)} unreadable files skipped)" if skipped else ""))
+        for s in skipped[:10]:
+            click.echo(f"  skipped {s['path']}: {s['reason']}")
+        click.echo(format_metrics(m, labels))
+    if out:
+        with atomic_output_dir(out, overwrite=overwrite) as d:
+            (d / "metrics.json").write_text(json.dumps(res, indent=1) + "\n")
+            plot_confusion(m["confusion"], labels, d / "confusion.png", title=f"{Path(run).name} on {Path(res['data']).name}")
+        if not as_json:
+            click.echo(f"wrote {out}/metrics.json and confusion.png")
+
+
+@click.command(context_settings={"max_content_width": 100})
+@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", "-k", type=int, default=1, show_default=True, help="How many labels per image.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines, one per image.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+def predict(run, images, top_k, as_json, device) -> None:
+    """Classify IMAGE files (or folders of images) with RUN, preprocessed as on the device.
+
+    \b
+    Examples:
+      edgetl predict runs/elpv-ft data/elpv/defective/cell0001.png --top-k 2
+      edgetl predict runs/elpv-ft some/folder --json
+    """
+    from ..runtime.errors import EdgetlError
+    from ..train import predict_images
+
+    preds, bad = predict_images(run, images, top_k=top_k, device=device)
+    for p in preds:
+        if as_json:
+            click.echo(json.dumps(p))
+        else:
+            click.echo(f"{p['path']}\t" + "\t".join(f"{t['label']} {t['prob']:.3f}" for t in p["top"]))
+    for b in bad:
+        click.echo(f"skipped {b['path']}: {b['reason']}", err=True)
+    if not preds:
+        raise EdgetlError("no image could be decoded", hint="pass image files (png, jpg, ...) or folders of them")

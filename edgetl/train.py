@@ -1,0 +1,974 @@
+"""Fine-tuning: ``edgetl train`` / ``eval`` / ``predict`` and their Python API.
+
+Modes
+* ``feature-extract``: the backbone is frozen; its features are computed ONCE (cached in memory,
+  optionally on disk with ``cache_dir``) and only the head trains, in seconds. With ``cache=False``
+  the frozen backbone runs every step so augmentation can be used.
+* ``fine-tune``: every layer trains; backbone LR = head LR x ``backbone_lr_factor`` (or ``backbone_lr``).
+* ``gradual-unfreeze``: the head first, then the backbone's ``layer_groups`` unfrozen from the top,
+  one more group every ``unfreeze_every`` epochs, at the backbone LR.
+``freeze_bn`` keeps every BatchNorm in eval mode with frozen affine parameters.
+
+AdamW, linear warm-up then cosine decay (per step), label smoothing, early stopping on the
+validation metric (best checkpoint kept), fixed seeds, mixed precision on CUDA, channels_last.
+At the end of each epoch the full training state goes to ``OUT.partial/checkpoint.pt``: Ctrl-C keeps
+the last completed epoch there and ``--resume`` continues from it bit for bit. The run folder itself
+is written through ``atomic_output_dir``, so an interrupted run never looks finished.
+
+torch is imported inside the functions: importing this module (config, metrics) is cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from .augment import AugmentConfig
+from .backbones import PRETRAINED_CHOICES, build_classifier, get_backbone
+from .data import SPLITS, ImageDataset, LabelledData, load_data, load_eval_items
+from .fsutil import atomic_output_dir, check_output_dir
+from .runs import (CHECKPOINT_FILE, CONFIG_FILE, CONFUSION_PNG, CURVES_PNG, DATA_REPORT_FILE, METRICS_FILE,
+                   SPLIT_FILE, load_run, partial_dir, save_weights)
+from .runtime.errors import EdgetlError
+from .runtime.manifest import Manifest, hash_files, write_manifest
+from .runtime.preprocess import RESIZE_POLICIES, PreprocessSpec
+
+MODES = ("feature-extract", "fine-tune", "gradual-unfreeze")
+BALANCES = ("none", "weighted-loss", "sampler")
+SELECTION_METRICS = ("macro_f1", "accuracy")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+# ------------------------------------------------------------------------------------------
+# metrics (numpy only)
+# ------------------------------------------------------------------------------------------
+
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1 (over classes present in truth or prediction), per-class recall /
+    precision / F1 / support and the confusion matrix (rows = true, columns = predicted)."""
+    k = len(labels)
+    t = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(y_pred, dtype=np.int64)
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (t, p), 1)
+    tp = np.diag(cm).astype(np.float64)
+    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
+    present = (support > 0) | (predicted > 0)
+    return {
+        "n": int(len(t)),
+        "accuracy": float(tp.sum() / max(1, len(t))),
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "per_class": {lab: {"recall": float(recall[i]), "precision": float(precision[i]), "f1": float(f1[i]),
+                            "support": int(support[i])} for i, lab in enumerate(labels)},
+        "per_class_recall": {lab: float(recall[i]) for i, lab in enumerate(labels)},
+        "confusion": cm.tolist(),
+    }
+
+
+def format_metrics(m: Mapping[str, Any], labels: Sequence[str]) -> str:
+    """A plain-text table: accuracy, macro-F1, per-class recall/precision/support, confusion."""
+    w = max(8, *(len(lab) for lab in labels)) + 2
+    lines = [f"accuracy {m['accuracy']:.4f}   macro-F1 {m['macro_f1']:.4f}   (n={m['n']})",
+             f"{'class':<{w}}{'recall':>8}{'precision':>11}{'F1':>8}{'support':>9}"]
+    for lab in labels:
+        c = m["per_class"][lab]
+        lines.append(f"{lab:<{w}}{c['recall']:>8.3f}{c['precision']:>11.3f}{c['f1']:>8.3f}{c['support']:>9}")
+    lines.append("confusion (rows = true, columns = predicted):")
+    cw = max(6, *(len(str(v)) + 1 for row in m["confusion"] for v in row))
+    lines.append(" " * w + "".join(f"{lab[:cw - 1]:>{cw}}" for lab in labels))
+    for lab, row in zip(labels, m["confusion"]):
+        lines.append(f"{lab:<{w}}" + "".join(f"{v:>{cw}}" for v in row))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# config: defaults < resumed run < --config TOML < command line
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str | None = None
+    out: str | None = None
+    val: str | None = None
+    test: str | None = None
+    backbone: str = "efficientnet_lite0"
+    mode: str = "fine-tune"
+    pretrained: str = "imagenet"
+    weights: str | None = None
+    input_size: list[int] | None = None  # [height, width]; None = the backbone's
+    resize: str | None = None  # shorter_crop | stretch | letterbox; None = the backbone's
+    epochs: int | None = None  # None = 30 for cached feature-extract, 10 otherwise
+    batch_size: int = 32
+    lr: float = 1e-3
+    backbone_lr_factor: float = 0.1
+    backbone_lr: float | None = None
+    weight_decay: float = 0.01
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    dropout: float = 0.2
+    patience: int = 5  # epochs without improvement before stopping; 0 = never stop early
+    metric: str = "macro_f1"
+    balance: str = "none"
+    unfreeze_every: int = 1
+    freeze_bn: bool = False
+    augment: bool | None = None  # None = on, except for cached feature-extract
+    aug_scale: float = 0.6
+    aug_hflip: float = 0.5
+    aug_vflip: float = 0.0
+    aug_rotate: float = 10.0
+    aug_brightness: float = 0.2
+    aug_contrast: float = 0.2
+    cache: bool | None = None  # feature-extract only; None = cache unless augmenting
+    cache_dir: str | None = None
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    split_seed: int = 0
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    num_workers: int | None = None  # None = min(2, CPUs)
+
+    # ---- derived -------------------------------------------------------------------------
+    @property
+    def cached(self) -> bool:
+        return self.mode == "feature-extract" and bool(self.cache)
+
+    @property
+    def augment_config(self) -> AugmentConfig | None:
+        if not self.augment:
+            return None
+        return AugmentConfig(scale=self.aug_scale, hflip=self.aug_hflip, vflip=self.aug_vflip,
+                             rotate=self.aug_rotate, brightness=self.aug_brightness, contrast=self.aug_contrast)
+
+    @property
+    def workers(self) -> int:
+        return self.num_workers if self.num_workers is not None else min(2, os.cpu_count() or 1)
+
+    @property
+    def head_backbone_lr(self) -> float:
+        return self.backbone_lr if self.backbone_lr is not None else self.lr * self.backbone_lr_factor
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+# What may differ from the interrupted run when resuming (the rest would change what is trained).
+RESUME_MAY_CHANGE = ("data", "val", "test", "epochs", "patience", "device", "num_workers", "amp", "cache_dir")
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _type_names(hint: Any) -> str:
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    names = [getattr(typing.get_origin(a) or a, "__name__", str(a)) for a in args if a is not type(None)]
+    return " or ".join("list of 2 ints" if n == "list" else n for n in names)
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """Check one config value's type (and normalise input_size); raise naming the key."""
+    if key == "input_size" and value is not None:
+        if isinstance(value, str):
+            try:
+                value = [int(v) for v in value.lower().split("x")]
+            except ValueError:
+                raise EdgetlError(f"{source}: input_size = {value!r} is not a size",
+                                  hint="give one number (224) or HEIGHTxWIDTH (224x160)") from None
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value, value]
+        if isinstance(value, (list, tuple)) and len(value) == 1:
+            value = [value[0], value[0]]
+        if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 8 for v in value)):
+            raise EdgetlError(f"{source}: input_size = {value!r} is not a size",
+                              hint="give one number (224) or [height, width], each at least 8")
+        return [int(v) for v in value]
+    hint = _HINTS[key]
+    if value is None:
+        if isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint):
+            return None
+        raise EdgetlError(f"{source}: key {key!r} cannot be empty", hint=f"give a {_type_names(hint)}")
+    for t in (typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)):
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is str and isinstance(value, (str, Path)):
+            return str(value)
+    raise EdgetlError(f"{source}: key {key!r} = {value!r} has the wrong type", hint=f"give a {_type_names(hint)}")
+
+
+def _check_keys(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    out = {}
+    for raw, value in data.items():
+        key = raw.replace("-", "_")
+        if key not in CONFIG_KEYS:
+            close = difflib.get_close_matches(key, CONFIG_KEYS, n=1)
+            if isinstance(value, dict):
+                hint = "the config is flat: put every key at the top level, no [sections]"
+            else:
+                hint = (f"did you mean {close[0]!r}? " if close else "") + f"known keys: {', '.join(CONFIG_KEYS)}"
+            raise EdgetlError(f"{source}: unknown config key {raw!r}", hint=hint)
+        out[key] = _coerce(key, value, source)
+    return out
+
+
+def read_config_toml(path: str | Path) -> dict[str, Any]:
+    """The keys of a training config TOML (flat; keys as in config.toml), type-checked."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EdgetlError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EdgetlError(f"--config {path}: cannot read ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise EdgetlError(f"{path}: not valid TOML ({exc})") from None
+    return _check_keys(data, str(path))
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def to_toml(data: Mapping[str, Any], header: str = "") -> str:
+    """A flat mapping as TOML; None values are written as comments (unset)."""
+    lines = [f"# {line}" for line in header.splitlines()]
+    for k, v in data.items():
+        lines.append(f"# {k} = (unset)" if v is None else f"{k} = {_toml_value(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def validate_config(cfg: TrainConfig) -> TrainConfig:
+    """Check values and fill the derived defaults (epochs, augment, cache)."""
+    def choice(key: str, allowed: Sequence[str]) -> None:
+        if getattr(cfg, key) not in allowed:
+            raise EdgetlError(f"{key} = {getattr(cfg, key)!r} is not valid", hint=f"use one of: {', '.join(allowed)}")
+
+    choice("mode", MODES)
+    choice("balance", BALANCES)
+    choice("metric", SELECTION_METRICS)
+    choice("device", DEVICES)
+    choice("pretrained", PRETRAINED_CHOICES)
+    if cfg.resize is not None:
+        choice("resize", RESIZE_POLICIES)
+    get_backbone(cfg.backbone)
+    for key, lo in (("batch_size", 1), ("unfreeze_every", 1), ("patience", 0)):
+        if getattr(cfg, key) < lo:
+            raise EdgetlError(f"{key} = {getattr(cfg, key)} must be at least {lo}")
+    if cfg.epochs is not None and cfg.epochs < 1:
+        raise EdgetlError(f"epochs = {cfg.epochs} must be at least 1")
+    for key in ("lr", "backbone_lr_factor", "weight_decay", "warmup_epochs", "label_smoothing", "dropout"):
+        if getattr(cfg, key) < 0:
+            raise EdgetlError(f"{key} = {getattr(cfg, key)} must not be negative")
+    if not 0 <= cfg.label_smoothing < 1 or not 0 <= cfg.dropout < 1:
+        raise EdgetlError("label_smoothing and dropout must be in [0, 1)")
+    if cfg.mode != "feature-extract" and cfg.cache:
+        raise EdgetlError(f"cache = true only applies to --mode feature-extract (mode is {cfg.mode})",
+                          hint="drop --cache")
+    if cfg.mode == "feature-extract":
+        if cfg.cache and cfg.augment:
+            raise EdgetlError("cached features cannot be augmented (augment = true with cache = true)",
+                              hint="pass --no-cache to run the frozen backbone on augmented images every step, "
+                                   "or --no-augment")
+        augment = bool(cfg.augment) if cfg.augment is not None else cfg.cache is False
+        cache = not augment if cfg.cache is None else cfg.cache
+    else:
+        augment, cache = (True if cfg.augment is None else cfg.augment), None
+    epochs = cfg.epochs if cfg.epochs is not None else (30 if cfg.mode == "feature-extract" and cache else 10)
+    cfg = dataclasses.replace(cfg, augment=augment, cache=cache, epochs=epochs)
+    cfg.augment_config  # range checks
+    return cfg
+
+
+def resolve_config(cli: Mapping[str, Any], config_file: str | Path | None = None, resume: bool = False) -> TrainConfig:
+    """Merge defaults < the interrupted run's config (``resume``) < ``config_file`` < ``cli``."""
+    given = _check_keys({k: v for k, v in cli.items() if v is not None}, "command line")
+    from_file = read_config_toml(config_file) if config_file else {}
+    merged = {**from_file, **given}
+    base: dict[str, Any] = {}
+    if resume:
+        out = merged.get("out")
+        if not out:
+            raise EdgetlError("--resume needs --out (the run to continue)", hint="edgetl train --resume --out runs/NAME")
+        part = partial_dir(out)
+        if not (part / CHECKPOINT_FILE).is_file():
+            raise EdgetlError(f"{part}: no interrupted run to resume",
+                              hint=f"start it without --resume, e.g. edgetl train DATA --out {out}")
+        base = read_config_toml(part / CONFIG_FILE)
+        for key, value in merged.items():
+            if key not in RESUME_MAY_CHANGE and key != "out" and value != base.get(key):
+                raise EdgetlError(f"--resume: {key} = {value!r} differs from the interrupted run ({base.get(key)!r})",
+                                  hint=f"only these may change when resuming: {', '.join(RESUME_MAY_CHANGE)}; "
+                                       "or start over with --overwrite")
+    cfg = TrainConfig(**{**base, **merged})
+    if not cfg.data:
+        raise EdgetlError("no training data given", hint="edgetl train DATA --out runs/NAME (DATA: a folder or CSV)")
+    if not cfg.out:
+        raise EdgetlError("no output folder given", hint="pass --out runs/NAME")
+    return validate_config(cfg)
+
+
+def resolve_spec(spec: PreprocessSpec, cfg: TrainConfig) -> PreprocessSpec:
+    """The backbone's preprocessing with ``input_size`` / ``resize`` overrides applied."""
+    changes: dict[str, Any] = {}
+    if cfg.input_size is not None:
+        changes["input_size"] = tuple(cfg.input_size)
+        if spec.resize_size is not None:
+            changes["resize_size"] = None
+    if cfg.resize is not None:
+        changes["resize"] = cfg.resize
+    return dataclasses.replace(spec, **changes) if changes else spec
+
+
+# ------------------------------------------------------------------------------------------
+# console output: rich progress bars in a terminal, plain lines in logs
+# ------------------------------------------------------------------------------------------
+
+class Reporter:
+    """Log lines (always plain text) and per-phase progress (rich bar with ETA and images/s in a
+    terminal; a plain progress line every ``every_s`` seconds otherwise)."""
+
+    def __init__(self, quiet: bool = False, every_s: float = 30.0):
+        from rich.console import Console
+
+        self.console = Console(highlight=False, soft_wrap=True)
+        self.quiet = quiet
+        self.every_s = every_s
+        self._live = None
+
+    def log(self, msg: str) -> None:
+        if self.quiet:
+            return
+        if self._live is not None:
+            self._live.console.print(msg, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(msg, flush=True)
+
+    @contextlib.contextmanager
+    def progress(self, desc: str, total: int) -> Iterator[Callable[[int], None]]:
+        """Yields ``advance(n_images)``."""
+        if self.quiet:
+            yield lambda n: None
+            return
+        if self.console.is_terminal:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+            from rich.text import Text
+
+            class Speed(ProgressColumn):
+                def render(self, task):  # noqa: D401
+                    s = task.finished_speed or task.speed
+                    return Text(f"{s:7.1f} img/s" if s else "      - img/s")
+
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Speed(),
+                          TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                          console=self.console, transient=True) as prog:
+                self._live = prog
+                task = prog.add_task(desc, total=total)
+                try:
+                    yield lambda n: prog.advance(task, n)
+                finally:
+                    self._live = None
+            return
+        start = last = time.perf_counter()
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done, last
+            done += n
+            now = time.perf_counter()
+            if now - last >= self.every_s and done < total:
+                last = now
+                ips = done / (now - start)
+                print(f"  {desc}: {done}/{total} images, {ips:.1f} img/s, ETA {(total - done) / ips:.0f}s", flush=True)
+
+        yield advance
+
+
+# ------------------------------------------------------------------------------------------
+# torch helpers
+# ------------------------------------------------------------------------------------------
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EdgetlError("--device cuda: no CUDA device is available to torch", hint="use --device cpu (or auto)")
+    return torch.device(name)
+
+
+@contextlib.contextmanager
+def single_threaded_cv2(active: bool = True) -> Iterator[None]:
+    """OpenCV single-threaded while DataLoader workers are forked from this process.
+
+    A worker forked while OpenCV's thread pool exists inherits the pool without its threads and
+    hangs the first time it touches it (seen here: a second training in one process froze).
+    With one thread OpenCV never enters the pool; the workers are the parallelism."""
+    import cv2
+
+    if not active:
+        yield
+        return
+    prev = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(prev)
+
+
+def make_loader(ds: ImageDataset, batch_size: int, workers: int, device, shuffle: bool = False,
+                seed: int = 0, sample_weights: Sequence[float] | None = None):
+    import torch
+    from torch.utils.data import DataLoader, WeightedRandomSampler
+
+    g = torch.Generator().manual_seed(seed)
+    sampler = (WeightedRandomSampler(list(sample_weights), len(ds), replacement=True, generator=g)
+               if sample_weights is not None else None)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      generator=g, num_workers=workers, pin_memory=device.type == "cuda")
+
+
+def _to_device(x, device, channels_last: bool):
+    import torch
+
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+def _autocast(device, amp: bool):
+    import torch
+
+    return torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp and device.type == "cuda")
+
+
+def run_model(fn: Callable, ds: ImageDataset, *, batch_size: int, workers: int, device, channels_last: bool,
+              amp: bool, reporter: Reporter | None = None, desc: str = "eval"):
+    """``fn(batch) -> tensor`` over a dataset (no augmentation, no grad), concatenated on the CPU."""
+    import torch
+
+    outs = []
+    loader = make_loader(ds, batch_size, workers, device)
+    ctx = reporter.progress(desc, len(ds)) if reporter else contextlib.nullcontext(lambda n: None)
+    with ctx as advance, torch.inference_mode():
+        for x, _ in loader:
+            with _autocast(device, amp):
+                y = fn(_to_device(x, device, channels_last))
+            outs.append(y.float().cpu())
+            advance(len(x))
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+def _param_groups(model, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Head and backbone groups, no weight decay on biases and normalisation parameters."""
+    groups = []
+    parts = [("head", list(model.head.named_parameters()), cfg.lr)]
+    if cfg.mode != "feature-extract":
+        parts.append(("backbone", list(model.backbone.named_parameters()), cfg.head_backbone_lr))
+    for name, params, lr in parts:
+        decay = [p for _, p in params if p.ndim > 1]
+        no_decay = [p for _, p in params if p.ndim <= 1]
+        groups.append({"name": f"{name}", "params": decay, "lr": lr, "weight_decay": cfg.weight_decay})
+        groups.append({"name": f"{name}_no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def _lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def unfrozen_groups(cfg: TrainConfig, epoch: int, n_groups: int) -> int:
+    """How many backbone layer groups (from the top) train in ``epoch`` (0-based)."""
+    if cfg.mode == "feature-extract":
+        return 0
+    if cfg.mode == "fine-tune":
+        return n_groups
+    return min(n_groups, epoch // cfg.unfreeze_every)
+
+
+def _batchnorms(module):
+    import torch.nn as nn
+
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def set_trainable(model, n_unfrozen: int, freeze_bn: bool) -> None:
+    """requires_grad for the backbone: the top ``n_unfrozen`` layer groups (all of it when every
+    group is unfrozen); BatchNorm affine frozen with ``freeze_bn``."""
+    groups = model.layer_groups
+    for p in model.backbone.parameters():
+        p.requires_grad_(n_unfrozen >= len(groups))
+    for group in groups[len(groups) - n_unfrozen:] if n_unfrozen else []:
+        for m in group:
+            for p in m.parameters():
+                p.requires_grad_(True)
+    if freeze_bn:
+        for bn in _batchnorms(model.backbone):
+            for p in bn.parameters():
+                p.requires_grad_(False)
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+
+
+def set_train_mode(model, n_unfrozen: int, freeze_bn: bool) -> None:
+    """Training mode for what trains; frozen layers (and every BatchNorm with ``freeze_bn``) in
+    eval mode, so their running statistics do not move."""
+    groups = model.layer_groups
+    model.train()
+    if n_unfrozen < len(groups):
+        model.backbone.eval()
+        for group in groups[len(groups) - n_unfrozen:] if n_unfrozen else []:
+            for m in group:
+                m.train()
+    if freeze_bn:
+        for bn in _batchnorms(model):
+            bn.eval()
+
+
+def _state_copy(model) -> dict[str, Any]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _save_checkpoint(part: Path, state: dict[str, Any], cfg: TrainConfig) -> None:
+    import torch
+
+    part.mkdir(parents=True, exist_ok=True)
+    (part / CONFIG_FILE).write_text(to_toml(cfg.to_dict(), "edgetl train: config of the interrupted run"))
+    tmp = part / (CHECKPOINT_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, part / CHECKPOINT_FILE)
+
+
+def _load_checkpoint(part: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        return torch.load(part / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise EdgetlError(f"{part / CHECKPOINT_FILE}: cannot be read ({type(exc).__name__}: {exc})",
+                          hint="start over with --overwrite") from None
+
+
+# ------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    out: Path
+    metrics: dict[str, Any]
+    config: TrainConfig
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+EpochCallback = Callable[[int, dict[str, Any]], None]
+
+
+def _log_data(rep: Reporter, data: LabelledData, cfg: TrainConfig) -> None:
+    r = data.report
+    rep.log(f"data: {r['data']} ({r['layout']}): {len(data.labels)} classes, {r['usable']} usable images, "
+            f"{r['skipped_count']} skipped, split seed {data.split_seed}, fingerprint {data.fingerprint[:12]}")
+    w = max(8, *(len(lab) for lab in data.labels)) + 2
+    rep.log(f"  {'class':<{w}}{'train':>7}{'val':>7}{'test':>7}")
+    counts = {s: data.counts(s) for s in SPLITS}
+    for lab in data.labels:
+        rep.log(f"  {lab:<{w}}" + "".join(f"{counts[s][lab]:>7}" for s in SPLITS))
+    for s in r["skipped"][:5]:
+        rep.log(f"  skipped {s['path']}: {s['reason']}")
+    if len(r["skipped"]) > 5:
+        rep.log(f"  ... {len(r['skipped']) - 5} more skipped files: see data_report.json")
+    train_counts = [n for n in counts["train"].values() if n]
+    ratio = max(train_counts) / max(1, min(train_counts))
+    if ratio >= 2 and cfg.balance == "none":
+        rep.log(f"  note: classes are imbalanced ({ratio:.1f}:1); --balance weighted-loss or sampler may help")
+
+
+def run_training(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+                 callbacks: Sequence[EpochCallback] = (), reporter: Reporter | None = None) -> TrainResult:
+    """Train per ``cfg`` (already resolved) and write the run folder ``cfg.out``."""
+    with single_threaded_cv2(cfg.workers > 0):
+        return _run_training(cfg, resume, overwrite, callbacks, reporter)
+
+
+def _run_training(cfg: TrainConfig, resume: bool, overwrite: bool, callbacks: Sequence[EpochCallback],
+                  reporter: Reporter | None) -> TrainResult:
+    import torch
+    import torch.nn.functional as F
+
+    rep = reporter or Reporter()
+    t_start = time.time()
+    out, part = Path(cfg.out), partial_dir(cfg.out)
+    entry = get_backbone(cfg.backbone)
+    spec = resolve_spec(entry.preprocess, cfg)
+    cfg = dataclasses.replace(cfg, input_size=list(spec.input_size), resize=spec.resize)  # saved resolved
+    check_output_dir(out, overwrite)
+    ckpt = None
+    if resume:
+        ckpt = _load_checkpoint(part)
+    elif part.exists():
+        if not overwrite:
+            raise EdgetlError(f"{part}: an interrupted run of {out} is waiting there",
+                              hint=f"continue it with `edgetl train --resume --out {out}`, or pass --overwrite "
+                                   "to start over")
+        shutil.rmtree(part)
+
+    data = load_data(cfg.data, val=cfg.val, test=cfg.test, val_fraction=cfg.val_fraction,
+                     test_fraction=cfg.test_fraction, seed=cfg.split_seed)
+    if ckpt is not None and ckpt["fingerprint"] != data.fingerprint:
+        raise EdgetlError(f"{cfg.data}: the data changed since the interrupted run (fingerprint "
+                          f"{data.fingerprint[:12]} vs {ckpt['fingerprint'][:12]})",
+                          hint="restore the data, or start over with --overwrite")
+    _log_data(rep, data, cfg)
+    labels, k = data.labels, len(data.labels)
+    device = resolve_device(cfg.device)
+    amp = cfg.amp and device.type == "cuda"
+    cl = cfg.channels_last
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    model, built = build_classifier(cfg.backbone, k, cfg.pretrained, cfg.weights, cfg.dropout)
+    model.to(device)
+    if cl:
+        model.to(memory_format=torch.channels_last)
+    n_groups = len(model.layer_groups)
+    aug = cfg.augment_config
+    rep.log(f"model: {cfg.backbone} ({cfg.pretrained}{', ' + built.weights.get('source', '') if cfg.pretrained != 'none' else ''}), "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {n_groups} layer groups; "
+            f"mode {cfg.mode}; input {spec.input_size[0]}x{spec.input_size[1]} {spec.resize}; device {device}"
+            f"{' (AMP)' if amp else ''}; augment {'on' if aug else 'off'}; balance {cfg.balance}")
+
+    train_items = data.indexed("train")
+    train_y = np.array([y for _, y in train_items])
+    class_n = np.bincount(train_y, minlength=k).astype(np.float64)
+    class_w = np.where(class_n > 0, len(train_y) / (k * np.maximum(class_n, 1)), 0.0)
+    sample_w = class_w[train_y] if cfg.balance == "sampler" else None
+    loss_w = torch.tensor(class_w, dtype=torch.float32, device=device) if cfg.balance == "weighted-loss" else None
+    ds_train = ImageDataset(train_items, spec, aug, seed=cfg.seed)
+    ds_val = ImageDataset(data.indexed("val"), spec)
+    ds_test = ImageDataset(data.indexed("test"), spec)
+    run_kw = dict(batch_size=max(cfg.batch_size, 64) if device.type == "cpu" else cfg.batch_size * 2,
+                  workers=cfg.workers, device=device, channels_last=cl, amp=amp, reporter=rep)
+
+    feats: dict[str, Any] = {}
+    if cfg.cached:
+        feats = _cached_features(model, built, data, {"train": ds_train, "val": ds_val, "test": ds_test},
+                                 cfg, spec, run_kw, rep)
+
+    def head(f):
+        return model.head(model.dropout(f))
+
+    def logits_of(split: str, ds: ImageDataset):
+        model.eval()
+        if cfg.cached:
+            with torch.inference_mode():
+                return model.head(feats[split].to(device)).float().cpu()
+        return run_model(model, ds, desc=f"{split}", **run_kw)
+
+    steps_per_epoch = math.ceil(len(ds_train) / cfg.batch_size)
+    opt = torch.optim.AdamW(_param_groups(model, cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, _lr_lambda(int(round(cfg.warmup_epochs * steps_per_epoch)), cfg.epochs * steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+
+    history: list[dict[str, Any]] = []
+    best = {"state": None, "epoch": 0, "metric": -1.0, "loss": math.inf}
+    bad_epochs, start_epoch = 0, 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        best = dict(ckpt["best"])
+        best["state"] = {kk: v.to(device) for kk, v in best["state"].items()}
+        bad_epochs, start_epoch, history = ckpt["bad_epochs"], ckpt["epoch"], list(ckpt["history"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        rep.log(f"resuming {out} after epoch {start_epoch} (best so far: epoch {best['epoch']}, "
+                f"{cfg.metric} {best['metric']:.4f})")
+    elapsed_before = float(ckpt["elapsed"]) if ckpt is not None else 0.0
+    t_train = time.time()
+
+    saved_epoch = start_epoch if ckpt is not None else None
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            n_unf = unfrozen_groups(cfg, epoch, n_groups)
+            set_trainable(model, n_unf, cfg.freeze_bn)
+            set_train_mode(model, n_unf, cfg.freeze_bn)
+            frozen_backbone = n_unf == 0
+            t0 = time.perf_counter()
+            tot_loss, tot_correct, seen = 0.0, 0, 0
+            epoch_seed = cfg.seed * 1_000_003 + epoch
+            if cfg.cached:
+                g = torch.Generator().manual_seed(epoch_seed)
+                order = (torch.multinomial(torch.tensor(sample_w), len(train_y), replacement=True, generator=g)
+                         if sample_w is not None else torch.randperm(len(train_y), generator=g))
+                ys = torch.as_tensor(train_y)
+                batches = ((feats["train"][idx], ys[idx]) for idx in order.split(cfg.batch_size))
+            else:
+                ds_train.epoch = epoch
+                batches = make_loader(ds_train, cfg.batch_size, cfg.workers, device, shuffle=True,
+                                      seed=epoch_seed, sample_weights=sample_w)
+            with rep.progress(f"epoch {epoch + 1}/{cfg.epochs}", len(ds_train)) as advance:
+                for x, y in batches:
+                    y = y.to(device, non_blocking=True)
+                    with _autocast(device, amp):
+                        if cfg.cached:
+                            logits = head(x.to(device))
+                        elif frozen_backbone:
+                            with torch.no_grad():
+                                f = model.backbone(_to_device(x, device, cl))
+                            logits = head(f)
+                        else:
+                            logits = model(_to_device(x, device, cl))
+                        loss = F.cross_entropy(logits.float(), y, weight=loss_w, label_smoothing=cfg.label_smoothing)
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                    sched.step()
+                    tot_loss += float(loss.detach()) * len(y)
+                    tot_correct += int((logits.detach().argmax(1) == y).sum())
+                    seen += len(y)
+                    advance(len(y))
+            train_s = time.perf_counter() - t0
+            vl = logits_of("val", ds_val)
+            vy = torch.tensor([y for _, y in ds_val.samples])
+            vm = classification_metrics(vy.numpy(), vl.argmax(1).numpy(), labels)
+            rec = {"epoch": epoch + 1, "train_loss": tot_loss / max(1, seen), "train_accuracy": tot_correct / max(1, seen),
+                   "val_loss": float(F.cross_entropy(vl, vy)), "val_accuracy": vm["accuracy"],
+                   "val_macro_f1": vm["macro_f1"], "lr": opt.param_groups[0]["lr"],
+                   "backbone_lr": next((g["lr"] for g in opt.param_groups if g["name"] == "backbone"), 0.0),
+                   "unfrozen_groups": n_unf, "images_per_s": seen / max(train_s, 1e-9),
+                   "seconds": time.perf_counter() - t0}
+            history.append(rec)
+            score = vm[cfg.metric]
+            improved = score > best["metric"] + 1e-9 or (abs(score - best["metric"]) <= 1e-9 and rec["val_loss"] < best["loss"])
+            if improved:
+                best = {"state": _state_copy(model), "epoch": epoch + 1, "metric": score, "loss": rec["val_loss"]}
+                bad_epochs = 0
+            else:
+                bad_epochs += 1
+            rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+            _save_checkpoint(part, {"format": 1, "epoch": epoch + 1, "model": model.state_dict(),
+                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                    "scaler": scaler.state_dict(), "best": best, "bad_epochs": bad_epochs,
+                                    "history": history, "rng": rng, "fingerprint": data.fingerprint,
+                                    "elapsed": elapsed_before + time.time() - t_train}, cfg)
+            saved_epoch = epoch + 1
+            rep.log(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {rec['train_loss']:.4f} acc {rec['train_accuracy']:.3f}"
+                    f"  |  val loss {rec['val_loss']:.4f} acc {rec['val_accuracy']:.3f} macro-F1 {rec['val_macro_f1']:.3f}"
+                    f"  |  lr {rec['lr']:.2e}" + (f" groups {n_unf}/{n_groups}" if cfg.mode == "gradual-unfreeze" else "")
+                    + f"  {rec['images_per_s']:.0f} img/s {rec['seconds']:.1f}s" + ("  *best" if improved else ""))
+            for cb in callbacks:
+                cb(epoch + 1, rec)
+            if cfg.patience and bad_epochs >= cfg.patience:
+                rep.log(f"early stop: no {cfg.metric} improvement for {cfg.patience} epochs (best epoch {best['epoch']})")
+                break
+    except KeyboardInterrupt:
+        if saved_epoch:
+            rep.log(f"interrupted: epoch {saved_epoch} of {cfg.epochs} is saved in {part}; "
+                    f"continue with: edgetl train --resume --out {out}")
+        else:
+            rep.log("interrupted before the first epoch finished: nothing to resume")
+        raise
+
+    train_time = elapsed_before + time.time() - t_train
+    model.load_state_dict(best["state"])
+    model.eval()
+    results: dict[str, Any] = {}
+    for split, ds in (("val", ds_val), ("test", ds_test)):
+        if len(ds):
+            lg = logits_of(split, ds)
+            results[split] = classification_metrics([y for _, y in ds.samples], lg.argmax(1).numpy(), labels)
+    final = results.get("test") or results["val"]
+    if "test" in results:
+        rep.log("test split, best epoch " + str(best["epoch"]) + ":\n" + format_metrics(results["test"], labels))
+    else:
+        rep.log("note: the test split is empty; the summary uses the validation split")
+
+    metrics = {"labels": list(labels), "selection_metric": cfg.metric, "best_epoch": best["epoch"],
+               "epochs_run": len(history), "history": history, "val": results.get("val"), "test": results.get("test"),
+               "train_time_s": train_time, "total_time_s": time.time() - t_start}
+    model.to("cpu")
+    if cl:
+        model.to(memory_format=torch.contiguous_format)
+    with atomic_output_dir(out, overwrite=overwrite) as d:
+        from .plots import plot_confusion, plot_curves
+
+        save_weights(model, d)
+        (d / SPLIT_FILE).write_text(json.dumps(data.split_json(), indent=1) + "\n")
+        (d / CONFIG_FILE).write_text(to_toml(cfg.to_dict(), f"edgetl train: resolved config of {out.name}\n"
+                                             f"reproduce with: edgetl train --config {CONFIG_FILE}"))
+        (d / DATA_REPORT_FILE).write_text(json.dumps(data.report, indent=1) + "\n")
+        (d / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
+        plot_confusion(final["confusion"], labels, d / CONFUSION_PNG,
+                       title=f"{out.name}: {'test' if 'test' in results else 'val'}")
+        plot_curves(history, d / CURVES_PNG, best_epoch=best["epoch"], metric=cfg.metric)
+        summary = lambda m: None if m is None else {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],  # noqa: E731
+                                                   "per_class_recall": m["per_class_recall"], "n": m["n"]}
+        manifest = Manifest(
+            kind="run", labels=labels, preprocess=spec,
+            backbone={"name": cfg.backbone, "pretrained": cfg.pretrained, "weights": dict(built.weights),
+                      "dropout": cfg.dropout, "feature_dim": built.feature_dim},
+            training={"mode": cfg.mode, "data_fingerprint": data.fingerprint, "split_seed": cfg.split_seed,
+                      "seed": cfg.seed, "class_counts": {s: data.counts(s) for s in SPLITS},
+                      "metrics": {"val": summary(results.get("val")), "test": summary(results.get("test"))},
+                      "selection_metric": cfg.metric, "best_epoch": best["epoch"], "epochs_run": len(history),
+                      "epochs": cfg.epochs, "augment": bool(aug), "balance": cfg.balance, "freeze_bn": cfg.freeze_bn,
+                      "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+                      "amp": amp, "time_s": round(train_time, 2), "torch": torch.__version__, "config": CONFIG_FILE},
+            files=hash_files(d))
+        write_manifest(manifest, d)
+        load_run(d)  # the contract every later stage relies on
+    shutil.rmtree(part, ignore_errors=True)
+    rep.log(f"wrote {out} (best epoch {best['epoch']}, {'test' if 'test' in results else 'val'} accuracy "
+            f"{final['accuracy']:.4f}, macro-F1 {final['macro_f1']:.4f}; {train_time:.0f}s training)")
+    return TrainResult(out, metrics, cfg, history)
+
+
+def _cached_features(model, built, data: LabelledData, datasets: dict[str, ImageDataset], cfg: TrainConfig,
+                     spec: PreprocessSpec, run_kw: dict[str, Any], rep: Reporter) -> dict[str, Any]:
+    """Backbone features of every split, computed once (eval mode); optionally kept on disk."""
+    path = None
+    if cfg.cache_dir:
+        key = hashlib.sha256(json.dumps({"fingerprint": data.fingerprint, "backbone": cfg.backbone,
+                                         "pretrained": cfg.pretrained, "weights": built.weights,
+                                         "spec": spec.to_dict(), "splits": data.split_json()["splits"]},
+                                        sort_keys=True).encode()).hexdigest()
+        path = Path(cfg.cache_dir) / f"features-{cfg.backbone}-{key[:20]}.safetensors"
+        if path.is_file():
+            from safetensors.torch import load_file
+
+            rep.log(f"features: loaded from {path}")
+            return load_file(str(path))
+    model.eval()
+    t0 = time.perf_counter()
+    feats = {s: run_model(model.backbone, ds, desc=f"features {s}", **run_kw) for s, ds in datasets.items()}
+    n = sum(len(ds) for ds in datasets.values())
+    dt = time.perf_counter() - t0
+    rep.log(f"features: {n} images through the frozen backbone once in {dt:.1f}s ({n / max(dt, 1e-9):.0f} img/s)")
+    if path is not None:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({s: f.contiguous() for s, f in feats.items()}, str(tmp))
+        os.replace(tmp, path)
+    return feats
+
+
+def train_run(data: str | Path | None = None, out: str | Path | None = None, *, config: str | Path | None = None,
+              resume: bool = False, overwrite: bool = False, callbacks: Sequence[EpochCallback] = (),
+              quiet: bool = False, **options: Any) -> TrainResult:
+    """Python API of ``edgetl train``: options are config keys (``mode="fine-tune"``, ``epochs=3``...)."""
+    cli = {"data": str(data) if data is not None else None, "out": str(out) if out is not None else None, **options}
+    cfg = resolve_config(cli, config, resume=resume)
+    return run_training(cfg, resume=resume, overwrite=overwrite, callbacks=callbacks, reporter=Reporter(quiet=quiet))
+
+
+# ------------------------------------------------------------------------------------------
+# eval / predict on a finished run
+# ------------------------------------------------------------------------------------------
+
+def run_logits(run, samples: Sequence[tuple[Path, int]], *, device: str = "auto", batch_size: int = 64,
+               workers: int | None = None, reporter: Reporter | None = None) -> np.ndarray:
+    """The run's logits for ``samples`` through ``read_image`` + the run's ``preprocess``."""
+    import torch
+
+    dev = resolve_device(device)
+    model = run.model.to(dev)
+    if dev.type == "cpu":
+        model.to(memory_format=torch.channels_last)
+    workers = min(2, os.cpu_count() or 1) if workers is None else workers
+    ds = ImageDataset(samples, run.manifest.preprocess)
+    workers = workers if len(ds) > batch_size else 0
+    with single_threaded_cv2(workers > 0):
+        return run_model(model, ds, batch_size=batch_size, workers=workers, device=dev, channels_last=True,
+                         amp=dev.type == "cuda", reporter=reporter, desc="eval").numpy()
+
+
+def evaluate_run(run_path: str | Path, data: str | Path | None = None, *, split: str = "test", device: str = "auto",
+                 batch_size: int = 64, workers: int | None = None, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Metrics of a run on a labelled folder/CSV, or on one split of its own data."""
+    run = load_run(run_path)
+    labels = run.manifest.labels
+    if data is not None:
+        samples, report = load_eval_items(data, labels)
+        where = str(data)
+    else:
+        samples = [(s.path, s.label) for s in run.samples(split)]
+        report, where = {"usable": len(samples), "skipped": []}, f"{run_path} ({split} split)"
+        if not samples:
+            raise EdgetlError(f"{run_path}: the {split} split is empty", hint="pass a labelled DATA folder to evaluate on")
+    logits = run_logits(run, samples, device=device, batch_size=batch_size, workers=workers, reporter=reporter)
+    m = classification_metrics([y for _, y in samples], logits.argmax(1), labels)
+    return {"run": str(run_path), "data": where, "metrics": m, "data_report": report}
+
+
+def predict_images(run_path: str | Path, images: Sequence[str | Path], *, top_k: int = 1, device: str = "auto",
+                   batch_size: int = 64) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Top-k (label, probability) per image; files that cannot be decoded are returned separately."""
+    from .data import validate_items, Item
+    from .runtime.imageio import is_image_file
+
+    run = load_run(run_path)
+    paths: list[Path] = []
+    for p in map(Path, images):
+        if p.is_dir():
+            paths += sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
+        elif p.exists():
+            paths.append(p)
+        else:
+            raise EdgetlError(f"{p}: no such file or folder")
+    good, bad, _, _ = validate_items([Item(p, str(p), "?") for p in paths])
+    preds: list[dict[str, Any]] = []
+    if good:
+        logits = run_logits(run, [(it.path, 0) for it in good], device=device, batch_size=batch_size, workers=0)
+        z = logits - logits.max(axis=1, keepdims=True)
+        probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        k = max(1, min(top_k, len(run.manifest.labels)))
+        for it, p in zip(good, probs):
+            top = np.argsort(-p, kind="stable")[:k]
+            preds.append({"path": it.rel, "top": [{"label": run.manifest.labels[i], "prob": float(p[i])} for i in top]})
+    return preds, [{"path": b["path"], "reason": b["reason"]} for b in bad]
