@@ -431,7 +431,7 @@ def render_report_md(report: Mapping[str, Any]) -> str:
     if sens:
         from .calibration.sensitivity import LayerSensitivity, to_markdown
 
-        lines += ["## Layer sensitivity (quantize only this layer; worst first)", "",
+        lines += ["## Layer sensitivity (each layer kept in float in turn; largest gain first)", "",
                   to_markdown([LayerSensitivity(**s) for s in sens]), ""]
     builds = report.get("builds") or {}
     for backend, bg in builds.items():

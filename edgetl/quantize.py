@@ -309,15 +309,16 @@ def qat(run, cal_inputs: np.ndarray, fp32: Path, cfg: QuantizeConfig, work: Path
 # ------------------------------------------------------------------------------------------
 
 def layer_sensitivity(prepared: Path, cache: Path, form: QdqForm, inputs: np.ndarray, work: Path) -> list[sens.LayerSensitivity]:
-    """Quantize one layer at a time (same ranges and form) and rank the logit error it causes."""
+    """Leave-one-out: render the model with each layer in float in turn (same ranges and form) and
+    rank the layers by the logit SQNR that buys (``calibration.sensitivity``)."""
     reference = ort_logits(prepared, inputs)
     probe = work / "sensitivity_probe.onnx"
+    quantized = ort_logits(render_qdq(prepared, cache, probe, form), inputs)
 
-    def logits_with_only(node: str) -> np.ndarray:
-        render_qdq(prepared, cache, probe, form, only=[node])
-        return ort_logits(probe, inputs)
+    def logits_without(node: str) -> np.ndarray:
+        return ort_logits(render_qdq(prepared, cache, probe, form, exclude=[node]), inputs)
 
-    return sens.rank_layers(weighted_nodes(prepared), logits_with_only, reference)
+    return sens.rank_layers(weighted_nodes(prepared), logits_without, reference, quantized)
 
 
 @dataclass
@@ -334,7 +335,8 @@ def quantize_with_fallback(prepared: Path, cache: Path, form: QdqForm, out: Path
                            labels, cfg: QuantizeConfig, sens_inputs: np.ndarray, work: Path, log: Log) -> Rendered:
     ranking = None
     if cfg.sensitivity:
-        log(f"sensitivity: quantizing each of {len(weighted_nodes(prepared))} layers alone on {len(sens_inputs)} images")
+        log(f"sensitivity: keeping each of {len(weighted_nodes(prepared))} layers in float in turn, "
+            f"on {len(sens_inputs)} calibration images")
         ranking = layer_sensitivity(prepared, cache, form, sens_inputs, work)
     exclude: list[str] = []
     rounds: list[dict[str, Any]] = []
@@ -351,8 +353,9 @@ def quantize_with_fallback(prepared: Path, cache: Path, form: QdqForm, out: Path
         if ranking is None:
             log("sensitivity: ranking layers for the mixed-precision fallback")
             ranking = layer_sensitivity(prepared, cache, form, sens_inputs, work)
-        candidates = [r.node for r in ranking if r.node not in exclude]
+        candidates = [r.node for r in ranking if r.node not in exclude and r.gain_db > 0]
         if not candidates:
+            log("fallback: no remaining layer gains anything in float; stopping")
             break
         exclude += candidates[:cfg.fallback_step]
     return Rendered(gate, exclude, rounds, ranking)

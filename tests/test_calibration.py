@@ -216,16 +216,18 @@ def test_fake_quantize_matches_onnx_semantics():
 
 # ---- sensitivity --------------------------------------------------------------------------
 
-def test_rank_layers_puts_the_noisiest_layer_first():
+def test_rank_layers_by_what_keeping_them_in_float_gains():
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(64, 4)).astype(np.float32)
-    noise = {"quiet": 0.001, "loud": 1.0, "medium": 0.1}
-    rows = rank_layers([(k, "Conv") for k in noise], lambda n: ref + noise[n] * rng.normal(size=ref.shape), ref)
-    assert [r.node for r in rows] == ["loud", "medium", "quiet"] and [r.rank for r in rows] == [1, 2, 3]
-    assert rows[0].sqnr_db < rows[1].sqnr_db < rows[2].sqnr_db
+    quantized = ref + 0.3 * rng.normal(size=ref.shape)
+    left = {"big": 0.01, "small": 0.2, "harmful": 0.6}  # error left when the layer is kept in float
+    rows = rank_layers([(k, "Conv") for k in left], lambda n: ref + left[n] * rng.normal(size=ref.shape), ref,
+                       quantized)
+    assert [r.node for r in rows] == ["big", "small", "harmful"] and [r.rank for r in rows] == [1, 2, 3]
+    assert rows[0].gain_db > rows[1].gain_db > 0 > rows[2].gain_db
     assert logit_error(ref, ref)[2] == 1.0
     csv_text = to_csv(rows)
-    assert csv_text.splitlines()[0] == "rank,node,op_type,sqnr_db,rel_error,agreement" and "loud" in csv_text.splitlines()[1]
+    assert csv_text.splitlines()[0] == "rank,node,op_type,gain_db,sqnr_db,agreement" and "big" in csv_text.splitlines()[1]
 
 
 def test_calibration_package_imports_without_torch():
