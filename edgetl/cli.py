@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "targets": "edgetl.commands.targets:targets",
     "compile": "edgetl.commands.compile:compile_cmd",
     "build": "edgetl.commands.build:build",
+    "bench": "edgetl.commands.bench:bench",
 }
 
 

@@ -56,6 +56,9 @@ class OrtRunner(Runner):
         self._batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
         self._version = ort.__version__
         self._providers = self.session.get_providers()
+        # QDQ graphs store their op types as plain strings in the protobuf: enough to tell int8 from float
+        # without the onnx package (not installed on devices).
+        self._precision = "int8 (QDQ)" if b"DequantizeLinear" in Path(model_path).read_bytes() else "fp32"
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         out = self.session.run([self.output_name], {self.input_name: batch})[0]
@@ -68,4 +71,4 @@ class OrtRunner(Runner):
     @property
     def info(self) -> dict[str, Any]:
         return {"backend": self.backend, "version": self._version, "device": self._providers[0],
-                "precision": "as-graph (fp32 or QDQ int8)", "options": self.options}
+                "precision": self._precision, "options": self.options}

@@ -1,0 +1,391 @@
+"""``edgetl bench``: every way to run one model, side by side in one process, on real held-out images.
+
+Rows (each skipped with its reason when it cannot run here):
+
+* PyTorch eager FP32, NCHW and channels_last (needs torch and the float run);
+* ONNX Runtime FP32 (``model_fp32.onnx``) and INT8 (``model_int8.onnx``, QDQ);
+* OpenVINO strict f32, OpenVINO default precision (bf16 on CPUs with AVX-512 BF16/AMX), and
+  OpenVINO INT8 (the artifact's OpenVINO build, or its QDQ ONNX);
+* TensorRT (the artifact's engine, on a device with TensorRT).
+
+For each: batch-1 latency p50/p90 *from a decoded uint8 frame to a label* (the shared
+preprocessing included, as on the device), the preprocessing share of it, batch-8 throughput,
+top-1 accuracy and agreement with the float model on the artifact's checkset, model size on disk,
+peak RSS while it ran, and the precision the backend reports it actually ran in.
+
+Timing: fixed threads for every backend (recorded), warm-up, then rounds that interleave the
+rows in blocks so machine drift hits all rows alike; medians over all reps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .runtime.errors import EdgetlError
+from .runtime.imageio import read_image
+from .runtime.manifest import Manifest, read_manifest, verify_files
+from .runtime.preprocess import preprocess
+
+ALL_ROWS = ("torch-nchw", "torch-channels-last", "ort-fp32", "ort-int8", "ov-f32", "ov-default", "ov-int8",
+            "tensorrt")
+
+
+@dataclass
+class Candidate:
+    name: str
+    backend: str
+    label: str  # human description
+    size_bytes: int
+    make: Callable[[], Any]  # -> object with .infer(np batch) -> logits, and .info
+    runner: Any = None
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+class _TorchPredictor:
+    """PyTorch eager wrapped in the runner interface (the baseline a user starts from)."""
+
+    backend = "torch"
+
+    def __init__(self, model, channels_last: bool, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.channels_last = channels_last
+        self.model = model.eval()
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.info = {"backend": "torch", "version": torch.__version__, "device": "cpu",
+                     "precision": "fp32", "layout": "channels_last" if channels_last else "NCHW"}
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        x = self.torch.from_numpy(batch)
+        if self.channels_last:
+            x = x.contiguous(memory_format=self.torch.channels_last)
+        with self.torch.inference_mode():
+            return self.model(x).float().numpy()
+
+
+# ------------------------------------------------------------------------------------------
+# memory: peak RSS per row via /proc/self/clear_refs (Linux); None elsewhere
+# ------------------------------------------------------------------------------------------
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def _size(*paths: Path) -> int:
+    return sum(p.stat().st_size for p in paths if p.exists())
+
+
+# ------------------------------------------------------------------------------------------
+# planning: which rows can run for this artifact on this machine
+# ------------------------------------------------------------------------------------------
+
+def _find_run(manifest: Manifest, artifact: Path, run: Path | None) -> Path | None:
+    if run is not None:
+        return run
+    src = (manifest.training or {}).get("run") or (manifest.quantization or {}).get("source_run")
+    if src:
+        p = Path(src)
+        p = p if p.is_absolute() else (artifact / p)
+        return p if (p / "manifest.json").exists() else None
+    return None
+
+
+def plan(artifact: Path, manifest: Manifest, run: Path | None, threads: int,
+         rows: tuple[str, ...]) -> tuple[list[Candidate], dict[str, str]]:
+    from .runtime.runners import open_runner
+
+    cands: list[Candidate] = []
+    skipped: dict[str, str] = {}
+    fp32 = artifact / "model_fp32.onnx"
+    int8 = artifact / "model_int8.onnx"
+    ort_opts = {"intra_op_threads": threads, "inter_op_threads": 1}
+    ov_base = {"device": "CPU", "performance_hint": "LATENCY", "num_streams": 1, "threads": threads}
+
+    def want(name: str) -> bool:
+        return name in rows
+
+    # PyTorch eager
+    if want("torch-nchw") or want("torch-channels-last"):
+        reason = None
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            reason = "torch is not installed (pip install 'edgetl[train]')"
+        run_dir = _find_run(manifest, artifact, run)
+        if reason is None and run_dir is None:
+            reason = "the float run is not available here (pass --run RUN)"
+        for name, cl in (("torch-nchw", False), ("torch-channels-last", True)):
+            if not want(name):
+                continue
+            if reason:
+                skipped[name] = reason
+                continue
+
+            def make(cl=cl, run_dir=run_dir):
+                from .runs import load_run
+                return _TorchPredictor(load_run(run_dir).model, cl, threads)
+            cands.append(Candidate(name, "torch", f"PyTorch eager FP32 ({'channels_last' if cl else 'NCHW'})",
+                                   _size(Path(run_dir) / "model.safetensors"), make))
+
+    def add_runner(name, backend, label, path: Path, opts: dict, size_paths: list[Path]):
+        if not want(name):
+            return
+        if not path.exists():
+            skipped[name] = f"{path.name} is not in the artifact"
+            return
+        cands.append(Candidate(name, backend, label, _size(*size_paths),
+                               lambda: open_runner(backend, path, opts)))
+
+    add_runner("ort-fp32", "onnxruntime", "ONNX Runtime FP32", fp32, ort_opts, [fp32])
+    add_runner("ort-int8", "onnxruntime", "ONNX Runtime INT8 (QDQ)", int8, ort_opts, [int8])
+    ov_ok = True
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        ov_ok = False
+        for name in ("ov-f32", "ov-default", "ov-int8"):
+            if want(name):
+                skipped[name] = "openvino is not installed (pip install 'edgetl[openvino]')"
+    if ov_ok:
+        add_runner("ov-f32", "openvino", "OpenVINO strict f32", fp32, {**ov_base, "inference_precision": "f32"},
+                   [fp32])
+        add_runner("ov-default", "openvino", "OpenVINO default precision", fp32,
+                   {**ov_base, "inference_precision": "default"}, [fp32])
+        ov_build = next((b for b in manifest.builds if b.get("backend") == "openvino"), None)
+        if ov_build is not None:
+            xml = artifact / ov_build["model"]
+            opts = {**dict(ov_build.get("options") or {}), **ov_base}
+            opts.setdefault("inference_precision", "f32")
+            add_runner("ov-int8", "openvino", "OpenVINO INT8 (artifact build)", xml, opts,
+                       [xml, xml.with_suffix(".bin")])
+        else:
+            add_runner("ov-int8", "openvino", "OpenVINO INT8 (from the QDQ ONNX)", int8,
+                       {**ov_base, "inference_precision": "f32"}, [int8])
+    if want("tensorrt"):
+        trt_build = next((b for b in manifest.builds if b.get("backend") == "tensorrt"), None)
+        try:
+            import tensorrt  # noqa: F401
+            trt_ok = True
+        except ImportError:
+            trt_ok = False
+            skipped["tensorrt"] = "tensorrt cannot be imported here (TensorRT runs on NVIDIA devices: run the bench there)"
+        if trt_ok:
+            if trt_build is None:
+                skipped["tensorrt"] = "the artifact has no TensorRT build (run `edgetl build ARTIFACT` on the device)"
+            else:
+                add_runner("tensorrt", "tensorrt", "TensorRT", artifact / trt_build["model"],
+                           dict(trt_build.get("options") or {}), [artifact / trt_build["model"]])
+    return cands, skipped
+
+
+# ------------------------------------------------------------------------------------------
+# measuring
+# ------------------------------------------------------------------------------------------
+
+def _frame_to_label(pred, frame: np.ndarray, spec) -> tuple[int, float, float]:
+    t0 = time.perf_counter()
+    x = preprocess(frame, spec)[None]
+    t1 = time.perf_counter()
+    label = int(np.argmax(pred.infer(x)[0]))
+    t2 = time.perf_counter()
+    return label, (t2 - t0) * 1e3, (t1 - t0) * 1e3
+
+
+def load_frames(paths: list[str], run_dir: Path | None, n: int, frame_size: tuple[int, int] | None
+                ) -> tuple[list[np.ndarray], str]:
+    """Decoded uint8 frames to time: the checkset's held-out test images when they are reachable here
+    (its paths are relative to the run's data root), else generated frames (timing does not depend on
+    content)."""
+    root = Path(json.loads((run_dir / "split.json").read_text()).get("root", ".")) \
+        if run_dir is not None and (run_dir / "split.json").exists() else Path(".")
+    files = [root / p for p in paths[:n] if p]
+    frames = [read_image(p) for p in files if p.is_file()]
+    source = f"{len(frames)} held-out test images of the checkset" if frames else ""
+    if not frames:
+        rng = np.random.default_rng(0)
+        w, h = frame_size or (1280, 720)
+        frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(4)]
+        source = f"generated {w}x{h} frames (the test images are not reachable here)"
+    elif frame_size:
+        import cv2
+        frames = [cv2.resize(f, frame_size, interpolation=cv2.INTER_LINEAR) for f in frames]
+        source += f", resized to {frame_size[0]}x{frame_size[1]}"
+    return frames, source
+
+
+def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[str, ...] = ALL_ROWS,
+              threads: int = 2, warmup: int = 10, reps: int = 100, rounds: int = 5, throughput_batch: int = 8,
+              frame_size: tuple[int, int] | None = None, n_frames: int = 32, block_warmup: int = 5,
+              progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    artifact = Path(artifact)
+    manifest = verify_files(artifact, read_manifest(artifact))
+    if manifest.kind != "artifact":
+        raise EdgetlError(f"{artifact} is a {manifest.kind}, not an artifact",
+                          hint="bench an artifact from `edgetl quantize`/`edgetl compile` (pass the run with --run)")
+    check = artifact / "checkset.npz"
+    from .check import load_checkset
+
+    cs = load_checkset(check)
+    inputs, labels, float_logits = cs.inputs, cs.labels, cs.float_logits
+    float_pred = float_logits.argmax(1)
+    run_dir = _find_run(manifest, artifact, Path(run) if run else None)
+    spec = manifest.preprocess
+    frames, frames_source = load_frames(list(cs.paths or []), run_dir, n_frames, frame_size)
+    cands, skipped = plan(artifact, manifest, run_dir, threads, rows)
+
+    # load + accuracy + throughput, one row at a time (peak RSS measured per row)
+    live: list[Candidate] = []
+    for c in cands:
+        progress(f"loading {c.label}")
+        reset = _reset_peak_rss()
+        try:
+            c.runner = c.make()
+        except EdgetlError as exc:
+            skipped[c.name] = exc.message
+            continue
+        logits = c.runner.infer_many(inputs, batch_size=32) if hasattr(c.runner, "infer_many") else \
+            np.concatenate([c.runner.infer(inputs[i:i + 32]) for i in range(0, len(inputs), 32)])
+        pred = logits.argmax(1)
+        b = min(throughput_batch, len(inputs))
+        batch = np.ascontiguousarray(inputs[:b])
+        for _ in range(3):
+            c.runner.infer(batch)
+        t_rep = []
+        for _ in range(max(5, reps // 10)):
+            t0 = time.perf_counter()
+            c.runner.infer(batch)
+            t_rep.append(time.perf_counter() - t0)
+        for f in frames[:warmup]:
+            _frame_to_label(c.runner, f, spec)
+        c.result = {
+            "label": c.label, "backend": c.backend, "precision": c.runner.info.get("precision"),
+            "info": {k: v for k, v in c.runner.info.items() if k != "options"},
+            "top1": float((pred == labels).mean()), "agreement": float((pred == float_pred).mean()),
+            "n_checkset": int(len(labels)), f"throughput_b{b}_img_s": b / float(np.median(t_rep)),
+            "size_mb": c.size_bytes / 1e6,
+            "peak_rss_mb": _peak_rss_mb() if reset else None,
+        }
+        live.append(c)
+
+    # interleaved latency rounds
+    lat: dict[str, list[float]] = {c.name: [] for c in live}
+    pre: dict[str, list[float]] = {c.name: [] for c in live}
+    per_block = max(1, reps // rounds)
+    for r in range(rounds):
+        progress(f"latency round {r + 1}/{rounds}")
+        for c in live:
+            for i in range(block_warmup):  # wake this backend's thread pool after the others ran
+                _frame_to_label(c.runner, frames[i % len(frames)], spec)
+            for i in range(per_block):
+                _, total, p = _frame_to_label(c.runner, frames[(r * per_block + i) % len(frames)], spec)
+                lat[c.name].append(total)
+                pre[c.name].append(p)
+    for c in live:
+        a = np.asarray(lat[c.name])
+        c.result.update({"latency_p50_ms": float(np.percentile(a, 50)), "latency_p90_ms": float(np.percentile(a, 90)),
+                         "preprocess_p50_ms": float(np.median(pre[c.name])), "latency_reps": int(a.size)})
+    results = {c.name: c.result for c in live}
+    summary = _speedups(results)
+    return {
+        "artifact": str(artifact), "labels": list(manifest.labels),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count()},
+        "threads": threads, "frames": frames_source, "input_size": list(spec.input_size),
+        "reps": reps, "rounds": rounds, "rows": results, "skipped": skipped, "speedups": summary,
+    }
+
+
+def _speedups(rows: dict[str, dict]) -> dict[str, Any]:
+    def p50(name):
+        return rows[name]["latency_p50_ms"] if name in rows else None
+
+    out: dict[str, Any] = {}
+    eager = [n for n in ("torch-nchw", "torch-channels-last") if n in rows]
+    int8 = [n for n in ("ort-int8", "ov-int8", "tensorrt") if n in rows]
+    if not int8:
+        return out
+    best_int8 = min(int8, key=p50)
+    out["best_int8"] = best_int8
+    if eager:
+        base = min(eager, key=p50)
+        out["eager_baseline"] = base
+        out["int8_vs_eager"] = p50(base) / p50(best_int8)
+    strict = {"ort-int8": "ort-fp32", "ov-int8": "ov-f32"}.get(best_int8)
+    if strict and strict in rows:
+        out["int8_vs_same_backend_fp32"] = p50(strict) / p50(best_int8)
+    if "ov-default" in rows and "ov-int8" in rows:
+        out["ov_int8_vs_ov_default"] = p50("ov-default") / p50("ov-int8")
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# output
+# ------------------------------------------------------------------------------------------
+
+def render_table(result: dict[str, Any]):
+    from rich.table import Table
+
+    t = Table(title=f"edgetl bench: {result['artifact']}  (threads={result['threads']}, "
+                    f"frames: {result['frames']})", caption="not run: " + "; ".join(
+                        f"{k}: {v}" for k, v in result["skipped"].items()) if result["skipped"] else None)
+    for col in ("row", "precision (actual)", "p50 ms", "p90 ms", "pre ms", "b8 img/s", "top-1", "agree", "MB",
+                "peak RSS MB"):
+        t.add_column(col, justify="right" if col != "row" else "left")
+    for name, r in result["rows"].items():
+        thr = next((v for k, v in r.items() if k.startswith("throughput_")), None)
+        t.add_row(name, str(r["precision"]), f"{r['latency_p50_ms']:.2f}", f"{r['latency_p90_ms']:.2f}",
+                  f"{r['preprocess_p50_ms']:.2f}", f"{thr:.0f}" if thr else "-", f"{100 * r['top1']:.2f}",
+                  f"{100 * r['agreement']:.2f}", f"{r['size_mb']:.2f}",
+                  f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else "-")
+    return t
+
+
+def write_chart(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(result["rows"].values(), key=lambda r: r["latency_p50_ms"], reverse=True)
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
+    names = [f"{r['label']}\n[{r['precision']}]" for r in rows]
+    vals = [r["latency_p50_ms"] for r in rows]
+    worst = max(vals)
+    bars = ax.barh(names, vals, color=["#2a7" if "INT8" in r["label"] or r["label"] == "TensorRT" else "#89a"
+                                       for r in rows])
+    for b, v, r in zip(bars, vals, rows):
+        ax.text(v, b.get_y() + b.get_height() / 2, f" {v:.2f} ms  ({worst / v:.1f}x)  top-1 {100 * r['top1']:.1f}%",
+                va="center", fontsize=8)
+    ax.set_xlabel("batch-1 latency p50, decoded frame -> label (ms)")
+    ax.set_xlim(0, worst * 1.6)
+    ax.set_title(f"{Path(result['artifact']).name}: threads={result['threads']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,77 @@
+"""``edgetl bench``: side-by-side latency, throughput, accuracy, size and memory of every backend."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..bench import ALL_ROWS
+
+
+def _rows(value: str | None) -> tuple[str, ...]:
+    if not value:
+        return ALL_ROWS
+    rows = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [r for r in rows if r not in ALL_ROWS]
+    if bad:
+        raise click.BadParameter(f"unknown row(s) {bad}; choose from {', '.join(ALL_ROWS)}", param_hint="--backends")
+    return rows
+
+
+def _size(value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    try:
+        w, h = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter("use WIDTHxHEIGHT, e.g. 1280x720", param_hint="--frame-size") from None
+    return w, h
+
+
+@click.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
+              help="The float run (for the PyTorch eager rows); default: the run recorded in the artifact.")
+@click.option("--backends", default=None, help=f"Comma-separated rows to run (default all): {', '.join(ALL_ROWS)}.")
+@click.option("--threads", default=2, show_default=True, help="Threads for every backend (fixed, recorded).")
+@click.option("--reps", default=200, show_default=True, help="Timed batch-1 runs per row.")
+@click.option("--rounds", default=5, show_default=True, help="Interleaved rounds the reps are split into.")
+@click.option("--frame-size", default=None, help="Resize the timed frames to WIDTHxHEIGHT (e.g. 1280x720).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Where bench.json and bench.png go (default: the artifact, whose report.md gains the table).")
+def bench(artifact: Path, run_dir: Path | None, backends: str | None, threads: int, reps: int, rounds: int,
+          frame_size: str | None, out_dir: Path | None) -> None:
+    """Benchmark an artifact on every backend available here, side by side in one run.
+
+    Latency is batch-1 from a decoded uint8 frame to a label (preprocessing included); accuracy and
+    agreement are on the artifact's checkset of real held-out images. Rows that cannot run here are
+    listed with the reason.
+
+    \b
+    Example:
+      edgetl bench artifacts/elpv-ov --threads 2
+      edgetl bench artifacts/elpv-ov --backends torch-channels-last,ov-f32,ov-int8 --frame-size 1280x720
+    """
+    from rich.console import Console
+
+    from ..bench import render_table, run_bench, write_chart
+    from ..report import append_bench_section
+
+    console = Console(stderr=True)
+    with console.status("benchmarking") as status:
+        result = run_bench(artifact, run=run_dir, rows=_rows(backends), threads=threads, reps=reps,
+                           rounds=rounds, frame_size=_size(frame_size), progress=lambda s: status.update(s))
+    Console(width=max(140, Console().width)).print(render_table(result))
+    sp = result["speedups"]
+    if sp:
+        click.echo("speed-ups (p50, same run): " + ", ".join(
+            f"{k} {v:.2f}x" for k, v in sp.items() if isinstance(v, float)))
+    out = out_dir or artifact
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_chart(result, out / "bench.png")
+    if out_dir is None:
+        append_bench_section(artifact, result)
+    click.echo(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")

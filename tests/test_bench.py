@@ -1,0 +1,64 @@
+"""``edgetl bench`` on a tiny real artifact: every row is measured or explained."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from _tinyrun import session_tiny_run
+from edgetl.bench import ALL_ROWS
+from edgetl.cli import main
+from edgetl.runtime.manifest import verify_files
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> tuple[Path, Path]:
+    run = session_tiny_run(tmp_path_factory)
+    out = tmp_path_factory.mktemp("bench") / "art"
+    assert main(["quantize", str(run), "--out", str(out), "--calib-min", "8", "--no-speed-check"]) == 0
+    return run, out
+
+
+def test_every_row_is_measured_or_explained(artifact, tmp_path, capsys):
+    run, art = artifact
+    work = tmp_path / "art"
+    shutil.copytree(art, work)
+    assert main(["bench", str(work), "--run", str(run), "--reps", "10", "--rounds", "2"]) == 0
+    result = json.loads((work / "bench.json").read_text())
+    rows, skipped = result["rows"], result["skipped"]
+    assert set(rows) | set(skipped) == set(ALL_ROWS)
+    assert {"torch-nchw", "torch-channels-last", "ort-fp32", "ort-int8", "ov-f32", "ov-default", "ov-int8"} <= set(rows)
+    assert "tensorrt" in skipped and "tensorrt" in skipped["tensorrt"]
+    for name, r in rows.items():
+        assert r["latency_p50_ms"] > 0 and r["latency_p90_ms"] >= r["latency_p50_ms"], name
+        assert 0.0 <= r["agreement"] <= 1.0 and r["n_checkset"] > 0, name
+        assert r["size_mb"] > 0, name
+    # the float rows agree with the float logits exactly; strict f32 OpenVINO reports f32
+    assert rows["torch-nchw"]["agreement"] == 1.0 and rows["ort-fp32"]["agreement"] == 1.0
+    assert rows["ov-f32"]["precision"] == "f32" and rows["ort-int8"]["precision"].startswith("int8")
+    assert result["frames"].endswith("test images of the checkset")
+    assert {"best_int8", "eager_baseline", "int8_vs_eager"} <= set(result["speedups"])
+    assert (work / "bench.png").stat().st_size > 1000
+    report = (work / "report.md").read_text()
+    assert report.count("## Benchmark") == 1
+    # a second bench replaces its section, and the artifact still verifies
+    assert main(["bench", str(work), "--run", str(run), "--backends", "ort-fp32,ort-int8", "--reps", "4"]) == 0
+    assert (work / "report.md").read_text().count("## Benchmark") == 1
+    verify_files(work)
+    out = capsys.readouterr().out
+    assert "ort-int8" in out and "speed-ups" in out
+
+
+def test_missing_run_is_explained_and_bad_rows_refused(artifact, tmp_path, capsys):
+    _, art = artifact
+    work = tmp_path / "art"
+    shutil.copytree(art, work)
+    assert main(["bench", str(work), "--backends", "torch-nchw,ort-fp32", "--reps", "4", "--out", str(tmp_path / "o")]) == 0
+    result = json.loads((tmp_path / "o" / "bench.json").read_text())
+    assert "ort-fp32" in result["rows"] or "torch-nchw" in result["rows"]
+    assert main(["bench", str(work), "--backends", "tflite"]) == 2
+    assert "unknown row" in capsys.readouterr().err
+    assert main(["bench", str(tmp_path / "nope")]) == 2
