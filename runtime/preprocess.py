@@ -49,7 +49,7 @@ class PreprocessSpec:
     resize: str = "shorter_crop"
     crop_fraction: float = 0.875
     resize_size: int | None = None  # shorter side before the crop; None = from crop_fraction
-    interpolation: str = "area"
+    interpolation: str = "linear"  # "area" anti-aliases large downscales but costs ~1.2 ms on a 720p frame vs ~0.1
     mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # 0..255 units, in `color` order
     std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     color: str = "RGB"
@@ -147,12 +147,14 @@ def preprocess(image_bgr: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     img = _geometry(image_bgr, spec)
     if spec.color == "RGB":
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    if spec.dtype == "float32":
-        mean = np.asarray(spec.mean, dtype=np.float32)
-        inv_std = 1.0 / np.asarray(spec.std, dtype=np.float32)
-        img = (img.astype(np.float32) - mean) * inv_std
-    if spec.layout == "NCHW":
+    if spec.layout == "NCHW":  # transpose the uint8 image (4x fewer bytes than after the float cast)
         img = np.ascontiguousarray(img.transpose(2, 0, 1))
+    if spec.dtype == "float32":
+        shape = (3, 1, 1) if spec.layout == "NCHW" else (3,)
+        x = img.astype(np.float32)
+        x -= np.asarray(spec.mean, dtype=np.float32).reshape(shape)  # in place: no temporaries
+        x *= (1.0 / np.asarray(spec.std, dtype=np.float32)).reshape(shape)
+        return x
     return img
 
 
