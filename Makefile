@@ -20,8 +20,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(VENV)/bin/edgetl data elpv data/elpv --task binary
+	test -f data/elpv/elpv_meta.csv || $(VENV)/bin/edgetl data elpv data/elpv --task binary --overwrite
 	$(VENV)/bin/edgetl train data/elpv --backbone efficientnet_lite0 --mode feature-extract --out runs/elpv-lite0 --overwrite
+	$(VENV)/bin/edgetl predict runs/elpv-lite0 data/elpv/defective/$$(ls data/elpv/defective | head -1) --top-k 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -103,8 +103,9 @@ def test_cli_train_writes_a_run_that_loads_and_evaluates(folder, tmp_path, capsy
     assert "broken.png: zero-byte file" in outerr.err
 
 
-def test_interrupt_then_resume_matches_an_uninterrupted_run(folder, tmp_path, capsys):
-    opts = dict(mode="fine-tune", epochs=3, lr=0.01, batch_size=8, patience=0, **TINY)
+@pytest.mark.parametrize("mode", ["fine-tune", "feature-extract"])
+def test_interrupt_then_resume_matches_an_uninterrupted_run(folder, tmp_path, capsys, mode):
+    opts = dict(mode=mode, epochs=3, lr=0.01, batch_size=8, patience=0, **TINY)
     full = train_run(folder, tmp_path / "full", quiet=True, **opts)
 
     def interrupt_after_epoch_1(epoch, record):

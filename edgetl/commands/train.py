@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from ..backbones import REGISTRY
 from ..train import BALANCES, DEVICES, MODES, SELECTION_METRICS, TrainConfig
 
 D = TrainConfig()
@@ -27,7 +28,7 @@ def _d(value) -> str:
 @click.option("--out", "-o", type=click.Path(path_type=Path), help="Run folder to write, e.g. runs/NAME.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path),
               help="TOML file of config keys (flat, as in a run's config.toml); command-line options win.")
-@click.option("--backbone", "-b", help="Backbone name (see edgetl/backbones.py)." + _d(D.backbone))
+@click.option("--backbone", "-b", help=f"Backbone: {', '.join(REGISTRY)}." + _d(D.backbone))
 @click.option("--mode", "-m", type=click.Choice(MODES), help="What trains." + _d(D.mode))
 @click.option("--pretrained", type=click.Choice(["imagenet", "none"]), help="Start weights." + _d(D.pretrained))
 @click.option("--weights", type=click.Path(path_type=Path), help="Pretrained backbone weights file (a state dict).")
@@ -108,7 +109,7 @@ def train(data, out, config_file, resume, overwrite, quiet, **options) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=int, help="Inference batch. [default: 16 on CPU, 64 on CUDA]")
 @click.option("--num-workers", type=int, help="DataLoader worker processes. [default: min(2, CPUs)]")
 def eval_cmd(run, data, split, out, overwrite, as_json, device, batch_size, num_workers) -> None:
     """Accuracy, macro-F1, per-class recall and the confusion matrix of RUN on DATA.
