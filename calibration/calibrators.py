@@ -83,19 +83,28 @@ def _input_name(model_path: Path) -> str:
 
 
 def ort_ranges(model_path: str | Path, inputs: np.ndarray, method: str = "MinMax", symmetric: bool = False,
-               options: dict[str, Any] | None = None, batch_size: int = 16) -> Ranges:
-    """Run an ONNX Runtime calibrator over ``inputs``; ranges of every tensor ORT would quantize."""
+               options: dict[str, Any] | None = None, batch_size: int = 16, chunk: int = 32) -> Ranges:
+    """Run an ONNX Runtime calibrator over ``inputs``; ranges of every tensor ORT would quantize.
+
+    Memory stays bounded: ORT keeps every intermediate output of the images it is given, so they
+    are fed ``chunk`` images at a time (the histogram collectors and min-max merge across calls)."""
     from onnxruntime.quantization import CalibrationMethod, create_calibrator
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
     model_path = Path(model_path)
+    # equal batches: ORT's histogram calibrators stack per-batch outputs and fail on a short last one
+    batch_size = max(b for b in range(1, batch_size + 1) if len(inputs) % b == 0)
+    chunk = max(batch_size, (chunk // batch_size) * batch_size)
     with tempfile.TemporaryDirectory(prefix="edgetl-calib-") as tmp:
         calib = create_calibrator(
             model_path, list(set(QLinearOpsRegistry) | set(QDQRegistry)),
             augmented_model_path=str(Path(tmp) / "augmented.onnx"),
             calibrate_method=getattr(CalibrationMethod, method),
-            extra_options={"symmetric": symmetric, **(options or {})})
-        calib.collect_data(_reader(inputs, _input_name(model_path), batch_size))
+            extra_options={"symmetric": symmetric, **(options or {})})  # (not max_intermediate_outputs: in
+        # ORT 1.32 MinMax drops the outputs it clears with it; each collect_data call merges and clears anyway)
+        name = _input_name(model_path)
+        for i in range(0, len(inputs), chunk):
+            calib.collect_data(_reader(inputs[i:i + chunk], name, batch_size))
         data = calib.compute_data()
     return {k: pair(v.range_value) for k, v in data.data.items()}
 

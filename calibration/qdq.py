@@ -177,9 +177,16 @@ def strip_qdq(model: "str | Path | onnx.ModelProto") -> tuple["onnx.ModelProto",
     for o in outputs & set(reroute):  # a graph output was a DQ output: keep its name with an Identity
         nodes.append(helper.make_node("Identity", [resolve(o)], [o], name=f"{o}__identity"))
     g.initializer.extend(new_inits)
-    _replace_nodes(g, _live_nodes(nodes, outputs))
+    _replace_nodes(g, nodes)
+    return prune_dead_nodes(m), ranges
+
+
+def prune_dead_nodes(model: "onnx.ModelProto") -> "onnx.ModelProto":
+    """Drop (in place) the nodes and initializers nothing reaches the graph outputs through."""
+    g = model.graph
+    _replace_nodes(g, _live_nodes(list(g.node), {o.name for o in g.output}))
     _drop_unused_initializers(g)
-    return m, ranges
+    return model
 
 
 def _live_nodes(nodes: list, outputs: set[str]) -> list:
