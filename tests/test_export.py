@@ -66,3 +66,31 @@ def test_parity_failure_is_loud(model_and_inputs, tmp_path: Path):
     finally:
         with torch.no_grad():
             model.head.weight.mul_(-1.0)
+
+
+def test_runtime_shape_arithmetic_is_folded(tmp_path: Path):
+    """timm's TF-"SAME" padding computes its pads from x.shape at run time; the export folds that into
+    constants (a quantizer would otherwise quantize the pad amounts like activations)."""
+    import torch
+    from timm.layers.padding import pad_same
+
+    from edgetl.calibration.qdq import op_counts
+
+    class SameConv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, stride=2)
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(pad_same(x, [3, 3], [2, 2])))
+            return self.head(y.mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    model = SameConv().eval()
+    x = np.random.default_rng(0).normal(size=(5, 3, 32, 32)).astype(np.float32)
+    path = export_onnx(model, SPEC, tmp_path / "same.onnx")
+    ops = op_counts(path)
+    assert not {"Shape", "Gather", "Cast", "Concat"} & set(ops), ops
+    assert check_parity(torch_logits(model, x), path, x).passed  # still dynamic batch (5 != 1)
+
