@@ -283,6 +283,10 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.resize is not None:
         choice("resize", RESIZE_POLICIES)
     get_backbone(cfg.backbone)
+    if cfg.weights and cfg.pretrained == "none":
+        raise EdgetlError("weights is given with pretrained = none", hint="drop --weights, or use --pretrained imagenet")
+    if cfg.weights and not Path(cfg.weights).is_file():
+        raise EdgetlError(f"--weights {cfg.weights}: no such file")
     for key, lo in (("batch_size", 1), ("unfreeze_every", 1), ("patience", 0)):
         if getattr(cfg, key) < lo:
             raise EdgetlError(f"{key} = {getattr(cfg, key)} must be at least {lo}")
@@ -633,8 +637,36 @@ def _log_data(rep: Reporter, data: LabelledData, cfg: TrainConfig) -> None:
 def run_training(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                  callbacks: Sequence[EpochCallback] = (), reporter: Reporter | None = None) -> TrainResult:
     """Train per ``cfg`` (already resolved) and write the run folder ``cfg.out``."""
-    with single_threaded_cv2(cfg.workers > 0):
+    with out_lock(cfg.out), single_threaded_cv2(cfg.workers > 0):
         return _run_training(cfg, resume, overwrite, callbacks, reporter)
+
+
+@contextlib.contextmanager
+def out_lock(out: str | Path) -> Iterator[None]:
+    """One ``edgetl train`` per --out at a time (a second one, e.g. ``--resume`` while the first
+    still runs, would write the same resumable state)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.lock"
+    fh = open(lock, "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EdgetlError(f"another edgetl train is writing {out} right now (lock {lock})",
+                              hint="wait for it to finish, or stop it (Ctrl-C) and use --resume") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    finally:
+        fh.close()
 
 
 def _run_training(cfg: TrainConfig, resume: bool, overwrite: bool, callbacks: Sequence[EpochCallback],
