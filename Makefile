@@ -19,10 +19,10 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The main job on real data: ELPV -> fine-tuned EfficientNet-Lite0 -> INT8 for two x86 targets (gated)
+# -> the device runtime on a 720p conveyor video -> side-by-side benchmark -> summary. FULL=1: better recipe.
 demo: $(STAMP)
-	test -f data/elpv/elpv_meta.csv || $(VENV)/bin/edgetl data elpv data/elpv --task binary --overwrite
-	$(VENV)/bin/edgetl train data/elpv --backbone efficientnet_lite0 --mode feature-extract --out runs/elpv-lite0 --overwrite
-	$(VENV)/bin/edgetl predict runs/elpv-lite0 data/elpv/defective/$$(ls data/elpv/defective | head -1) --top-k 2
+	$(PY) -m edgetl.demo $(if $(FULL),--full,)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

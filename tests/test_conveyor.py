@@ -1,4 +1,5 @@
 import csv
+from pathlib import Path
 
 import cv2
 import pytest
@@ -33,3 +34,21 @@ def test_conveyor_refuses_bad_input(tmp_path):
         make_conveyor_video([], tmp_path / "x.mp4")
     with pytest.raises(EdgetlError, match="unsupported video type"):
         make_conveyor_video([(tmp_path / "a.png", "a")], tmp_path / "x.gif")
+
+
+def test_conveyor_command_uses_the_held_out_split(tmp_path_factory, tmp_path):
+    import json
+
+    from _tinyrun import session_tiny_run
+    from edgetl.cli import main
+
+    run = session_tiny_run(tmp_path_factory)
+    out = tmp_path / "c.avi"
+    assert main(["data", "conveyor", str(run), str(out), "--items", "5", "--frames-per-item", "2",
+                 "--size", "96x64"]) == 0
+    rows = list(csv.DictReader(open(str(out) + ".labels.csv")))
+    assert len(rows) == 10
+    split = json.loads((run / "split.json").read_text())
+    test_names = {Path(i["path"]).name for i in split["splits"]["test"]}
+    assert {Path(r["path"]).name for r in rows} <= test_names
+    assert main(["data", "conveyor", str(run), str(tmp_path / "d.avi"), "--size", "big"]) == 2

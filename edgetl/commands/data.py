@@ -36,3 +36,45 @@ def elpv(out: Path, task: str, cell_type: str, overwrite: bool) -> None:
     counts = write_elpv(out, task=task, cell_type=cell_type, overwrite=overwrite)
     total = sum(counts.values())
     click.echo(f"wrote {total} images to {out} ({task}): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+@data.command("conveyor")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--split", "split_name", default="test", show_default=True,
+              help="Which split of the run the images come from (held-out: test).")
+@click.option("--items", default=40, show_default=True, help="How many images pass the camera.")
+@click.option("--frames-per-item", default=6, show_default=True)
+@click.option("--fps", default=15.0, show_default=True)
+@click.option("--size", default="1280x720", show_default=True, help="Frame size WIDTHxHEIGHT.")
+@click.option("--seed", default=0, show_default=True, help="Which images, in which order.")
+def conveyor(run: Path, out: Path, split_name: str, items: int, frames_per_item: int, fps: float, size: str,
+             seed: int) -> None:
+    """A "conveyor" video of a run's held-out images passing under a camera (+ a per-frame label CSV).
+
+    \b
+    Example:
+      edgetl data conveyor runs/elpv demo/conveyor.mp4 --items 40
+      edgetl run artifacts/elpv-ov --source demo/conveyor.mp4 --headless
+    """
+    import json
+    import random
+
+    from ..conveyor import make_conveyor_video
+    from ..runs import SPLIT_FILE, split_samples
+    from ..runtime.errors import EdgetlError
+    from ..runtime.manifest import read_manifest
+
+    manifest = read_manifest(run)
+    if not (run / SPLIT_FILE).exists():
+        raise EdgetlError(f"{run / SPLIT_FILE}: missing", hint="pass a run folder written by `edgetl train`")
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise EdgetlError(f"--size {size!r} is not WIDTHxHEIGHT", hint="e.g. --size 1280x720") from None
+    samples = split_samples(json.loads((run / SPLIT_FILE).read_text()), split_name, manifest.labels, run)
+    random.Random(seed).shuffle(samples)
+    chosen = [(s.path, manifest.labels[s.label]) for s in samples[:items]]
+    info = make_conveyor_video(chosen, out, fps=fps, frames_per_item=frames_per_item, size=(w, h))
+    click.echo(f"wrote {out}: {info['frames']} frames ({info['items']} {split_name} images x {frames_per_item}) "
+               f"at {w}x{h}, {fps:g} fps; labels per frame in {out}.labels.csv")
