@@ -41,7 +41,7 @@ Progress = Callable[[str], None]
 class GateFailed(EdgetlError):
     """The build was made and recorded, but it misses the target's accuracy gate: not deployable."""
 
-    exit_code = 4
+    exit_code = 1  # as `edgetl quantize` and `edgetl check`: 1 = gate failed, 2 = bad input
 
 
 @dataclass(frozen=True)
