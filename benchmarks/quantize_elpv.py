@@ -10,7 +10,9 @@
    ``all_forms`` so the other QDQ rendering (and NNCF's own QAT export) is kept and measured:
    test accuracy (the checkset = the run's held-out test split), agreement with float, the gate,
    quantization wall time.
-4. One interleaved batch-1 latency loop over every ONNX file (fp32 and each INT8 form) on ONNX
+4. The four range calibrators (PTQ, both QDQ forms) on the same prepared graph and calibration
+   images: agreement, top-1 and logit MSE against float (accuracy only).
+5. One interleaved batch-1 latency loop over every ONNX file (fp32 and each INT8 form) on ONNX
    Runtime (CPU EP) and OpenVINO (CPU, ``inference_precision=f32`` so non-INT8 layers run f32, not
    the bf16 this CPU would default to); medians, so the rows are comparable within this run.
 
@@ -101,6 +103,38 @@ def latency_table(models: dict[str, Path], sample: np.ndarray, repeats: int, log
     return out
 
 
+def calibrator_sweep(artifact: Path, data_root: Path, log) -> list[dict]:
+    """PTQ with each calibrator x QDQ form from the artifact's own FP32 graph and calibration list."""
+    import tempfile
+
+    from edgetl.calibration.cache import save_ranges
+    from edgetl.calibration.calibrators import CALIBRATORS, calibrate
+    from edgetl.calibration.qdq import QDQ_FORMS
+    from edgetl.calibration.sets import load_images
+    from edgetl.check import load_checkset
+    from edgetl.quantize import ort_logits, prepare_float, render_qdq
+    from edgetl.runtime.manifest import read_manifest
+
+    cs = load_checkset(artifact)
+    spec = read_manifest(artifact).preprocess
+    cal = load_images([data_root / line for line in (artifact / "calibration.txt").read_text().split()], spec)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="calib-sweep-") as tmp:
+        prep = prepare_float(artifact / "model_fp32.onnx", Path(tmp) / "prep.onnx")
+        for name in CALIBRATORS:
+            for form in QDQ_FORMS.values():
+                t0 = time.perf_counter()
+                cache = save_ranges(calibrate(prep, cal, name, form.symmetric_activations), Path(tmp) / "r.json")
+                q = ort_logits(render_qdq(prep, cache, Path(tmp) / "q.onnx", form), cs.inputs)
+                f = cs.float_logits
+                rows.append({"calibrator": name, "form": form.key, "seconds": time.perf_counter() - t0,
+                             "agreement": float((q.argmax(1) == f.argmax(1)).mean()),
+                             "top1": float((q.argmax(1) == cs.labels).mean()), "logit_mse": float(((q - f) ** 2).mean())})
+                log(f"calibrators: {name:10s} {form.short}  agreement {rows[-1]['agreement']:.4f}  "
+                    f"top-1 {rows[-1]['top1']:.4f}  logit MSE {rows[-1]['logit_mse']:.4f}")
+    return rows
+
+
 def accuracy(path: Path, checkset) -> dict[str, float]:
     from edgetl.runtime.runners import open_runner
 
@@ -120,6 +154,7 @@ def main(argv=None) -> int:
     ap.add_argument("--qat-max-images", type=int, default=640, help="training images per QAT epoch")
     ap.add_argument("--repeats", type=int, default=50, help="latency repeats per model (interleaved)")
     ap.add_argument("--methods", default="ptq,qat")
+    ap.add_argument("--no-calibrators", action="store_true", help="skip the calibrator sweep")
     args = ap.parse_args(argv)
 
     def log(s: str) -> None:
@@ -146,6 +181,8 @@ def main(argv=None) -> int:
         for f in res["forms"]:
             if f.get("file"):
                 models[f"{method} {f['form']}"] = art / f["file"]
+    split = json.loads((run / "split.json").read_text())
+    sweep = [] if args.no_calibrators else calibrator_sweep(first, Path(split.get("root", ".")), log)
     log(f"latency: {len(models)} models x 2 backends, {args.repeats} interleaved batch-1 runs each")
     lat = latency_table(models, checkset.inputs, args.repeats, log)
     rows = []
@@ -162,7 +199,7 @@ def main(argv=None) -> int:
                         "drop_ci": r["gate"]["drop_ci"], "calibrator": r["quantization"]["calibrator"],
                         "qdq_format": r["quantization"]["qdq_format"], "float_layers": r["float_layers"],
                         "qat": r["quantization"].get("qat")} for m, r in results.items()},
-        "rows": rows, "repeats": args.repeats,
+        "rows": rows, "repeats": args.repeats, "calibrators": sweep,
         "notes": "latency = median of interleaved batch-1 runs in this process; OpenVINO with "
                  "inference_precision=f32 (this CPU defaults to bf16 for non-INT8 layers)",
     }
@@ -175,6 +212,11 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['model'][:52]:52s} {100 * r['top1']:6.2f}% {100 * (r['top1'] - float_top1):+6.2f} "
               f"{100 * r['agreement']:6.2f}% {r.get('onnxruntime', float('nan')):7.2f} {r.get('openvino', float('nan')):7.2f}")
+    if sweep:
+        print(f"{'calibrator':12s} {'form':30s} {'agree':>7s} {'top-1':>7s} {'logit MSE':>10s}")
+        for c in sweep:
+            print(f"{c['calibrator']:12s} {c['form']:30s} {100 * c['agreement']:6.2f}% {100 * c['top1']:6.2f}% "
+                  f"{c['logit_mse']:10.4f}")
     for m, s in summary["methods"].items():
         print(f"{m}: quantization {s['seconds']:.0f} s, calibrator {s['calibrator']}, gate "
               f"{'passed' if s['gate_passed'] else 'FAILED'} (drop {s['drop']:.2f} [{s['drop_ci'][0]:.2f}, "

@@ -296,9 +296,13 @@ def qat(run, cal_inputs: np.ndarray, fp32: Path, cfg: QuantizeConfig, work: Path
     onnx.save(float_graph, str(work / "qat_float.onnx"))
     prepared = prepare_float(work / "qat_float.onnx", work / "prepared.onnx")
 
+    memo: dict[str, dict] = {}
+
     def ranges_for(form: QdqForm) -> dict:
-        base = calibrate(prepared, cal_inputs, "minmax", form.symmetric_activations, cfg.static_batch or 16)
-        return merge_ranges(base, {k: v for k, v in learned.items() if k in base})
+        if form.key not in memo:
+            base = calibrate(prepared, cal_inputs, "minmax", form.symmetric_activations, cfg.static_batch or 16)
+            memo[form.key] = merge_ranges(base, {k: v for k, v in learned.items() if k in base})
+        return memo[form.key]
 
     info["learned_ranges"] = len(set(learned) & set(ranges_for(cfg.form)))
     return prepared, ranges_for, info, nncf_onnx
