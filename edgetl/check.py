@@ -413,11 +413,12 @@ def render_report_md(report: Mapping[str, Any]) -> str:
         lines += [f"![float vs quantized confusion matrices]({CONFUSION_PNG})", ""]
     rounds = report.get("rounds") or []
     if len(rounds) > 1 or (rounds and rounds[0].get("float_layers")):
-        lines += ["## Mixed-precision rounds", "", "| round | layers kept in float | top-1 | drop | agreement | passed |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["## Mixed-precision rounds", "", "| round | layers kept in float | top-1 | drop | agreement | passed | kept |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in rounds:
+            kept = r.get("kept", r is rounds[-1])
             lines.append(f"| {r['round']} | {len(r['float_layers'])} | {_pct(r['quant_top1'])} | {r['drop']:.2f} | "
-                         f"{_pct(r['agreement'])} | {r['accuracy_passed']} |")
+                         f"{_pct(r['agreement'])} | {r['accuracy_passed']} | {'yes' if kept else ''} |")
         lines.append("")
     forms = report.get("forms") or []
     if forms:

@@ -362,6 +362,17 @@ def quantize_with_fallback(prepared: Path, cache: Path, form: QdqForm, out: Path
             log("fallback: no remaining layer gains anything in float; stopping")
             break
         exclude += candidates[:cfg.fallback_step]
+    if not gate.accuracy_passed and len(rounds) > 1:
+        # every round missed: keep the best one (more float layers is not always better), not the last
+        best = max(rounds, key=lambda x: (x["agreement"], -x["drop"], -len(x["float_layers"])))
+        if best is not rounds[-1]:
+            exclude = list(best["float_layers"])
+            log(f"fallback: keeping round {best['round']} (the best agreement), {len(exclude)} float layer(s)")
+            render_qdq(prepared, cache, out, form, exclude)
+            gate = gate_from_logits(ort_logits(out, checkset.inputs), checkset,
+                                    replace(cfg.thresholds, speed_check=False), labels)
+        for x in rounds:
+            x["kept"] = x is best
     return Rendered(gate, exclude, rounds, ranking)
 
 
