@@ -246,6 +246,12 @@ class GateResult:
     runner: dict[str, Any] = field(default_factory=dict)  # backend, version, device, precision
     checked: str = ""
 
+    def without_tried(self, method: str | None) -> "GateResult":
+        """Drop the suggestion of what was already done (QAT, when the artifact is QAT)."""
+        if method == "qat":
+            self.suggestions = [x for x in self.suggestions if "--method qat" not in x]
+        return self
+
     @property
     def accuracy_passed(self) -> bool:
         return not any(f.startswith(("accuracy", "agreement")) for f in self.failures)
@@ -542,7 +548,8 @@ def check_artifact(folder: str | Path, backend: str | None = None, thresholds: A
         except EdgetlError as exc:
             note = f"speed not measured: the float model does not load on {backend} ({exc.message})"
     try:
-        result = evaluate(runner, checkset, th, manifest.labels, float_runner, speed_gated, note)
+        result = evaluate(runner, checkset, th, manifest.labels, float_runner, speed_gated, note).without_tried(
+            (manifest.quantization or {}).get("method"))
     finally:
         runner.close()
         if float_runner is not None:

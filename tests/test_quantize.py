@@ -80,6 +80,7 @@ def test_qat_produces_a_qdq_onnx_rendered_from_the_qat_result(run: Path, tmp_pat
     assert is_qdq(out / "model_int8.onnx") and m.quantization["method"] == "qat"
     qat = m.quantization["qat"]
     assert qat["epochs"] == 1 and qat["learned_ranges"] > 0 and "HISTOGRAM" in qat["init"]
+    assert qat["objective"] == "distill" and len(qat["loss"]) == 1
     assert 0.0 <= m.gate["agreement"] <= 1.0
     forms = {f["form"]: f for f in json.loads((out / "report.json").read_text())["forms"]}
     assert set(forms) == {"u8s8-asymmetric-per-channel", "s8s8-symmetric-per-channel", "nncf-native"}
