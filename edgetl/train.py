@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import shutil
 import time
 import tomllib
@@ -462,8 +463,13 @@ def make_loader(ds: ImageDataset, batch_size: int, workers: int, device, shuffle
     g = torch.Generator().manual_seed(seed)
     sampler = (WeightedRandomSampler(list(sample_weights), len(ds), replacement=True, generator=g)
                if sample_weights is not None else None)
+    # Workers start from a fork server, not a fork of this process: a process that has already loaded
+    # OpenVINO/ONNX Runtime/OpenMP thread pools (a notebook, the test suite, the Python API after a
+    # runner) can crash in a forked child. Persistent workers pay the start-up once per run.
+    extra = {"multiprocessing_context": "forkserver", "persistent_workers": True} if workers > 0 and \
+        sys.platform.startswith("linux") else {}
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      generator=g, num_workers=workers, pin_memory=device.type == "cuda")
+                      generator=g, num_workers=workers, pin_memory=device.type == "cuda", **extra)
 
 
 def _to_device(x, device, channels_last: bool):
