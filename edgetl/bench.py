@@ -244,6 +244,7 @@ def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[s
               frame_size: tuple[int, int] | None = None, n_frames: int = 32, block_warmup: int = 5,
               progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     artifact = Path(artifact)
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     manifest = verify_files(artifact, read_manifest(artifact))
     if manifest.kind != "artifact":
         raise EdgetlError(f"{artifact} is a {manifest.kind}, not an artifact",
@@ -315,10 +316,21 @@ def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[s
     return {
         "artifact": str(artifact), "labels": list(manifest.labels),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count()},
+                    "cpus": os.cpu_count(), "loadavg_start": load_start,
+                    "loadavg_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+        "busy_warning": busy_warning(load_start, threads),
         "threads": threads, "frames": frames_source, "input_size": list(spec.input_size),
         "reps": reps, "rounds": rounds, "rows": results, "skipped": skipped, "speedups": summary,
     }
+
+
+def busy_warning(load: float | None, threads: int) -> str | None:
+    """Other work on the CPUs distorts every row, multi-threaded eager PyTorch most of all."""
+    cpus = os.cpu_count() or 1
+    if load is None or load <= max(0.5, cpus - threads):
+        return None
+    return (f"the machine was busy (1-min load average {load:.1f} on {cpus} CPUs) before the bench started: "
+            "latencies are inflated, PyTorch eager's OpenMP threads most of all; re-run on an idle machine")
 
 
 def _speedups(rows: dict[str, dict]) -> dict[str, Any]:

@@ -16,10 +16,12 @@ def bench_markdown(result: dict[str, Any]) -> str:
              f"Machine: {result['machine']['processor']}, {result['machine']['cpus']} CPUs; threads per backend: "
              f"{result['threads']}; timed frames: {result['frames']}; {result['reps']} batch-1 runs per row in "
              f"{result['rounds']} interleaved rounds. Latency is from a decoded uint8 frame to a label, "
-             "preprocessing included.", "",
-             "| backend | precision (actual) | p50 ms | p90 ms | preprocess ms | batch-8 img/s | top-1 % | "
-             "agreement % | size MB | peak RSS MB |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "preprocessing included.", ""]
+    if result.get("busy_warning"):
+        lines += [f"**Warning:** {result['busy_warning']}.", ""]
+    lines += ["| backend | precision (actual) | p50 ms | p90 ms | preprocess ms | batch-8 img/s | top-1 % | "
+              "agreement % | size MB | peak RSS MB |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"].values():
         thr = next((v for k, v in r.items() if k.startswith("throughput_")), None)
         lines.append(f"| {r['label']} | {r['precision']} | {r['latency_p50_ms']:.2f} | {r['latency_p90_ms']:.2f} | "

@@ -62,3 +62,13 @@ def test_missing_run_is_explained_and_bad_rows_refused(artifact, tmp_path, capsy
     assert main(["bench", str(work), "--backends", "tflite"]) == 2
     assert "unknown row" in capsys.readouterr().err
     assert main(["bench", str(tmp_path / "nope")]) == 2
+
+
+def test_busy_machine_is_flagged():
+    import os
+
+    from edgetl.bench import busy_warning
+
+    cpus = os.cpu_count() or 1
+    assert busy_warning(0.0, 2) is None and busy_warning(None, 2) is None
+    assert "busy" in busy_warning(cpus + 4.0, 2)

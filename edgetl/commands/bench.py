@@ -64,6 +64,8 @@ def bench(artifact: Path, run_dir: Path | None, backends: str | None, threads: i
         result = run_bench(artifact, run=run_dir, rows=_rows(backends), threads=threads, reps=reps,
                            rounds=rounds, frame_size=_size(frame_size), progress=lambda s: status.update(s))
     Console(width=max(140, Console().width)).print(render_table(result))
+    if result.get("busy_warning"):
+        click.secho("warning: " + result["busy_warning"], fg="yellow", err=True)
     sp = result["speedups"]
     if sp:
         click.echo("speed-ups (p50, same run): " + ", ".join(
