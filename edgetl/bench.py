@@ -31,7 +31,7 @@ import numpy as np
 
 from .runtime.errors import EdgetlError
 from .runtime.imageio import read_image
-from .runtime.manifest import Manifest, read_manifest, verify_files
+from .runtime.manifest import Manifest, open_verified
 from .runtime.preprocess import preprocess
 
 ALL_ROWS = ("torch-nchw", "torch-channels-last", "ort-fp32", "ort-int8", "ov-f32", "ov-default", "ov-int8",
@@ -245,10 +245,8 @@ def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[s
               progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     artifact = Path(artifact)
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    manifest = verify_files(artifact, read_manifest(artifact))
-    if manifest.kind != "artifact":
-        raise EdgetlError(f"{artifact} is a {manifest.kind}, not an artifact",
-                          hint="bench an artifact from `edgetl quantize`/`edgetl compile` (pass the run with --run)")
+    manifest = open_verified(artifact, "artifact",
+                             hint="bench an artifact from `edgetl quantize`/`edgetl compile` (pass the run with --run)")
     check = artifact / "checkset.npz"
     from .check import load_checkset
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .runtime.errors import EdgetlError
-from .runtime.manifest import Manifest, hash_files, read_manifest, verify_files, write_manifest
+from .runtime.manifest import Manifest, hash_files, open_verified, write_manifest
 
 CHECKSET_NAME = "checkset.npz"
 REPORT_JSON = "report.json"
@@ -516,12 +516,9 @@ def check_artifact(folder: str | Path, backend: str | None = None, thresholds: A
     result: manifest.gate (artifact gate) or the build's ``gate`` entry, report.json/md and
     confusion.png rewritten, file hashes refreshed, manifest rewritten atomically."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise EdgetlError(f"{folder}: no such artifact folder", hint="pass the --out folder of `edgetl quantize`")
-    manifest = verify_files(folder, read_manifest(folder))
-    if manifest.kind != "artifact":
-        raise EdgetlError(f"{folder} is an edgetl {manifest.kind}, not an artifact",
-                          hint="quantize the run first: edgetl quantize RUN --out artifacts/NAME")
+    manifest = open_verified(folder, "artifact", hint="pass the --out folder of `edgetl quantize` or `edgetl "
+                                                      "compile` (a run is quantized first: edgetl quantize RUN --out "
+                                                      "artifacts/NAME)")
     th = Thresholds.coerce(thresholds if thresholds is not None else (manifest.gate or {}).get("thresholds"))
     backend = backend or GATE_BACKEND
     entry = _build_entry(manifest, backend)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .runtime.errors import EdgetlError
-from .runtime.manifest import Manifest, read_manifest, verify_files
+from .runtime.manifest import Manifest, open_verified
 
 WEIGHTS_FILE = "model.safetensors"
 SPLIT_FILE = "split.json"
@@ -95,12 +95,7 @@ def build_from_manifest(manifest: Manifest):
 def load_run(path: str | Path) -> LoadedRun:
     """Load a finished run folder: verified manifest, the model (eval mode) and its split."""
     path = Path(path)
-    if not path.is_dir():
-        raise EdgetlError(f"{path}: no such run folder", hint="pass the --out folder of `edgetl train`")
-    manifest = verify_files(path, read_manifest(path))
-    if manifest.kind != "run":
-        raise EdgetlError(f"{path} is an edgetl {manifest.kind}, not a run",
-                          hint="pass the folder written by `edgetl train`")
+    manifest = open_verified(path, "run", hint="pass the --out folder of `edgetl train`")
     from safetensors.torch import load_file
 
     model = build_from_manifest(manifest)

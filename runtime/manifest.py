@@ -188,3 +188,17 @@ def verify_files(folder: str | Path, manifest: Manifest | None = None) -> Manife
                                  hint="the file was modified or damaged after it was written: copy it again, "
                                       "or rebuild it with edgetl")
     return manifest
+
+
+def open_verified(folder: str | Path, kind: str, hint: str) -> Manifest:
+    """The manifest of a run/artifact folder whose files all match their sha256, refusing a missing
+    folder or the wrong kind with ``hint`` (what to pass instead)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ManifestError(f"{folder}: no such {kind} folder", hint=hint)
+    manifest = verify_files(folder, read_manifest(folder))
+    if manifest.kind != kind:
+        raise ManifestError(f"{folder} is an edgetl {manifest.kind}, not {'an' if kind[0] in 'aeiou' else 'a'} {kind}",
+                            hint=hint)
+    return manifest
+

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..runtime.errors import EdgetlError
-from ..runtime.manifest import Manifest, hash_files, read_manifest, verify_files, write_manifest
+from ..runtime.manifest import Manifest, hash_files, open_verified, read_manifest, write_manifest
 from ..targets import TargetProfile
 
 BUILDERS: dict[str, str] = {
@@ -144,10 +144,8 @@ def build_artifact(folder: str | Path, profile: TargetProfile, backend: str | No
     and the manifest (hashes refreshed).
     """
     folder = Path(folder)
-    manifest = verify_files(folder, read_manifest(folder))
-    if manifest.kind != "artifact":
-        raise EdgetlError(f"{folder} is an edgetl {manifest.kind}, not an artifact",
-                          hint="compile the run first: edgetl compile RUN --target T --out artifacts/NAME")
+    manifest = open_verified(folder, "artifact",
+                             hint="compile the run first: edgetl compile RUN --target T --out artifacts/NAME")
     backend = backend or profile.backend
     if backend != profile.backend:
         profile = profile.with_changes(backend=backend)
