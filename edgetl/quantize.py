@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -215,6 +216,10 @@ def make_checkset(run, cap: int, seed: int) -> Checkset:
 # ------------------------------------------------------------------------------------------
 
 def _nncf():
+    # NNCF JIT-compiles a C++ torch extension the first time QAT runs on a machine, and gives up after
+    # 60 s by default: on a busy 2-core host or a small board that first build takes longer and QAT
+    # failed with ExtensionLoaderTimeoutException. Allow 15 minutes unless the user set a value.
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
     try:
         import nncf  # noqa: F401
     except ImportError:
