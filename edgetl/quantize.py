@@ -72,7 +72,7 @@ class QuantizeConfig:
     thresholds: Thresholds = field(default_factory=Thresholds)
     max_fallback_rounds: int = 3
     fallback_step: int = 1  # layers kept in float per round
-    sensitivity: bool = True
+    sensitivity: bool = False  # rank every layer even when round 0 passes (else: only when a fallback needs it)
     sensitivity_images: int = 32
     qat_epochs: int = 2
     qat_lr: float = 1e-5

@@ -36,8 +36,9 @@ from .check import gate_options, thresholds_from
 @click.option("--max-fallback-rounds", type=int, default=3, show_default=True,
               help="Mixed-precision rounds: each keeps the next most sensitive layer(s) in float.")
 @click.option("--fallback-step", type=int, default=1, show_default=True, help="Layers kept in float per round.")
-@click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
-              help="Rank all layers by quantization sensitivity (sensitivity.csv) even when no fallback is needed.")
+@click.option("--sensitivity/--no-sensitivity", default=False, show_default=True,
+              help="Rank all layers by quantization sensitivity (sensitivity.csv) even when the gate passes "
+                   "without fallback (otherwise ranked only when a fallback round needs it; ~1-2 min on Lite0).")
 @click.option("--sensitivity-images", type=int, default=32, show_default=True)
 @click.option("--qat-epochs", type=int, default=2, show_default=True)
 @click.option("--qat-lr", type=float, default=1e-5, show_default=True)
