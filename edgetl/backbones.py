@@ -14,6 +14,10 @@ Weights sources:
   cache (or can be downloaded), or ``weights_file`` (``--weights FILE``).
 * ``tiny_cnn``: a small random-init CNN for tests and toy runs; it has no pretrained weights.
 
+Outside the registry, ``build_external("torchvision:NAME" | "timm:NAME", num_classes)`` rebuilds a
+whole classifier exactly as the library builds it (random init): the architecture of a model trained
+elsewhere and handed to ``edgetl compile`` as a state dict.
+
 torch/torchvision/timm are imported inside the functions: importing this module is cheap.
 """
 
@@ -245,6 +249,60 @@ register(BackboneEntry(
     build=_build_tiny,
     has_pretrained=False,
 ))
+
+
+# ------------------------------------------------------------------------------------------
+# External architectures: a whole classifier as torchvision/timm build it (a model trained elsewhere)
+# ------------------------------------------------------------------------------------------
+
+EXTERNAL_LIBRARIES = ("torchvision", "timm")
+
+
+def is_external(name: str) -> bool:
+    """``torchvision:NAME`` / ``timm:NAME``: a plain library architecture, not a registry backbone."""
+    return ":" in str(name)
+
+
+def _external_names(lib: str) -> list[str]:
+    if lib == "torchvision":
+        import torchvision.models as tvm
+
+        return tvm.list_models(module=tvm)  # classification models only
+    import timm
+
+    return timm.list_models()
+
+
+def build_external(arch: str, num_classes: int, where: str = "--arch") -> "nn.Module":
+    """The plain architecture ``arch`` with random weights and ``num_classes`` outputs, built exactly
+    as a user trains it: ``torchvision.models.get_model(NAME, weights=None, num_classes=N)`` or
+    ``timm.create_model(NAME, pretrained=False, num_classes=N)``. Nothing is downloaded."""
+    _torch()
+    lib, _, name = str(arch).partition(":")
+    examples = "torchvision:mobilenet_v2, torchvision:resnet18, timm:efficientnet_b0"
+    if lib not in EXTERNAL_LIBRARIES or not name:
+        raise EdgetlError(f"{where} {arch!r}: not an architecture name edgetl can rebuild",
+                          hint=f"write LIBRARY:NAME with LIBRARY one of {', '.join(EXTERNAL_LIBRARIES)}, e.g. {examples}")
+    try:
+        names = _external_names(lib)
+    except ImportError:
+        raise MissingDependencyError(lib, "train", f"the architecture {arch}") from None
+    if name not in names:
+        import difflib
+
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        raise EdgetlError(f"{where} {arch!r}: {lib} has no classification model named {name!r}",
+                          hint=(f"did you mean {', '.join(f'{lib}:{c}' for c in close)}? " if close else "") +
+                               "the name is the one given to " + ("torchvision.models.get_model()" if lib == "torchvision"
+                                                                   else "timm.create_model()") +
+                               " when the model was trained")
+    if lib == "torchvision":
+        import torchvision.models as tvm
+
+        return tvm.get_model(name, weights=None, num_classes=num_classes)
+    import timm
+
+    return timm.create_model(name, pretrained=False, num_classes=num_classes)
 
 
 # ------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@
 
 ``load_run`` verifies every file's sha256 against the manifest, rebuilds the architecture from
 the registry (no download: the trained weights replace the pretrained ones) and loads the weights.
+A backbone named ``torchvision:NAME``/``timm:NAME`` is a whole library classifier trained outside
+edgetl (``edgetl compile weights.pth --arch ...`` materialises such a run temporarily).
 """
 
 from __future__ import annotations
@@ -81,12 +83,17 @@ def save_weights(model, folder: Path) -> Path:
 
 
 def build_from_manifest(manifest: Manifest):
-    """The classifier architecture of a run, with random weights (load the run's weights next)."""
-    from .backbones import build_classifier
+    """The classifier architecture of a run, with random weights (load the run's weights next).
+
+    ``backbone.name`` is a registry backbone (``EdgeClassifier``: backbone -> dropout -> head), or
+    ``torchvision:NAME`` / ``timm:NAME`` for a model trained outside edgetl (the whole library model)."""
+    from .backbones import build_classifier, build_external, is_external
 
     bb = manifest.backbone
     if "name" not in bb:
         raise EdgetlError("manifest key 'backbone.name' is missing: cannot rebuild the model")
+    if is_external(bb["name"]):
+        return build_external(bb["name"], manifest.num_classes, where="manifest key 'backbone.name'")
     model, _ = build_classifier(bb["name"], manifest.num_classes, pretrained="none",
                                 dropout=float(bb.get("dropout", 0.2)))
     return model
