@@ -401,6 +401,10 @@ def render_report_md(report: Mapping[str, Any]) -> str:
     head = ("**VERIFIED: the quantized model passed its accuracy gate: deployable.**" if deployable else
             "**NOT DEPLOYABLE: the quantized model failed its gate** (manifest.gate.passed = false).")
     lines = [f"# edgetl artifact report: {report.get('name', '')}", "", head, ""]
+    src = report.get("source_model")
+    if src:
+        arch = f", architecture `{src['arch']}`" if src.get("arch") else ""
+        lines += [f"Model trained outside edgetl: `{src.get('file')}` (sha256 `{str(src.get('sha256'))[:16]}…`{arch}).", ""]
     q = report.get("quantization") or {}
     if q:
         lines += ["## Quantization", "", "| | |", "| --- | --- |"]

@@ -1,11 +1,15 @@
-"""``edgetl compile``: a trained run (or an FP32 ONNX classifier) -> a built, gated artifact for one target.
+"""``edgetl compile``: a trained run, or a model trained elsewhere (an FP32 ONNX classifier, or a
+torchvision/timm state dict with its architecture name) -> a built, gated artifact for one target.
 
 Steps, each reported through ``progress``:
 
 1. **quantize** as the target profile says: ``int8`` -> ``edgetl.quantize.quantize_run`` (QAT or
    PTQ, the QDQ form the target's backend runs: s8s8 symmetric for TensorRT, u8s8 for ONNX
    Runtime/OpenVINO); ``fp16``/``fp32`` -> the float export and checkset only. A bare ONNX model is
-   quantized by PTQ (``quantize_onnx``): there is no PyTorch model to fine-tune.
+   quantized by PTQ (``quantize_onnx``): there is no PyTorch model to fine-tune; for a float target
+   it becomes a float artifact (``float_onnx_artifact``). A state dict (``compile_external``) is
+   loaded strictly into its architecture and, with labelled images, compiled through a temporary
+   run folder (PTQ or QAT, as any run); without labels, through its ONNX export (PTQ).
 2. **build** for the target (``edgetl.backends.build_artifact``) and **gate** the build (the
    device's runner on the checkset); for TensorRT on a host without it, the build configuration
    and the pre-build gate are written for ``edgetl build`` on the device.
@@ -15,6 +19,7 @@ Steps, each reported through ``progress``:
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -25,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .backends import BuildOutcome, build_artifact
-from .fsutil import atomic_output_dir
+from .fsutil import atomic_output_dir, check_output_dir
 from .runtime.errors import EdgetlError
 from .runtime.manifest import Manifest, read_manifest, sha256_file, write_manifest
 from .runtime.preprocess import PreprocessSpec
@@ -93,10 +98,22 @@ def _build_detail(outcome: BuildOutcome) -> str:
     return f"{e['backend']} {version} {e.get('precision', '')} on {e.get('device', '')}"
 
 
+def export_opset(profile: TargetProfile) -> int | None:
+    """The ONNX opset a float export for ``profile`` needs (TensorRT: what every listed version parses)."""
+    if profile.backend != "tensorrt":  # e.g. the Nano's TensorRT 8.2 parses up to opset 13
+        return None
+    from .backends.trt_conformance import max_opset
+
+    return min(17, max_opset(profile.tensorrt.supported_versions))
+
+
 def compile_run(run_path: str | Path, out: str | Path, profile: TargetProfile, method: str | None = None,
                 speed_check: bool = True, overwrite: bool = False, progress: Progress = print,
-                **quantize_overrides: Any) -> CompileResult:
-    """Quantize (as ``profile`` says), build and gate a run into the artifact folder ``out``."""
+                origin: dict[str, Any] | None = None, **quantize_overrides: Any) -> CompileResult:
+    """Quantize (as ``profile`` says), build and gate a run into the artifact folder ``out``.
+
+    ``origin`` (a model trained elsewhere, see :func:`compile_external`): the run is a temporary
+    stand-in; report.json names the source model instead of the run folder."""
     from .runs import load_run
 
     out = Path(out)
@@ -116,14 +133,11 @@ def compile_run(run_path: str | Path, out: str | Path, profile: TargetProfile, m
                       lambda r: _gate_detail(r.gate.summary()))
         else:
             method = None
-            opset = None
-            if profile.backend == "tensorrt":  # e.g. the Nano's TensorRT 8.2 parses up to opset 13
-                from .backends.trt_conformance import max_opset
-
-                opset = min(17, max_opset(profile.tensorrt.supported_versions))
+            opset = export_opset(profile)
             steps.run("export (float: no quantization for a " + profile.precision + " target)",
                       lambda: float_artifact(run, d, out.name, progress, opset=opset),
                       lambda m: f"FP32 ONNX (opset {opset or 'default'}) + checkset")
+        _name_report(d, out.name, origin)
         outcome = steps.run(f"build ({profile.backend})",
                             lambda: build_artifact(d, profile, speed_check=speed_check, progress=progress),
                             _build_detail)
@@ -132,33 +146,65 @@ def compile_run(run_path: str | Path, out: str | Path, profile: TargetProfile, m
                          list(outcome.notes))
 
 
+def _name_report(folder: Path, name: str, origin: dict[str, Any] | None) -> None:
+    """report.json/md carry the artifact's name (not the temp folder's it was written in) and, for a
+    model trained elsewhere (``origin``), name that model instead of the temporary run folder."""
+    from .check import REPORT_JSON, write_report
+    from .runtime.manifest import hash_files
+
+    manifest = read_manifest(folder)
+    report = json.loads((folder / REPORT_JSON).read_text(encoding="utf-8"))
+    if report.get("name") == name and origin is None:
+        return
+    report["name"] = name
+    if origin is not None:
+        report["run"] = None
+        report["source_model"] = origin
+    write_report(folder, report, manifest.labels)
+    write_manifest(manifest.replace(files=hash_files(folder)), folder)
+
+
+def write_float_artifact(folder: Path, name: str, checkset: Any, source: Manifest,
+                         report_extra: dict[str, Any]) -> Manifest:
+    """checkset.npz, report.json/md and manifest.json of a float artifact (``model_fp32.onnx`` is in
+    ``folder`` already); labels, preprocessing, backbone and training come from ``source``."""
+    from .check import CHECKSET_NAME, write_report
+    from .runtime.manifest import default_input, hash_files
+
+    checkset.save(folder / CHECKSET_NAME)
+    report = {"name": name, **report_extra, "deployable": True, "quantization": {"method": "none (float target)"}}
+    write_report(folder, report, source.labels)
+    manifest = Manifest(kind="artifact", labels=source.labels, preprocess=source.preprocess, task=source.task,
+                        input=default_input(source.preprocess, "dynamic"), backbone=source.backbone,
+                        training=source.training, quantization=None, files=hash_files(folder))
+    write_manifest(manifest, folder)
+    return manifest
+
+
 def float_artifact(run: Any, folder: Path, name: str, progress: Progress = print, checkset_cap: int = 1000,
                    seed: int = 0, opset: int | None = None) -> Manifest:
     """An artifact without quantization (fp16/fp32 targets): FP32 ONNX (parity-checked) + checkset."""
-    from .check import CHECKSET_NAME, FP32_ONNX, write_report
+    from .check import FP32_ONNX
     from .export import check_parity, export_onnx
     from .quantize import make_checkset
-    from .runtime.manifest import default_input, hash_files
 
     spec = run.manifest.preprocess
     checkset = make_checkset(run, checkset_cap, seed)
     export_onnx(run.model, spec, folder / FP32_ONNX, **({"opset": opset} if opset else {}))
     parity = check_parity(checkset.float_logits[:200], folder / FP32_ONNX, checkset.inputs[:200])
     progress(f"export: {FP32_ONNX} parity max |diff| {parity.max_abs_diff:.2e}")
-    checkset.save(folder / CHECKSET_NAME)
-    report = {"name": name, "run": str(run.path), "deployable": True, "parity": parity.to_dict(),
-              "quantization": {"method": "none (float target)"}}
-    write_report(folder, report, run.manifest.labels)
-    manifest = Manifest(kind="artifact", labels=run.manifest.labels, preprocess=spec, task=run.manifest.task,
-                        input=default_input(spec, "dynamic"), backbone=run.manifest.backbone,
-                        training=run.manifest.training, quantization=None, files=hash_files(folder))
-    write_manifest(manifest, folder)
-    return manifest
+    return write_float_artifact(folder, name, checkset, run.manifest,
+                                {"run": str(run.path), "parity": parity.to_dict()})
 
 
 # ------------------------------------------------------------------------------------------
-# A model trained elsewhere: FP32 ONNX + labels + preprocessing + a folder of images
+# A model trained elsewhere: FP32 ONNX, or a torchvision/timm state dict + its architecture name,
+# with labels + preprocessing + a folder of images
 # ------------------------------------------------------------------------------------------
+
+STATE_DICT_SUFFIXES = (".pt", ".pth", ".safetensors")
+AGREEMENT_ONLY = "none: the gate checks agreement with the float model only (accuracy drop not measured)"
+
 
 def read_labels(path: Path) -> tuple[str, ...]:
     if not Path(path).is_file():
@@ -205,57 +251,143 @@ def labelled_images(folder: Path, labels: tuple[str, ...]) -> tuple[list[tuple[P
     return [(p, -1) for p in files], False
 
 
+def origin_record(path: Path, arch: str | None = None) -> dict[str, Any]:
+    """Where a model trained elsewhere came from: file, sha256, format (and architecture for a state dict)."""
+    path = Path(path)
+    rec: dict[str, Any] = {"file": str(path.resolve()), "sha256": sha256_file(path),
+                           "format": path.suffix.lower().lstrip(".")}
+    if arch:
+        rec["arch"] = arch
+    return rec
+
+
+def external_source(origin: dict[str, Any], labels: tuple[str, ...], spec: PreprocessSpec, images: Path,
+                    labelled: bool, **training: Any) -> Manifest:
+    """The run-manifest stand-in of a model trained elsewhere: backbone and training say where it came
+    from (``training.labelled`` false: the checkset's labels are the float model's own predictions)."""
+    backbone = {"name": origin.get("arch", "external-onnx"), "source": origin["file"], "sha256": origin["sha256"],
+                "format": origin["format"]}
+    return Manifest(kind="run", labels=labels, preprocess=spec, backbone=backbone,
+                    training={"note": "trained outside edgetl", "source": dict(origin),
+                              "images": str(Path(images).resolve()), "labelled": labelled, **training})
+
+
+def _holdout(samples: list[tuple[Path, int]], images: Path, n: int, seed: int):
+    """A stratified, seeded pick of ``n`` images (the checkset / test split) and the rest."""
+    from .calibration.sets import select_stratified
+
+    strat = [(p, max(lab, 0)) for p, lab in samples]
+    chosen = select_stratified(strat, n, seed, min_images=1, root=Path(images), where=f"--images {images}")
+    picked = set(chosen.paths)
+    return chosen, [(p, lab) for p, lab in strat if p not in picked]
+
+
+def _image_checkset(chosen: Any, labelled: bool, spec: PreprocessSpec, float_runner: Any):
+    """The checkset of ``chosen`` images: float logits from the FP32 ONNX model (``float_runner``);
+    labels from the class sub-folders, or the float model's predictions when there are none."""
+    from .calibration.sets import load_images
+    from .check import Checkset
+
+    inputs = load_images(chosen.paths, spec)
+    float_logits = float_runner.infer_many(inputs)
+    y = np.asarray(chosen.labels, np.int64) if labelled else float_logits.argmax(1).astype(np.int64)
+    return Checkset(inputs, y, float_logits, tuple(chosen.listing().splitlines()))
+
+
+def _check_onnx_io(path: Path, shown: Path, labels: tuple[str, ...], spec: PreprocessSpec) -> None:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out_dim = sess.get_outputs()[0].shape[-1]
+    if isinstance(out_dim, int) and out_dim != len(labels):
+        raise EdgetlError(f"{shown}: the model outputs {out_dim} classes but --labels lists {len(labels)}")
+    in_shape = sess.get_inputs()[0].shape
+    if all(isinstance(d, int) for d in in_shape[1:]) and list(in_shape[1:]) != list(spec.tensor_shape(1)[1:]):
+        raise EdgetlError(f"{shown}: input shape {in_shape[1:]} does not match the preprocessing "
+                          f"({list(spec.tensor_shape(1)[1:])}, layout {spec.layout})",
+                          hint="set input_size/layout in --preprocess (or --input-size) to the model's")
+
+
+def _copy_fp32(model: Path, dst: Path, profile: TargetProfile) -> dict[str, Any] | None:
+    """Copy the ONNX model to ``dst``; for a TensorRT target whose parser stops below the model's
+    opset, convert it down (``onnx.version_converter``). Returns ``{from, to}`` when converted."""
+    import onnx
+
+    limit = export_opset(profile)
+    m = onnx.load(str(model))
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), None)
+    if limit is None or opset is None or opset <= limit:
+        shutil.copyfile(model, dst)
+        return None
+    versions = ", ".join(profile.tensorrt.supported_versions)
+    try:
+        from onnx import version_converter
+
+        conv = version_converter.convert_version(m, limit)
+        onnx.checker.check_model(conv)
+    except Exception as exc:  # the converter raises plain RuntimeErrors/ValueErrors per op
+        raise EdgetlError(f"{model}: opset {opset} is newer than TensorRT {versions} parses (up to {limit}) and "
+                          f"converting it failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                          hint=f"re-export the model with opset_version={limit}") from None
+    onnx.save(conv, str(dst))
+    return {"from": opset, "to": limit, "for": f"TensorRT {versions}"}
+
+
+def _conversion_parity(model: Path, converted: Path, checkset: Any) -> dict[str, Any]:
+    """The converted graph must compute what the given one computes (on the checkset images)."""
+    from .export import ExportParityError, check_parity
+    from .quantize import ort_logits
+
+    n = min(200, len(checkset))
+    try:
+        return check_parity(ort_logits(model, checkset.inputs[:n]), converted, checkset.inputs[:n]).to_dict()
+    except ExportParityError as exc:
+        raise EdgetlError(f"{model}: after converting it to an older opset it computes other logits "
+                          f"({exc.message.split('(', 1)[-1]}", hint="re-export the model at the opset the target "
+                          "parses (see the profile's tensorrt.supported_versions)") from None
+
+
 def quantize_onnx(model: Path, labels: tuple[str, ...], spec: PreprocessSpec, images: Path, folder: Path,
                   profile: TargetProfile, speed_check: bool = True, progress: Progress = print,
-                  checkset_cap: int = 1000, seed: int = 0, **quantize_overrides: Any) -> Manifest:
+                  checkset_cap: int = 1000, seed: int = 0, origin: dict[str, Any] | None = None,
+                  parity: dict[str, Any] | None = None, name: str | None = None,
+                  **quantize_overrides: Any) -> Manifest:
     """PTQ of an FP32 ONNX classifier into ``folder``: calibration and checkset split from ``images``.
 
     With class sub-folders the gate checks accuracy and agreement; without labels it checks
     agreement with the float model only (the drop is not gated) and the manifest says so.
+    ``origin``: where the model came from when ``model`` is edgetl's export of a state dict
+    (``parity``: that export against PyTorch); default: ``model`` itself.
     """
-    import onnxruntime as ort
-
     from .calibration.cache import save_ranges
     from .calibration.calibrators import calibrate
-    from .calibration.sets import CalibrationSet, LISTING_NAME, assert_disjoint, load_images, select_stratified
-    from .check import CHECKSET_NAME, FP32_ONNX, GATE_BACKEND, INT8_ONNX, Checkset, evaluate, write_report
+    from .calibration.sets import CalibrationSet, LISTING_NAME, assert_disjoint, select_stratified
+    from .check import CHECKSET_NAME, FP32_ONNX, GATE_BACKEND, INT8_ONNX, evaluate, write_report
     from .quantize import _artifact_manifest, _quantization_record, prepare_float, quantize_with_fallback
     from .runtime.runners import open_runner
 
     samples, labelled = labelled_images(images, labels)
+    origin = origin or origin_record(model)
     cfg = quantize_config(profile, "ptq", speed_check, **quantize_overrides)
     if not labelled:
         from dataclasses import replace
 
         cfg = replace(cfg, thresholds=replace(cfg.thresholds, max_drop=100.0))
     form = cfg.form
-    shutil.copyfile(model, folder / FP32_ONNX)
-    sess = ort.InferenceSession(str(folder / FP32_ONNX), providers=["CPUExecutionProvider"])
-    out_dim = sess.get_outputs()[0].shape[-1]
-    if isinstance(out_dim, int) and out_dim != len(labels):
-        raise EdgetlError(f"{model}: the model outputs {out_dim} classes but --labels lists {len(labels)}")
-    in_shape = sess.get_inputs()[0].shape
-    if all(isinstance(d, int) for d in in_shape[1:]) and list(in_shape[1:]) != list(spec.tensor_shape(1)[1:]):
-        raise EdgetlError(f"{model}: input shape {in_shape[1:]} does not match the preprocessing "
-                          f"({list(spec.tensor_shape(1)[1:])}, layout {spec.layout})",
-                          hint="set input_size/layout in --preprocess (or --input-size) to the model's")
-    del sess
+    conversion = _copy_fp32(model, folder / FP32_ONNX, profile)
+    _check_onnx_io(folder / FP32_ONNX, model, labels, spec)
     n_check = min(checkset_cap, max(1, len(samples) // 2))
-    strat = [(p, max(lab, 0)) for p, lab in samples]
-    chosen = select_stratified(strat, n_check, seed, min_images=1, root=Path(images), where=f"--images {images}")
-    chosen_set = set(chosen.paths)
-    rest = [(p, lab) for p, lab in strat if p not in chosen_set]
+    chosen, rest = _holdout(samples, images, n_check, seed)
     cal = select_stratified(rest, cfg.calib_size, seed, cfg.calib_min, cfg.calib_exact, root=Path(images),
                             where=f"--images {images} (after the checkset split)")
     cal = CalibrationSet(cal.paths, cal.labels, f"dir:{images}", Path(images))
     assert_disjoint(cal, chosen.paths, "checkset")
     progress(f"images: {len(chosen)} for the checkset, {len(cal)} for calibration "
              f"({'labelled' if labelled else 'no labels: agreement with the float model only'})")
-    check_inputs = load_images(chosen.paths, spec)
     float_runner = open_runner(GATE_BACKEND, folder / FP32_ONNX)
-    float_logits = float_runner.infer_many(check_inputs)
-    y = np.asarray(chosen.labels, np.int64) if labelled else float_logits.argmax(1).astype(np.int64)
-    checkset = Checkset(check_inputs, y, float_logits, tuple(chosen.listing().splitlines()))
+    checkset = _image_checkset(chosen, labelled, spec, float_runner)
+    if conversion:
+        conversion["parity"] = _conversion_parity(model, folder / FP32_ONNX, checkset)
     cal_inputs = cal.load(spec)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgetl-compile-") as tmp:
@@ -275,44 +407,245 @@ def quantize_onnx(model: Path, labels: tuple[str, ...], spec: PreprocessSpec, im
         float_runner.close()
     checkset.save(folder / CHECKSET_NAME)
     (folder / LISTING_NAME).write_text(cal.listing(), encoding="utf-8")
-    quant = _quantization_record(cfg, form, cal, r, None, {}, {"total_s": time.perf_counter() - t0})
-    quant["source_model"] = {"file": str(model), "sha256": sha256_file(folder / FP32_ONNX)}
+    quant = _quantization_record(cfg, form, cal, r, None, parity or {}, {"total_s": time.perf_counter() - t0})
+    quant["source_model"] = {"file": origin["file"], "sha256": origin["sha256"]}
     quant["labelled"] = labelled
-    quant["labels"] = "from --images sub-folders" if labelled else \
-        "none: the gate checks agreement with the float model only (accuracy drop not measured)"
-    report = {"name": folder.name, "model": str(model), "deployable": gate.passed, "quantization": quant,
-              "gate": gate.to_dict(), "rounds": r.rounds}
+    quant["labels"] = "from --images sub-folders" if labelled else AGREEMENT_ONLY
+    report = {"name": name or folder.name, "model": origin["file"], "source_model": origin, "deployable": gate.passed,
+              "quantization": quant, "parity": parity, "opset_conversion": conversion, "gate": gate.to_dict(),
+              "rounds": r.rounds}
     write_report(folder, report, labels, gate)
-    pseudo_run = Manifest(kind="run", labels=labels, preprocess=spec,
-                          backbone={"name": "external-onnx", "source": str(model),
-                                    "sha256": quant["source_model"]["sha256"]},
-                          training={"note": "trained outside edgetl"})
-    manifest = _artifact_manifest(pseudo_run, cfg, quant, gate, folder)
+    manifest = _artifact_manifest(external_source(origin, labels, spec, images, labelled), cfg, quant, gate, folder)
     write_manifest(manifest, folder)
     return manifest
 
 
+def float_onnx_artifact(model: Path, labels: tuple[str, ...], spec: PreprocessSpec, images: Path, folder: Path,
+                        name: str, profile: TargetProfile, progress: Progress = print, checkset_cap: int = 1000,
+                        seed: int = 0, origin: dict[str, Any] | None = None,
+                        parity: dict[str, Any] | None = None) -> Manifest:
+    """A float artifact (fp16/fp32 targets) of an FP32 ONNX classifier: the model (converted down to
+    the opset a TensorRT target parses, parity-checked) + a checkset of up to ``checkset_cap`` of
+    ``images`` (every image: nothing is held back for calibration)."""
+    from .check import FP32_ONNX, GATE_BACKEND
+    from .runtime.runners import open_runner
+
+    samples, labelled = labelled_images(images, labels)
+    origin = origin or origin_record(model)
+    conversion = _copy_fp32(model, folder / FP32_ONNX, profile)
+    _check_onnx_io(folder / FP32_ONNX, model, labels, spec)
+    chosen, _ = _holdout(samples, images, min(checkset_cap, len(samples)), seed)
+    runner = open_runner(GATE_BACKEND, folder / FP32_ONNX)
+    try:
+        checkset = _image_checkset(chosen, labelled, spec, runner)
+    finally:
+        runner.close()
+    if conversion:
+        conversion["parity"] = _conversion_parity(model, folder / FP32_ONNX, checkset)
+        progress(f"opset {conversion['from']} -> {conversion['to']} for {conversion['for']}: max |diff| "
+                 f"{conversion['parity']['max_abs_diff']:.2e}")
+    progress(f"images: {len(checkset)} for the checkset "
+             f"({'labelled' if labelled else 'no labels: agreement with the float model only'})")
+    report = {"model": origin["file"], "source_model": origin, "parity": parity, "opset_conversion": conversion,
+              "labels": "from --images sub-folders" if labelled else AGREEMENT_ONLY}
+    return write_float_artifact(folder, name, checkset, external_source(origin, labels, spec, images, labelled),
+                                report)
+
+
 def compile_onnx(model: str | Path, labels: tuple[str, ...], spec: PreprocessSpec, images: str | Path,
                  out: str | Path, profile: TargetProfile, speed_check: bool = True, overwrite: bool = False,
-                 progress: Progress = print, **quantize_overrides: Any) -> CompileResult:
-    """Compile an FP32 ONNX classifier trained elsewhere (PTQ; labels optional, see :func:`quantize_onnx`)."""
+                 progress: Progress = print, origin: dict[str, Any] | None = None,
+                 parity: dict[str, Any] | None = None, **quantize_overrides: Any) -> CompileResult:
+    """Compile an FP32 ONNX classifier trained elsewhere: PTQ for an int8 target, the float model for
+    fp16/fp32 (labels optional, see :func:`quantize_onnx`). ``origin``/``parity``: see there."""
     model, out = Path(model), Path(out)
     if not model.is_file():
         raise EdgetlError(f"{model}: no such ONNX file")
-    if profile.precision != "int8":
-        raise EdgetlError(f"compiling a bare ONNX model for a {profile.precision} target is not supported yet",
-                          hint="use an int8 target, or train the model with edgetl and compile the run")
     profile.check_input_size(spec.input_size, "--preprocess")
+    _, labelled = labelled_images(Path(images), labels)
     steps = _Steps(progress)
+    quantized = profile.precision == "int8"
+    why = ("QAT needs labelled images: --images has no class sub-folders" if origin and origin.get("arch") else
+           "a bare ONNX model has no training loop for QAT")
     with atomic_output_dir(out, overwrite) as d:
-        steps.run("quantize (ptq: a bare ONNX model has no training loop for QAT)",
-                  lambda: quantize_onnx(model, labels, spec, Path(images), d, profile, speed_check, progress,
-                                        **quantize_overrides),
-                  lambda m: _gate_detail(m.gate))
+        if quantized:
+            steps.run(f"quantize (ptq: {why})",
+                      lambda: quantize_onnx(model, labels, spec, Path(images), d, profile, speed_check, progress,
+                                            origin=origin, parity=parity, name=out.name, **quantize_overrides),
+                      lambda m: _gate_detail(m.gate))
+        else:
+            steps.run(f"float artifact (no quantization for a {profile.precision} target)",
+                      lambda: float_onnx_artifact(model, labels, spec, Path(images), d, out.name, profile, progress,
+                                                  origin=origin, parity=parity),
+                      lambda m: "FP32 ONNX + checkset")
         outcome = steps.run(f"build ({profile.backend})",
                             lambda: build_artifact(d, profile, speed_check=speed_check, progress=progress),
                             _build_detail)
     manifest = read_manifest(out)
-    return CompileResult(out, profile, "ptq", dict(manifest.gate) if manifest.gate else None, outcome, steps.rows,
-                         ["method: PTQ (a bare ONNX model cannot be fine-tuned: QAT needs the PyTorch model)"]
-                         + list(outcome.notes))
+    notes = [f"method: PTQ ({why}: QAT fine-tunes the PyTorch model on labelled images)"] if quantized else []
+    if not labelled:
+        notes.append("no labels (--images has no class sub-folders): the gate checks agreement with the float "
+                     "model only; the accuracy drop is not measured")
+    return CompileResult(out, profile, "ptq" if quantized else None, dict(manifest.gate) if manifest.gate else None,
+                         outcome, steps.rows, notes + list(outcome.notes))
+
+
+# ---- a state dict of a torchvision/timm architecture ----------------------------------------
+
+def load_state_dict(path: Path) -> dict[str, Any]:
+    """The tensors of a ``.pt``/``.pth`` (``torch.load(weights_only=True)``) or ``.safetensors`` file.
+
+    A training checkpoint holding the weights under ``state_dict``/``model_state_dict``/``model`` is
+    unwrapped, and a ``module.`` prefix (DataParallel/DDP) is removed."""
+    import torch
+
+    path = Path(path)
+    how = "save the weights alone: torch.save(model.state_dict(), 'weights.pth') (or safetensors.torch.save_file)"
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            sd: Any = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own SafetensorError (and OSError)
+            raise EdgetlError(f"{path}: cannot read it as safetensors ({exc})", hint=how) from None
+    else:
+        import pickle
+
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise EdgetlError(f"{path}: not a plain state dict: torch.load(weights_only=True) refused it "
+                              f"({str(exc).strip().splitlines()[0][:200]})",
+                              hint=how + "; a pickled whole model or extra Python objects are not loaded "
+                                         "(unpickling can run code)") from None
+        except Exception as exc:  # truncated file, not a torch file, ...
+            raise EdgetlError(f"{path}: torch.load cannot read it ({type(exc).__name__}: {exc})", hint=how) from None
+        if isinstance(sd, dict):
+            for key in ("state_dict", "model_state_dict", "model"):
+                if isinstance(sd.get(key), dict):
+                    sd = sd[key]
+                    break
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise EdgetlError(f"{path}: holds no state dict (a mapping of parameter names to tensors)", hint=how)
+    if all(str(k).startswith("module.") for k in sd):
+        sd = {str(k)[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def external_model(weights: Path, arch: str, labels: tuple[str, ...], labels_file: str | Path = "--labels"):
+    """``arch`` (``torchvision:NAME``/``timm:NAME``) with ``len(labels)`` outputs and the weights of
+    ``weights`` loaded strictly; a mismatch is an error that says which side is wrong."""
+    from .backbones import build_external
+
+    model = build_external(arch, len(labels))
+    sd = load_state_dict(weights)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own if k in sd and sd[k].shape != own[k].shape]
+    n = len(labels)
+    if wrong and not missing and not unexpected and all(o[:1] == (n,) and s[1:] == o[1:] for _, s, o in wrong):
+        outs = sorted({s[0] if s else 0 for _, s, _ in wrong})
+        raise EdgetlError(f"{weights}: its classifier ({', '.join(k for k, _, _ in wrong)}) has "
+                          f"{' or '.join(map(str, outs))} outputs, but --labels {labels_file} lists {n} classes",
+                          hint="the labels file must list exactly the classes the model was trained on, one per line, "
+                               "in the order of its outputs")
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensor(s) of {arch} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} not in {arch} (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            parts.append(f"{len(wrong)} of another shape (e.g. {wrong[0][0]}: {list(wrong[0][1])} in the file, "
+                         f"{list(wrong[0][2])} in {arch})")
+        raise EdgetlError(f"{weights}: the state dict does not fit --arch {arch}: " + "; ".join(parts),
+                          hint="give --arch the architecture the model was trained as (the exact name passed to "
+                               "torchvision.models.get_model / timm.create_model), and a state dict of that model "
+                               "itself, not of a wrapper around it")
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:  # pragma: no cover - the checks above catch what strict loading refuses
+        raise EdgetlError(f"{weights}: does not load into --arch {arch}: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+def materialise_run(model: Any, origin: dict[str, Any], labels: tuple[str, ...], spec: PreprocessSpec,
+                    samples: list[tuple[Path, int]], images: Path, folder: Path, seed: int = 0,
+                    test_cap: int = 1000) -> Path:
+    """A run folder (the contract of ``edgetl/runs.py``) for a model trained elsewhere, so that
+    ``compile_run`` quantizes it exactly like a run trained with edgetl.
+
+    split.json: a stratified, seeded split of the labelled ``images``: ``test`` (half, at most
+    ``test_cap``: the checkset) and ``train`` (calibration and QAT); ``val`` is empty (no model is
+    selected here). backbone ``torchvision:NAME``/``timm:NAME``, training names the source file."""
+    from .runs import SPLIT_FILE, save_weights
+    from .runtime.manifest import hash_files
+
+    images = Path(images)
+    root = images.resolve()
+    test, train = _holdout(samples, images, min(test_cap, max(1, len(samples) // 2)), seed)
+
+    def rows(pairs: Any) -> list[dict[str, str]]:
+        return [{"path": Path(p).relative_to(images).as_posix(), "label": labels[lab]} for p, lab in pairs]
+
+    splits = {"train": rows(train), "val": [], "test": rows(zip(test.paths, test.labels))}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(model, folder)
+    (folder / SPLIT_FILE).write_text(json.dumps({"root": str(root), "seed": seed, "splits": splits}, indent=1) + "\n")
+    counts = {name: {lab: sum(1 for r in part if r["label"] == lab) for lab in labels} for name, part in splits.items()}
+    stand_in = external_source(origin, labels, spec, images, True, split_seed=seed, class_counts=counts)
+    write_manifest(stand_in.replace(files=hash_files(folder)), folder)
+    return folder
+
+
+def compile_external(weights: str | Path, arch: str, labels: tuple[str, ...], spec: PreprocessSpec,
+                     images: str | Path, out: str | Path, profile: TargetProfile, method: str | None = None,
+                     speed_check: bool = True, overwrite: bool = False, progress: Progress = print,
+                     labels_file: str | Path = "--labels", seed: int = 0, **quantize_overrides: Any) -> CompileResult:
+    """Compile a torchvision/timm state dict trained elsewhere (``arch`` = ``torchvision:NAME``/``timm:NAME``).
+
+    The weights are loaded strictly into the plain architecture with ``len(labels)`` outputs. With
+    labelled ``images`` (one sub-folder per class) a temporary run folder is materialised
+    (:func:`materialise_run`) and handed to :func:`compile_run`: PTQ and QAT work exactly as for a
+    run trained with edgetl. Without labels: the model is exported to ONNX (parity-checked) and
+    compiled like a bare ONNX model (PTQ, agreement-only gate); ``--method qat`` is refused. The
+    temporary run is deleted afterwards; the artifact's manifest records the source file, its
+    sha256 and the architecture (``backbone`` and ``training.source``).
+    """
+    from .export import check_parity, export_onnx, torch_logits
+
+    weights, images, out = Path(weights), Path(images), Path(out)
+    if not weights.is_file():
+        raise EdgetlError(f"{weights}: no such file")
+    if weights.suffix.lower() not in STATE_DICT_SUFFIXES:
+        raise EdgetlError(f"{weights}: a state dict is read from {', '.join(STATE_DICT_SUFFIXES)} files",
+                          hint="save it with torch.save(model.state_dict(), 'weights.pth'), or pass an .onnx model")
+    check_output_dir(out, overwrite)
+    profile.check_input_size(spec.input_size, "--preprocess")
+    samples, labelled = labelled_images(images, labels)
+    if profile.precision == "int8" and not labelled and method == "qat":
+        raise EdgetlError(f"--method qat needs labelled images, and --images {images} has no class sub-folders",
+                          hint="put the images in one sub-folder per class, named as in --labels, or use --method ptq "
+                               "(the gate then checks agreement with the float model only)")
+    model = external_model(weights, arch, labels, labels_file)
+    origin = origin_record(weights, arch)
+    progress(f"{arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters loaded from {weights}")
+    with tempfile.TemporaryDirectory(prefix="edgetl-external-") as tmp:
+        if labelled:
+            run = materialise_run(model, origin, labels, spec, samples, images, Path(tmp) / "run", seed)
+            progress(f"temporary run: {len(samples)} labelled images split train/test (seed {seed})")
+            result = compile_run(run, out, profile, method, speed_check, overwrite, progress, origin=origin,
+                                 **quantize_overrides)
+            result.notes.insert(0, f"model trained elsewhere: {arch} from {weights} (sha256 {origin['sha256'][:12]}…), "
+                                   "compiled through a temporary run folder (not kept)")
+            return result
+        opset = export_opset(profile)
+        onnx_path = export_onnx(model, spec, Path(tmp) / "model.onnx", **({"opset": opset} if opset else {}))
+        from .calibration.sets import load_images
+
+        probe = load_images([p for p, _ in samples[:: max(1, len(samples) // 64)]], spec)
+        parity = check_parity(torch_logits(model, probe), onnx_path, probe).to_dict()
+        progress(f"export: ONNX parity with PyTorch max |diff| {parity['max_abs_diff']:.2e} on {len(probe)} images")
+        return compile_onnx(onnx_path, labels, spec, images, out, profile, speed_check, overwrite, progress,
+                            origin=origin, parity=parity, **quantize_overrides)

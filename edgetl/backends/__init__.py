@@ -119,8 +119,12 @@ def thresholds_for(profile: TargetProfile, speed_check: bool = True, labelled: b
 
 
 def is_labelled(manifest: Manifest) -> bool:
-    """False when the artifact's checkset labels are the float model's predictions (no real labels)."""
-    return bool((manifest.quantization or {}).get("labelled", True))
+    """False when the artifact's checkset labels are the float model's predictions (no real labels):
+    ``quantization.labelled``, or ``training.labelled`` for a float artifact of a model trained elsewhere."""
+    for section in (manifest.quantization, manifest.training):
+        if section and "labelled" in section:
+            return bool(section["labelled"])
+    return True
 
 
 def run_gate(runner: Any, folder: Path, profile: TargetProfile, labels: tuple[str, ...], note: str = "") -> dict:

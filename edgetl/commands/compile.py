@@ -1,4 +1,5 @@
-"""``edgetl compile``: a run (or an FP32 ONNX model) -> a quantized, built, gated artifact for one target."""
+"""``edgetl compile``: a run (or a model trained elsewhere: FP32 ONNX, or a torchvision/timm state dict)
+-> a quantized, built, gated artifact for one target."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def _spec_from_flags(preprocess: Path | None, input_size: str | None, mean: str 
     if preprocess is not None:
         spec = read_preprocess(preprocess)
     elif mean is None or std is None:
-        raise EdgetlError("a bare ONNX model needs its preprocessing: --preprocess pre.toml, or at least --mean "
+        raise EdgetlError("a model trained elsewhere needs its preprocessing: --preprocess pre.toml, or at least --mean "
                           "and --std (plus --input-size, --resize, --color, --layout when not the defaults)",
                           hint="the same normalisation the model was trained with; a mismatch silently ruins accuracy")
     else:
@@ -87,28 +88,44 @@ def summary_table(result):
 @click.option("--no-speed-check", is_flag=True,
               help="Do not require the quantized model to be faster than float (toy models).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--labels", type=click.Path(path_type=Path), help="[ONNX input] class names, one per line.")
+@click.option("--arch", metavar="LIB:NAME",
+              help="[state dict] its architecture: torchvision:NAME (torchvision.models.get_model) or timm:NAME "
+                   "(timm.create_model), e.g. torchvision:mobilenet_v2, timm:efficientnet_b0.")
+@click.option("--labels", type=click.Path(path_type=Path),
+              help="[ONNX/state dict] class names, one per line, in the order of the model's outputs.")
 @click.option("--images", type=click.Path(path_type=Path),
-              help="[ONNX input] images for calibration and the gate (class sub-folders = labelled).")
-@click.option("--preprocess", type=click.Path(path_type=Path), help="[ONNX input] preprocessing TOML.")
-@click.option("--input-size", help="[ONNX input] e.g. 224 or 224,224 (height,width).")
-@click.option("--mean", help="[ONNX input] per-channel mean in 0..255 units, e.g. 123.675,116.28,103.53.")
-@click.option("--std", help="[ONNX input] per-channel std in 0..255 units, e.g. 58.395,57.12,57.375.")
-@click.option("--resize", type=click.Choice(["shorter_crop", "stretch", "letterbox"]), help="[ONNX input]")
-@click.option("--color", type=click.Choice(["RGB", "BGR"]), help="[ONNX input]")
-@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="[ONNX input]")
+              help="[ONNX/state dict] images for calibration and the gate (class sub-folders = labelled).")
+@click.option("--preprocess", type=click.Path(path_type=Path), help="[ONNX/state dict] preprocessing TOML.")
+@click.option("--input-size", help="[ONNX/state dict] e.g. 224 or 224,224 (height,width).")
+@click.option("--mean", help="[ONNX/state dict] per-channel mean in 0..255 units, e.g. 123.675,116.28,103.53.")
+@click.option("--std", help="[ONNX/state dict] per-channel std in 0..255 units, e.g. 58.395,57.12,57.375.")
+@click.option("--resize", type=click.Choice(["shorter_crop", "stretch", "letterbox"]), help="[ONNX/state dict]")
+@click.option("--color", type=click.Choice(["RGB", "BGR"]), help="[ONNX/state dict]")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="[ONNX/state dict]")
 def compile_cmd(source: Path, target: str, out: Path, method: str | None, precision: str | None,
                 sets: tuple[str, ...], calib_size: int | None, calib_min: int | None, calibrator: str | None,
                 qat_epochs: int | None,
-                no_speed_check: bool, overwrite: bool, labels: Path | None, images: Path | None,
+                no_speed_check: bool, overwrite: bool, arch: str | None, labels: Path | None, images: Path | None,
                 preprocess: Path | None, input_size: str | None, mean: str | None, std: str | None,
                 resize: str | None, color: str | None, layout: str | None) -> None:
     """Quantize SOURCE as the target profile says, build it for the target, gate it, and write the
     artifact OUT (in a temp folder, renamed when complete).
 
-    SOURCE is a run folder from `edgetl train`, or an FP32 ONNX classifier trained elsewhere (then
-    --labels, --images and the preprocessing are needed; the method is PTQ; without class
-    sub-folders in --images the gate checks agreement with the float model only).
+    SOURCE is one of:
+
+    \b
+    - a run folder from `edgetl train`;
+    - an FP32 ONNX classifier trained elsewhere: the method is PTQ (QAT needs the PyTorch model);
+    - a state dict trained elsewhere (.pt/.pth read with torch.load(weights_only=True), or
+      .safetensors) of a plain torchvision/timm classifier, named with --arch: it is loaded strictly
+      into get_model(NAME, num_classes=N) / create_model(NAME, num_classes=N), N = lines of --labels.
+      With class sub-folders in --images it is compiled through a temporary run (a seeded train/test
+      split of --images), so PTQ and QAT (trained on the train half) work as for an edgetl run.
+
+    A model trained elsewhere needs --labels, --images and its preprocessing (--preprocess TOML, or
+    --mean/--std and the other flags). Without class sub-folders in --images the gate checks
+    agreement with the float model only (and says so); the method is then PTQ. fp16/fp32 targets
+    get the float model (no quantization), built and gated the same way.
 
     \b
     Examples:
@@ -116,10 +133,15 @@ def compile_cmd(source: Path, target: str, out: Path, method: str | None, precis
       edgetl compile runs/elpv --target jetson-agx-orin --method qat --out artifacts/elpv-orin
       edgetl compile model.onnx --labels labels.txt --images data/val --mean 123.675,116.28,103.53 \\
           --std 58.395,57.12,57.375 --input-size 224 --target x86-cpu-onnxruntime --out artifacts/mine
+      edgetl compile weights.pth --arch torchvision:mobilenet_v2 --labels labels.txt --images data/ \\
+          --mean 123.675,116.28,103.53 --std 58.395,57.12,57.375 --input-size 224 \\
+          --target x86-cpu-onnxruntime --method qat --out artifacts/mine-qat
+      edgetl compile model.onnx --labels labels.txt --images data/val --preprocess pre.toml \\
+          --target x86-cpu-onnxruntime --precision fp32 --out artifacts/mine-fp32
     """
     from rich.console import Console
 
-    from ..compile import compile_onnx, compile_run, read_labels
+    from ..compile import STATE_DICT_SUFFIXES, compile_external, compile_onnx, compile_run, read_labels
     from ..runtime.errors import EdgetlError
     from ..targets import apply_overrides, load_target
     from .build import raise_if_gate_failed
@@ -139,21 +161,39 @@ def compile_cmd(source: Path, target: str, out: Path, method: str | None, precis
 
     console.print(f"[bold]edgetl compile[/] {source} for [cyan]{profile.name}[/] ({profile.backend}, "
                   f"{profile.precision})", soft_wrap=True)
-    if source.is_file() and source.suffix == ".onnx":
+    suffix = source.suffix.lower()
+    external = source.is_file() and (suffix == ".onnx" or suffix in STATE_DICT_SUFFIXES)
+    if arch is not None and not (source.is_file() and suffix in STATE_DICT_SUFFIXES):
+        raise EdgetlError(f"--arch is for a state dict ({', '.join(STATE_DICT_SUFFIXES)}); {source} is not one",
+                          hint="a run folder and an ONNX model carry their architecture: drop --arch")
+    if external:
+        what = "an ONNX model" if suffix == ".onnx" else "a state dict"
         if labels is None or images is None:
-            raise EdgetlError("compiling an ONNX model needs --labels labels.txt and --images DIR",
+            raise EdgetlError(f"compiling {what} needs --labels labels.txt and --images DIR",
                               hint="--images: a folder of images for calibration and the gate (one sub-folder per class "
                                    "for an accuracy gate)")
-        if method == "qat":
-            raise EdgetlError("--method qat needs the PyTorch model (a run folder); a bare ONNX model is quantized by PTQ")
+        if suffix != ".onnx" and arch is None:
+            raise EdgetlError(f"{source}: a state dict needs its architecture: --arch torchvision:NAME or --arch "
+                              "timm:NAME", hint="the name the model was built with, e.g. torchvision:mobilenet_v2 "
+                                                "or timm:efficientnet_b0")
+        if suffix == ".onnx" and method == "qat":
+            raise EdgetlError("--method qat needs the PyTorch model (a run folder or a state dict with --arch); "
+                              "a bare ONNX model is quantized by PTQ")
+        class_names = read_labels(labels)
         spec = _spec_from_flags(preprocess, input_size, mean, std, resize, color, layout)
-        result = compile_onnx(source, read_labels(labels), spec, images, out, profile, not no_speed_check, overwrite,
-                              progress, **overrides)
+        if suffix == ".onnx":
+            result = compile_onnx(source, class_names, spec, images, out, profile, not no_speed_check, overwrite,
+                                  progress, **overrides)
+        else:
+            result = compile_external(source, arch, class_names, spec, images, out, profile, method,
+                                      not no_speed_check, overwrite, progress, labels_file=labels, **overrides)
     elif source.is_dir():
         result = compile_run(source, out, profile, method, not no_speed_check, overwrite, progress, **overrides)
     else:
-        raise EdgetlError(f"{source}: neither a run folder nor an .onnx file",
-                          hint="pass the --out folder of `edgetl train`, or an FP32 ONNX classifier")
+        raise EdgetlError(f"{source}: neither a run folder, an .onnx file nor a state dict "
+                          f"({', '.join(STATE_DICT_SUFFIXES)})",
+                          hint="pass the --out folder of `edgetl train`, an FP32 ONNX classifier, or a state dict "
+                               "with --arch")
     for note in result.notes:
         console.print(f"  note: {note}", soft_wrap=True, markup=False, style="yellow")
     console.print(summary_table(result))
