@@ -87,3 +87,65 @@ def session_tiny_run(tmp_path_factory) -> Path:
         root.mkdir(exist_ok=True)
         make_tiny_run(root)
     return root / "run"
+
+
+# ---- `edgetl compile` of a model trained elsewhere (tests/test_compile.py, tests/test_compile_external.py) ----
+
+TINY = ["--calib-min", "8", "--no-speed-check"]  # toy model: few images, Q/DQ overhead dominates its speed
+PRE = ["--input-size", "32", "--resize", "stretch", "--mean", "127.5,127.5,127.5", "--std", "127.5,127.5,127.5"]
+PRE_SPEC = get_backbone("tiny_cnn").preprocess  # what PRE says, as a PreprocessSpec
+
+
+def write_labels(path: Path, labels) -> Path:
+    path.write_text("\n".join(labels) + "\n")
+    return path
+
+
+def onnx_and_images(tiny_run: Path, tmp: Path) -> tuple[Path, Path, Path]:
+    """An FP32 ONNX classifier (exported from the tiny run) + its labels file + labelled image folder."""
+    from edgetl.export import export_onnx
+    from edgetl.runs import load_run
+
+    run = load_run(tiny_run)
+    model = export_onnx(run.model, run.manifest.preprocess, tmp / "model.onnx")
+    return model, write_labels(tmp / "labels.txt", run.manifest.labels), tiny_run.parent / "images"
+
+
+def flat_images(images: Path, dest: Path) -> Path:
+    """The images of a class-folder tree copied into one folder (no labels)."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in sorted(images.rglob("*.png")):
+        shutil.copy(p, dest / f"{p.parent.name}_{p.name}")
+    return dest
+
+
+def train_library_model(arch: str, images: Path, classes=CLASSES, epochs: int = 12, seed: int = 0):
+    """A plain torchvision/timm classifier (``arch`` = ``torchvision:NAME``/``timm:NAME``, random init)
+    trained a few epochs on every image of ``images`` (32x32, PRE's preprocessing): a model "trained
+    elsewhere", as its user would have it."""
+    import torch
+
+    from edgetl.backbones import build_external
+
+    torch.manual_seed(seed)
+    model = build_external(arch, len(classes))
+    files = [(p, ci) for ci, name in enumerate(classes) for p in sorted((images / name).iterdir())]
+    x = torch.from_numpy(np.stack([preprocess(read_image(p), PRE_SPEC) for p, _ in files]))
+    y = torch.tensor([ci for _, ci in files])
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a toy model: threads only add contention (100x slower on a busy 2-core host)
+    try:
+        model.train()
+        for _ in range(epochs):
+            perm = torch.randperm(len(x))
+            for i in range(0, len(x), 16):
+                idx = perm[i:i + 16]
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from _tinyqdq import make_qdq_artifact
+from _tinyrun import PRE, TINY, flat_images, onnx_and_images
 from edgetl.cli import main
 from edgetl.runtime.manifest import read_manifest, verify_files
 
@@ -67,14 +68,11 @@ def test_build_cli_gate_failure_exits_nonzero(tmp_path, capsys):
 
 # ---- edgetl compile: a tiny trained run, end to end ------------------------------------------
 
-TINY = ["--calib-min", "8", "--no-speed-check"]  # toy model: few images, Q/DQ overhead dominates its speed
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from _tinyrun import make_tiny_run
+    from _tinyrun import session_tiny_run
 
-    return make_tiny_run(tmp_path_factory.mktemp("tiny"))
+    return session_tiny_run(tmp_path_factory)
 
 
 @pytest.mark.parametrize("target,method", [("x86-cpu-openvino", "ptq"), ("x86-cpu-onnxruntime", None)])
@@ -135,24 +133,8 @@ def test_compile_refusals_write_nothing(tiny_run, tmp_path, capsys):
     assert not out.exists() and not list(tmp_path.glob(".nano8*"))
 
 
-def _onnx_and_images(tiny_run, tmp_path):
-    """An FP32 ONNX classifier (exported from the tiny run) + its labels file + labelled image folder."""
-    from edgetl.export import export_onnx
-    from edgetl.runs import load_run
-
-    run = load_run(tiny_run)
-    model = export_onnx(run.model, run.manifest.preprocess, tmp_path / "model.onnx")
-    labels = tmp_path / "labels.txt"
-    labels.write_text("\n".join(run.manifest.labels) + "\n")
-    images = tiny_run.parent / "images"
-    return model, labels, images
-
-
-PRE = ["--input-size", "32", "--resize", "stretch", "--mean", "127.5,127.5,127.5", "--std", "127.5,127.5,127.5"]
-
-
 def test_compile_bare_onnx_with_labelled_images(tiny_run, tmp_path, capsys):
-    model, labels, images = _onnx_and_images(tiny_run, tmp_path)
+    model, labels, images = onnx_and_images(tiny_run, tmp_path)
     out = tmp_path / "ext"
     assert main(["compile", str(model), "--labels", str(labels), "--images", str(images), *PRE,
                  "--target", "x86-cpu-onnxruntime", "--out", str(out), *TINY]) == 0
@@ -168,13 +150,8 @@ def test_compile_bare_onnx_with_labelled_images(tiny_run, tmp_path, capsys):
 
 
 def test_compile_bare_onnx_without_labels_gates_agreement_only(tiny_run, tmp_path, capsys):
-    import shutil
-
-    model, labels, images = _onnx_and_images(tiny_run, tmp_path)
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    for p in images.rglob("*.png"):
-        shutil.copy(p, flat / f"{p.parent.name}_{p.name}")
+    model, labels, images = onnx_and_images(tiny_run, tmp_path)
+    flat = flat_images(images, tmp_path / "flat")
     out = tmp_path / "ext2"
     assert main(["compile", str(model), "--labels", str(labels), "--images", str(flat), *PRE,
                  "--target", "x86-cpu-onnxruntime", "--out", str(out), *TINY]) == 0
@@ -185,7 +162,7 @@ def test_compile_bare_onnx_without_labels_gates_agreement_only(tiny_run, tmp_pat
 
 
 def test_compile_bare_onnx_needs_preprocessing(tiny_run, tmp_path, capsys):
-    model, labels, images = _onnx_and_images(tiny_run, tmp_path)
+    model, labels, images = onnx_and_images(tiny_run, tmp_path)
     assert main(["compile", str(model), "--labels", str(labels), "--images", str(images),
                  "--target", "x86-cpu-onnxruntime", "--out", str(tmp_path / "x")]) == 2
     assert "--preprocess" in capsys.readouterr().err
