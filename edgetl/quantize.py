@@ -265,6 +265,7 @@ def qat_finetune(model, cal_inputs: np.ndarray, train_paths: list[tuple[Path, in
                     m.eval()
         order = rng.permutation(len(train_paths))[:per_epoch]
         total, seen = 0.0, 0
+        t_epoch, next_report = time.perf_counter(), 0.25
         for i in range(0, len(order), cfg.qat_batch_size):
             idx = order[i:i + cfg.qat_batch_size]
             x = torch.from_numpy(load_images([train_paths[j][0] for j in idx], spec))
@@ -281,8 +282,13 @@ def qat_finetune(model, cal_inputs: np.ndarray, train_paths: list[tuple[Path, in
             opt.step()
             total += loss.item() * len(idx)
             seen += len(idx)
+            if seen / len(order) >= next_report and seen < len(order):  # a sign of life every quarter epoch
+                rate = seen / (time.perf_counter() - t_epoch)
+                log(f"qat: epoch {epoch + 1}/{cfg.qat_epochs}  {seen}/{len(order)} images  {rate:.1f} img/s  "
+                    f"~{(len(order) - seen) / rate:.0f} s left in the epoch")
+                next_report = (int(seen / len(order) * 4) + 1) / 4
         losses.append(total / max(1, seen))
-        log(f"qat: epoch {epoch + 1}/{cfg.qat_epochs}  loss {losses[-1]:.4f}")
+        log(f"qat: epoch {epoch + 1}/{cfg.qat_epochs}  loss {losses[-1]:.4f}  ({time.perf_counter() - t_epoch:.0f} s)")
     qmodel.eval()
     info = {"epochs": cfg.qat_epochs, "lr": cfg.qat_lr, "batch_size": cfg.qat_batch_size, "images_per_epoch": per_epoch,
             "freeze_bn": cfg.qat_freeze_bn, "objective": cfg.qat_loss, "loss": losses, "init": f"nncf RangeEstimatorParametersSet.{cal.nncf_estimator}",
