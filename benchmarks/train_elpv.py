@@ -28,18 +28,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from edgetl.demo import FULL as DEMO_FULL  # noqa: E402
 EDGETL = [sys.executable, "-m", "edgetl.cli"]
 
 COMMON = ["--backbone", "efficientnet_lite0", "--pretrained", "imagenet", "--overwrite"]
 PARTS = {
     "feature-extract": ["--mode", "feature-extract"],
     "fine-tune-speed": ["--mode", "fine-tune", "--epochs", "1"],
-    # Best recipe found (see README "Results: fine-tuning"): full fine-tune, the whole 300x300 cell
-    # stretched to 224 (defects can sit at the border), flips both ways (cells are symmetric), mild
-    # crop and rotation.
-    "best": ["--mode", "fine-tune", "--resize", "stretch", "--epochs", "12", "--lr", "1e-3",
-             "--backbone-lr-factor", "0.3", "--aug-vflip", "0.5", "--aug-scale", "0.7", "--aug-rotate", "5",
-             "--patience", "5"],
+    # The best recipe found (README "Results"), shared with `make demo FULL=1`: full fine-tune, the whole
+    # 300x300 cell stretched to 224 (defects can sit at the border), flips both ways (cells are
+    # symmetric), mild crop and rotation.
+    "best": list(DEMO_FULL),
 }
 
 
