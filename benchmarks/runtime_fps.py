@@ -111,6 +111,28 @@ def raw_burst(model, x: np.ndarray, seconds: float) -> dict:
             "cpu_ms_per_frame": (time.process_time() - c0) * 1e3 / len(lat)}
 
 
+def paced_burst(model, x: np.ndarray, seconds: float, fps: float) -> dict:
+    """The backend alone at the source's pace: one ``runner.infer`` per frame period, idle in between.
+
+    This is the inference latency a 30 FPS camera actually gets: between frames the backend's worker
+    threads go to sleep and caches cool, so each call costs more than in a hot loop. The realtime
+    runtime runs in exactly that regime, so its latency is compared with this as well as the hot loop."""
+    lat = []
+    period = 1.0 / fps
+    t_next = time.perf_counter()
+    t_end = t_next + seconds
+    while time.perf_counter() < t_end or len(lat) < 10:
+        t_next += period
+        delay = t_next - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        t = time.perf_counter()
+        model.logits(x)
+        lat.append((time.perf_counter() - t) * 1e3)
+    return {"latency_p50_ms": float(np.percentile(lat, 50)), "latency_p90_ms": float(np.percentile(lat, 90)),
+            "fps": fps}
+
+
 def runtime_burst(model, video: Path, realtime: bool, seconds: float, tmp: Path) -> dict:
     """The runtime loop of `edgetl run --headless` in this process (JSON lines written to a file)."""
     from edgetl.runtime.app import AppOptions, StreamOptions, run_app
@@ -146,8 +168,10 @@ def slim(summary: dict) -> dict:
             "stages_p50_ms": {k: v["p50"] for k, v in summary["stages_ms"].items()}}
 
 
-def measure(model, frame: np.ndarray, video: Path, pairs: int, seconds: float, tmp: Path, name: str) -> dict:
-    """Interleaved bursts: raw, every-frame runtime, raw, realtime runtime, raw; same-pair ratios."""
+def measure(model, frame: np.ndarray, video: Path, pairs: int, seconds: float, tmp: Path, name: str,
+            fps: float = 30.0) -> dict:
+    """Interleaved bursts: raw, every-frame runtime, raw, realtime runtime, raw (hot loops), paced raw;
+    same-pair ratios."""
     x = model.input_tensor(frame)
     for _ in range(20):  # warm-up
         model.logits(x)
@@ -158,13 +182,16 @@ def measure(model, frame: np.ndarray, video: Path, pairs: int, seconds: float, t
         raw_b = raw_burst(model, x, seconds)
         live = runtime_burst(model, video, True, seconds, tmp)
         raw_c = raw_burst(model, x, seconds)
-        p = {"raw": [raw_a, raw_b, raw_c], "throughput": slim(thr), "realtime": slim(live),
+        paced = paced_burst(model, x, seconds, fps)
+        p = {"raw": [raw_a, raw_b, raw_c], "paced": paced, "throughput": slim(thr), "realtime": slim(live),
              "fps_ratio": thr["fps"] / ((raw_a["fps"] + raw_b["fps"]) / 2),
-             "latency_ratio": live["latency_ms"]["p50"] / ((raw_b["latency_p50_ms"] + raw_c["latency_p50_ms"]) / 2)}
+             "latency_ratio": live["latency_ms"]["p50"] / ((raw_b["latency_p50_ms"] + raw_c["latency_p50_ms"]) / 2),
+             "latency_ratio_paced": live["latency_ms"]["p50"] / paced["latency_p50_ms"]}
         rounds.append(p)
         print(f"[{name}] pair {i + 1}: raw {raw_a['fps']:.1f}/{raw_b['fps']:.1f} FPS, runtime {thr['fps']:.1f} FPS "
               f"({p['fps_ratio']:.1%}); realtime latency p50 {live['latency_ms']['p50']:.2f} ms vs raw "
               f"{raw_b['latency_p50_ms']:.2f}/{raw_c['latency_p50_ms']:.2f} ms ({p['latency_ratio']:.2f}x), "
+              f"paced raw {paced['latency_p50_ms']:.2f} ms ({p['latency_ratio_paced']:.2f}x), "
               f"dropped {live['dropped']}", flush=True)
     med = statistics.median
     raws = [r for p in rounds for r in p["raw"]]
@@ -185,6 +212,8 @@ def measure(model, frame: np.ndarray, video: Path, pairs: int, seconds: float, t
         "raw_cpu_ms_per_frame": med(r["cpu_ms_per_frame"] for r in raws),
         "runtime_cpu_ms_per_frame": med(p["throughput"]["cpu_ms_per_frame"] for p in rounds),
         "latency_ratio": med(p["latency_ratio"] for p in rounds),
+        "paced_latency_p50_ms": med(p["paced"]["latency_p50_ms"] for p in rounds),
+        "latency_ratio_paced": med(p["latency_ratio_paced"] for p in rounds),
         "pairs": rounds,
     }
 
@@ -298,14 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     # Config A: the build's own options. Config B (CPU onnxruntime only): inference leaves one core to
     # capture/decode/preprocess, which is how a small CPU device should be configured.
     configs = [("build options", model, {})]
-    if model.info["backend"] == "onnxruntime" and "CPU" in str(model.info.get("device")) and cpus > 1:
-        opt = {"intra_op_threads": cpus - 1}
-        configs.append((f"intra_op_threads={cpus - 1}", rt.load(artifact, backend=args.backend, options=opt), opt))
+    thread_key = {"onnxruntime": "intra_op_threads", "openvino": "threads"}.get(model.info["backend"])
+    if thread_key and "CPU" in str(model.info.get("device")) and cpus > 1:
+        opt = {thread_key: cpus - 1}
+        configs.append((f"{thread_key}={cpus - 1}", rt.load(artifact, backend=args.backend, options=opt), opt))
     cost = overhead(model.spec, video, tmp)
     print("CPU ms per frame: " + ", ".join(f"{k} {v:.2f}" for k, v in cost.items()), flush=True)
     results = {}
     for name, mdl, opt in configs:
-        results[name] = measure(mdl, frame, video, args.pairs, args.seconds, tmp, name)
+        results[name] = measure(mdl, frame, video, args.pairs, args.seconds, tmp, name, fps=info["fps"])
         results[name]["cli"] = record_cli(mdl, frame, artifact, video, args.backend, opt, args.seconds, tmp)
         mdl.close()
 
@@ -315,12 +345,18 @@ def main(argv: list[str] | None = None) -> int:
                  "opencv": cv2.__version__},
         "command": "benchmarks/runtime_fps.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "runtime_cost_cpu_ms_per_frame": cost, "configs": results,
+        "loadavg_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     print(f"\nmedians of {args.pairs} interleaved pairs per config (ratios taken within a pair)")
-    head = ("config", "raw FPS", "run FPS", "FPS ratio", "infer ms", "latency ms", "lat. ratio", "CLI FPS ratio",
-            "CLI lat. ratio")
+    best_raw = max(m["raw_fps"] for m in results.values())
+    for m in results.values():
+        m["fps_vs_best_raw"] = m["runtime_fps"] / best_raw
+    res["best_raw_fps"] = best_raw
+    head = ("config", "raw FPS", "run FPS", "FPS ratio", "vs best raw", "infer ms", "paced infer ms", "latency ms",
+            "lat. ratio", "lat./paced", "CLI FPS ratio", "CLI lat. ratio")
     rows = [(name, f"{m['raw_fps']:.1f}", f"{m['runtime_fps']:.1f}", f"{m['fps_ratio']:.1%}",
-             f"{m['raw_latency_p50_ms']:.2f}", f"{m['realtime_latency_p50_ms']:.2f}", f"{m['latency_ratio']:.2f}x",
+             f"{m['fps_vs_best_raw']:.1%}", f"{m['raw_latency_p50_ms']:.2f}", f"{m['paced_latency_p50_ms']:.2f}",
+             f"{m['realtime_latency_p50_ms']:.2f}", f"{m['latency_ratio']:.2f}x", f"{m['latency_ratio_paced']:.2f}x",
              f"{m['cli']['fps_ratio']:.1%}", f"{m['cli']['latency_ratio']:.2f}x") for name, m in results.items()]
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, tuple("-" * w for w in widths), *rows]:
@@ -335,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{m['runtime_cpu_ms_per_frame'] - m['raw_cpu_ms_per_frame']:.2f} ms)")
     print("the runtime's own cost, CPU ms per 720p frame (load-independent): " + ", ".join(
         f"{k} {v:.2f}" for k, v in cost.items()) + " (loop = runtime - decode - preprocess)")
-    print("targets: run FPS >= 90% of raw, realtime latency p50 <= 1.5x raw inference p50")
+    print("targets: run FPS >= 90% of raw, realtime latency p50 <= 1.5x raw inference p50 "
+          "(FPS ratio: vs raw of the same config; lat. ratio: vs the hot loop; lat./paced: vs raw at the source's pace)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {args.out}")
