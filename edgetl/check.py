@@ -515,8 +515,9 @@ def _build_entry(manifest: Manifest, backend: str) -> dict[str, Any] | None:
 def check_artifact(folder: str | Path, backend: str | None = None, thresholds: Any = None,
                    options: Mapping[str, Any] | None = None, update: bool = True,
                    log: Callable[[str], None] = lambda s: None) -> GateResult:
-    """Re-run the gate of an artifact's build for ``backend`` (default: the artifact's own gate,
-    model_int8.onnx on ONNX Runtime) on its checkset, verify every file first, and record the
+    """Re-run the gate of an artifact's build for ``backend`` (default: the build of the artifact's
+    target, ``manifest.target.backend``, when it has one; else the artifact's own gate, model_int8.onnx
+    on ONNX Runtime) on its checkset, verify every file first, and record the
     result: manifest.gate (artifact gate) or the build's ``gate`` entry, report.json/md and
     confusion.png rewritten, file hashes refreshed, manifest rewritten atomically."""
     folder = Path(folder)
@@ -524,7 +525,9 @@ def check_artifact(folder: str | Path, backend: str | None = None, thresholds: A
                                                       "compile` (a run is quantized first: edgetl quantize RUN --out "
                                                       "artifacts/NAME)")
     th = Thresholds.coerce(thresholds if thresholds is not None else (manifest.gate or {}).get("thresholds"))
-    backend = backend or GATE_BACKEND
+    if backend is None:  # the build the artifact's target runs; else the QDQ graph on ONNX Runtime
+        target_backend = (manifest.target or {}).get("backend")
+        backend = target_backend if target_backend and _build_entry(manifest, target_backend) else GATE_BACKEND
     entry = _build_entry(manifest, backend)
     if entry is None:
         if backend != GATE_BACKEND:

@@ -94,6 +94,9 @@ def test_compile_run_passes_gate(tiny_run, tmp_path, capsys, target, method):
     if backend == "openvino":
         assert build["precision"] == "int8+f32" and (out / build["model"]).is_file()
     assert sorted(p.name for p in out.parent.iterdir()) == ["tiny"]  # no temp folder left behind
+    # `edgetl check ARTIFACT` re-gates the build the target runs, not only the QDQ graph on ONNX Runtime
+    assert main(["check", str(out), "--no-speed-check", "--no-update"]) == 0
+    assert f"gate: {backend} {build['model']}" in capsys.readouterr().out
 
 
 def test_compile_run_for_jetson_on_host(tiny_run, tmp_path):

@@ -38,7 +38,8 @@ def thresholds_from(opts: Mapping[str, Any], base: Any = None):
 @click.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default=None,
-              help="Check this backend's build (from manifest.builds). [default: model_int8.onnx on ONNX Runtime]")
+              help="Check this backend's build (from manifest.builds). [default: the build of the artifact's target "
+                   "(compile/build), else model_int8.onnx on ONNX Runtime]")
 @gate_options
 @click.option("--no-update", is_flag=True, help="Only report: leave manifest.json and the report files unchanged.")
 def check(artifact: Path, backend: str | None, no_update: bool, **gate: Any) -> int:
