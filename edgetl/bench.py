@@ -292,7 +292,8 @@ def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[s
         }
         live.append(c)
 
-    # interleaved latency rounds
+    # interleaved latency rounds (and how busy the other processes kept the CPUs meanwhile)
+    cpu0 = _cpu_sample()
     lat: dict[str, list[float]] = {c.name: [] for c in live}
     pre: dict[str, list[float]] = {c.name: [] for c in live}
     per_block = max(1, reps // rounds)
@@ -309,26 +310,52 @@ def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[s
         a = np.asarray(lat[c.name])
         c.result.update({"latency_p50_ms": float(np.percentile(a, 50)), "latency_p90_ms": float(np.percentile(a, 90)),
                          "preprocess_p50_ms": float(np.median(pre[c.name])), "latency_reps": int(a.size)})
+    others = _other_busy_cpus(cpu0, _cpu_sample())
     results = {c.name: c.result for c in live}
     summary = _speedups(results)
     return {
         "artifact": str(artifact), "labels": list(manifest.labels),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "loadavg_start": load_start,
-                    "loadavg_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
-        "busy_warning": busy_warning(load_start, threads),
+                    "loadavg_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+                    "other_processes_busy_cpus": others},
+        "busy_warning": busy_warning(others, threads),
         "threads": threads, "frames": frames_source, "input_size": list(spec.input_size),
         "reps": reps, "rounds": rounds, "rows": results, "skipped": skipped, "speedups": summary,
     }
 
 
-def busy_warning(load: float | None, threads: int) -> str | None:
-    """Other work on the CPUs distorts every row, multi-threaded eager PyTorch most of all."""
-    cpus = os.cpu_count() or 1
-    if load is None or load <= max(0.5, cpus - threads):
+def _cpu_sample() -> tuple[float, float, float] | None:
+    """(wall s, CPU-seconds busy on the whole machine incl. VM steal, CPU-seconds of this process)."""
+    try:
+        with open("/proc/stat") as fh:
+            v = [int(x) for x in fh.readline().split()[1:9]]
+        busy = (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")  # user nice system irq softirq steal
+    except (OSError, ValueError, IndexError):
         return None
-    return (f"the machine was busy (1-min load average {load:.1f} on {cpus} CPUs) before the bench started: "
-            "latencies are inflated, PyTorch eager's OpenMP threads most of all; re-run on an idle machine")
+    t = os.times()
+    return time.perf_counter(), busy, t.user + t.system
+
+
+def _other_busy_cpus(a: tuple | None, b: tuple | None) -> float | None:
+    """Average number of CPUs other processes (and other VMs: steal) kept busy between two samples.
+
+    Measured while the latency rounds ran, not before: a load average taken at the start would also
+    count the pipeline step that just finished (e.g. ``make demo``'s compile) and cry wolf."""
+    if a is None or b is None or b[0] - a[0] <= 0:
+        return None
+    return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / (b[0] - a[0]))
+
+
+def busy_warning(others: float | None, threads: int) -> str | None:
+    """Other work on the CPUs distorts every row, multi-threaded eager PyTorch most of all.
+
+    ``others``: CPUs kept busy by other processes while the latency rounds ran (see ``_other_busy_cpus``)."""
+    cpus = os.cpu_count() or 1
+    if others is None or others <= max(0.3, cpus - threads):
+        return None
+    return (f"other processes kept {others:.1f} of {cpus} CPUs busy while the latencies were measured: they are "
+            "inflated, PyTorch eager's OpenMP threads most of all; re-run on an idle machine")
 
 
 def _speedups(rows: dict[str, dict]) -> dict[str, Any]:

@@ -72,3 +72,25 @@ def test_busy_machine_is_flagged():
     cpus = os.cpu_count() or 1
     assert busy_warning(0.0, 2) is None and busy_warning(None, 2) is None
     assert "busy" in busy_warning(cpus + 4.0, 2)
+
+
+def test_busy_measure_counts_other_processes_not_the_bench_itself():
+    import subprocess
+    import sys
+    import time
+
+    from edgetl.bench import _cpu_sample, _other_busy_cpus
+
+    if _cpu_sample() is None:
+        pytest.skip("no /proc/stat here")
+    a = _cpu_sample()
+    t_end = time.perf_counter() + 0.8
+    while time.perf_counter() < t_end:  # this process busy: not "other" load
+        pass
+    own = _other_busy_cpus(a, _cpu_sample())
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.0: pass"])
+    a = _cpu_sample()
+    spin.wait()
+    other = _other_busy_cpus(a, _cpu_sample())
+    assert own is not None and other is not None
+    assert other > own + 0.4, (own, other)  # a spinning neighbour shows up as ~1 busy CPU
