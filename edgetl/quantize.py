@@ -99,6 +99,8 @@ class QuantizeConfig:
                            ("--qat-epochs", self.qat_epochs, 1), ("--qat-batch-size", self.qat_batch_size, 1)):
             if int(v) < lo:
                 raise bad(opt, v, f"give an integer ≥ {lo}")
+        if self.qat_max_images is not None and self.qat_max_images < 1:
+            raise bad("--qat-max-images", self.qat_max_images, "give a number of images ≥ 1, or leave it out for all")
         if self.static_batch is not None and self.static_batch < 1:
             raise bad("--static-batch", self.static_batch, "give a batch size ≥ 1, or leave it out for a dynamic batch")
         if self.qat_loss not in QAT_LOSSES:

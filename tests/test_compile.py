@@ -81,13 +81,15 @@ def test_compile_run_passes_gate(tiny_run, tmp_path, capsys, target, method):
         pytest.importorskip("openvino", reason="openvino is not installed")
     out = tmp_path / "artifacts" / "tiny"
     args = ["compile", str(tiny_run), "--target", target, "--out", str(out), *TINY]
-    args += ["--method", method] if method else ["--qat-epochs", "1"]  # the profile's default method is qat
+    args += ["--method", method] if method else ["--qat-epochs", "1", "--qat-max-images", "16"]  # profile default: qat
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "deployable" in text and "yes" in text
     m = verify_files(out)
     assert m.kind == "artifact" and m.gate["passed"] and m.target["name"] == target
     assert m.quantization["method"] == (method or "qat")
+    if not method:
+        assert m.quantization["qat"]["images_per_epoch"] == 16
     backend = m.target["backend"]
     build = next(b for b in m.builds if b["backend"] == backend)
     assert build["gate"]["passed"] and build["gate"]["runner"]["backend"] == backend
@@ -169,3 +171,10 @@ def test_compile_bare_onnx_needs_preprocessing(tiny_run, tmp_path, capsys):
     assert main(["compile", str(model), "--labels", str(labels), "--images", str(images),
                  "--target", "x86-cpu-onnxruntime", "--out", str(tmp_path / "x")]) == 2
     assert "--preprocess" in capsys.readouterr().err
+
+
+def test_compile_refuses_bad_qat_images(tiny_run, tmp_path, capsys):
+    out = tmp_path / "bad"
+    assert main(["compile", str(tiny_run), "--target", "x86-cpu-onnxruntime", "--out", str(out),
+                 "--qat-max-images", "0"]) == 2
+    assert "--qat-max-images" in capsys.readouterr().err and not out.exists()
