@@ -436,7 +436,7 @@ def render_report_md(report: Mapping[str, Any]) -> str:
                   "| --- | --- | --- | --- | --- |"]
         for fm in forms:
             ms = f"{fm['ort_ms']:.3g}" if fm.get("ort_ms") is not None else "—"
-            lines.append(f"| {fm['form']} | {_pct(fm['quant_top1'])} | {_pct(fm['agreement'])} | {ms} | {fm.get('chosen', False)} |")
+            lines.append(f"| {fm['form']} | {_pct(fm['quant_top1'])} | {_pct(fm['agreement'])} | {ms} | {'**the artifact**' if fm.get('chosen') else ''} |")
         lines.append("")
     sens = report.get("sensitivity") or []
     if sens:
