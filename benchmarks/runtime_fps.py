@@ -228,10 +228,13 @@ def trivial_artifact(folder: Path, spec) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     shape = ["N", *spec.tensor_shape(1)[1:]]
+    u8 = spec.dtype == "uint8"  # a build with folded preprocessing takes the uint8 image
     graph = helper.make_graph(
-        [helper.make_node("GlobalAveragePool" if spec.layout == "NCHW" else "Identity", ["input"], ["p"]),
+        [helper.make_node("Cast", ["input"], ["x"], to=TensorProto.FLOAT) if u8 else
+         helper.make_node("Identity", ["input"], ["x"]),
+         helper.make_node("GlobalAveragePool" if spec.layout == "NCHW" else "Identity", ["x"], ["p"]),
          helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("Gemm", ["f", "W", "B"], ["logits"], transB=1)],
-        "trivial", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+        "trivial", [helper.make_tensor_value_info("input", TensorProto.UINT8 if u8 else TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
         [numpy_helper.from_array(np.ones((2, 3 if spec.layout == "NCHW" else int(np.prod(shape[1:]))), np.float32), "W"),
          numpy_helper.from_array(np.zeros(2, np.float32), "B")])

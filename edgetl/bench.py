@@ -32,7 +32,7 @@ import numpy as np
 from .runtime.errors import EdgetlError
 from .runtime.imageio import read_image
 from .runtime.manifest import Manifest, open_verified
-from .runtime.preprocess import preprocess
+from .runtime.preprocess import build_input_spec, preprocess, to_model_input
 
 ALL_ROWS = ("torch-nchw", "torch-channels-last", "ort-fp32", "ort-int8", "ov-f32", "ov-default", "ov-int8",
             "tensorrt")
@@ -47,6 +47,7 @@ class Candidate:
     make: Callable[[], Any]  # -> object with .infer(np batch) -> logits, and .info
     runner: Any = None
     result: dict[str, Any] = field(default_factory=dict)
+    build_input: dict[str, Any] | None = None  # the build's input overrides (e.g. folded preprocessing: uint8 NHWC)
 
 
 class _TorchPredictor:
@@ -153,14 +154,14 @@ def plan(artifact: Path, manifest: Manifest, run: Path | None, threads: int,
             cands.append(Candidate(name, "torch", f"PyTorch eager FP32 ({'channels_last' if cl else 'NCHW'})",
                                    _size(Path(run_dir) / "model.safetensors"), make))
 
-    def add_runner(name, backend, label, path: Path, opts: dict, size_paths: list[Path]):
+    def add_runner(name, backend, label, path: Path, opts: dict, size_paths: list[Path], build_input=None):
         if not want(name):
             return
         if not path.exists():
             skipped[name] = f"{path.name} is not in the artifact"
             return
         cands.append(Candidate(name, backend, label, _size(*size_paths),
-                               lambda: open_runner(backend, path, opts)))
+                               lambda: open_runner(backend, path, opts), build_input=build_input))
 
     add_runner("ort-fp32", "onnxruntime", "ONNX Runtime FP32", fp32, ort_opts, [fp32])
     add_runner("ort-int8", "onnxruntime", "ONNX Runtime INT8 (QDQ)", int8, ort_opts, [int8])
@@ -182,8 +183,9 @@ def plan(artifact: Path, manifest: Manifest, run: Path | None, threads: int,
             xml = artifact / ov_build["model"]
             opts = {**dict(ov_build.get("options") or {}), **ov_base}
             opts.setdefault("inference_precision", "f32")
-            add_runner("ov-int8", "openvino", "OpenVINO INT8 (artifact build)", xml, opts,
-                       [xml, xml.with_suffix(".bin")])
+            folded = " + folded preprocessing" if ov_build.get("input") else ""
+            add_runner("ov-int8", "openvino", f"OpenVINO INT8 (artifact build{folded})", xml, opts,
+                       [xml, xml.with_suffix(".bin")], build_input=ov_build.get("input"))
         else:
             add_runner("ov-int8", "openvino", "OpenVINO INT8 (from the QDQ ONNX)", int8,
                        {**ov_base, "inference_precision": "f32"}, [int8])
@@ -260,6 +262,7 @@ def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[s
 
     # load + accuracy + throughput, one row at a time (peak RSS measured per row)
     live: list[Candidate] = []
+    specs: dict[str, Any] = {}
     for c in cands:
         progress(f"loading {c.label}")
         reset = _reset_peak_rss()
@@ -268,11 +271,13 @@ def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[s
         except EdgetlError as exc:
             skipped[c.name] = exc.message
             continue
-        logits = c.runner.infer_many(inputs, batch_size=32) if hasattr(c.runner, "infer_many") else \
-            np.concatenate([c.runner.infer(inputs[i:i + 32]) for i in range(0, len(inputs), 32)])
+        specs[c.name] = c_spec = build_input_spec(spec, c.build_input)  # what this row's model takes
+        c_inputs = inputs if c_spec == spec else to_model_input(inputs, spec, c_spec)
+        logits = c.runner.infer_many(c_inputs, batch_size=32) if hasattr(c.runner, "infer_many") else \
+            np.concatenate([c.runner.infer(c_inputs[i:i + 32]) for i in range(0, len(c_inputs), 32)])
         pred = logits.argmax(1)
-        b = min(throughput_batch, len(inputs))
-        batch = np.ascontiguousarray(inputs[:b])
+        b = min(throughput_batch, len(c_inputs))
+        batch = np.ascontiguousarray(c_inputs[:b])
         for _ in range(3):
             c.runner.infer(batch)
         t_rep = []
@@ -281,11 +286,12 @@ def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[s
             c.runner.infer(batch)
             t_rep.append(time.perf_counter() - t0)
         for f in frames[:warmup]:
-            _frame_to_label(c.runner, f, spec)
+            _frame_to_label(c.runner, f, c_spec)
         c.result = {
             "label": c.label, "backend": c.backend, "precision": c.runner.info.get("precision"),
             "info": {k: v for k, v in c.runner.info.items() if k != "options"},
             "top1": float((pred == labels).mean()), "agreement": float((pred == float_pred).mean()),
+            "input": f"{c_spec.dtype} {c_spec.layout}",
             "n_checkset": int(len(labels)), f"throughput_b{b}_img_s": b / float(np.median(t_rep)),
             "size_mb": c.size_bytes / 1e6,
             "peak_rss_mb": _peak_rss_mb() if reset else None,
@@ -301,9 +307,9 @@ def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[s
         progress(f"latency round {r + 1}/{rounds}")
         for c in live:
             for i in range(block_warmup):  # wake this backend's thread pool after the others ran
-                _frame_to_label(c.runner, frames[i % len(frames)], spec)
+                _frame_to_label(c.runner, frames[i % len(frames)], specs[c.name])
             for i in range(per_block):
-                _, total, p = _frame_to_label(c.runner, frames[(r * per_block + i) % len(frames)], spec)
+                _, total, p = _frame_to_label(c.runner, frames[(r * per_block + i) % len(frames)], specs[c.name])
                 lat[c.name].append(total)
                 pre[c.name].append(p)
     for c in live:

@@ -188,18 +188,22 @@ class Speed:
         return {**asdict(self), "speedup": self.speedup}
 
 
-def measure_speed(float_runner, quant_runner, sample: np.ndarray, repeats: int = 30, warmup: int = 5) -> Speed:
-    """Median batch-1 latency of both runners, measured side by side (alternating every call)."""
+def measure_speed(float_runner, quant_runner, sample: np.ndarray, repeats: int = 30, warmup: int = 5,
+                  quant_sample: np.ndarray | None = None) -> Speed:
+    """Median batch-1 latency of both runners, measured side by side (alternating every call).
+    ``quant_sample``: the same images in the quantized build's own input form, when it differs
+    (a build with folded preprocessing takes uint8)."""
     x = np.ascontiguousarray(sample[:1])
+    xq = x if quant_sample is None else np.ascontiguousarray(quant_sample[:1])
     for _ in range(warmup):
         float_runner.infer(x)
-        quant_runner.infer(x)
+        quant_runner.infer(xq)
     tf, tq = [], []
     for i in range(repeats):
         order = (float_runner, quant_runner) if i % 2 == 0 else (quant_runner, float_runner)
         for r in order:
             t0 = time.perf_counter()
-            r.infer(x)
+            r.infer(x if r is float_runner else xq)
             (tf if r is float_runner else tq).append(time.perf_counter() - t0)
     return Speed(1000 * float(np.median(tf)), 1000 * float(np.median(tq)), repeats,
                  getattr(quant_runner, "backend", "?"))
@@ -332,18 +336,23 @@ def gate_from_logits(quant_logits: np.ndarray, checkset: Checkset, thresholds: A
 
 
 def evaluate(runner, checkset: Checkset, thresholds: Any = None, labels: Sequence[str] | None = None,
-             float_runner=None, speed_gated: bool = True, speed_note: str = "") -> GateResult:
+             float_runner=None, speed_gated: bool = True, speed_note: str = "",
+             inputs: np.ndarray | None = None) -> GateResult:
     """Run ``runner`` (any backend's Runner) on the checkset and return the gate verdict.
 
     ``thresholds``: :class:`Thresholds`, a target profile's ``Gate``, a mapping, or None.
     ``float_runner``: the float model on the same backend; when given (and the speed check is on)
     the batch-1 latencies of both are measured side by side and gated (``speed_gated``).
+    ``inputs``: the checkset images in ``runner``'s own input form when it is not the stored float
+    form (``edgetl.runtime.preprocess.to_model_input``); ``float_runner`` always gets the stored form.
     """
     th = Thresholds.coerce(thresholds)
-    logits = runner.infer_many(checkset.inputs)
+    q_inputs = checkset.inputs if inputs is None else inputs
+    logits = runner.infer_many(q_inputs)
     speed = None
     if th.speed_check and float_runner is not None:
-        speed = measure_speed(float_runner, runner, checkset.inputs, repeats=th.speed_repeats)
+        speed = measure_speed(float_runner, runner, checkset.inputs, repeats=th.speed_repeats,
+                              quant_sample=None if inputs is None else q_inputs)
     return gate_from_logits(logits, checkset, th, labels, speed, speed_gated, speed_note, getattr(runner, "info", {}))
 
 
@@ -537,7 +546,12 @@ def check_artifact(folder: str | Path, backend: str | None = None, thresholds: A
     opts = {**dict(entry.get("options") or {}), **dict(options or {})}
     checkset = load_checkset(folder)
     from .calibration.qdq import form_by_key
+    from .runtime.preprocess import build_input_spec, to_model_input
     from .runtime.runners import open_runner
+
+    build_spec = build_input_spec(manifest.preprocess, entry.get("input"))
+    inputs = None if build_spec == manifest.preprocess else \
+        to_model_input(checkset.inputs, manifest.preprocess, build_spec)
 
     form = form_by_key((manifest.quantization or {}).get("qdq_format"))
     speed_gated = form is None or backend in form.fast_on
@@ -552,7 +566,8 @@ def check_artifact(folder: str | Path, backend: str | None = None, thresholds: A
         except EdgetlError as exc:
             note = f"speed not measured: the float model does not load on {backend} ({exc.message})"
     try:
-        result = evaluate(runner, checkset, th, manifest.labels, float_runner, speed_gated, note).without_tried(
+        result = evaluate(runner, checkset, th, manifest.labels, float_runner, speed_gated, note,
+                          inputs=inputs).without_tried(
             (manifest.quantization or {}).get("method"))
     finally:
         runner.close()

@@ -94,6 +94,9 @@ class OpenVINOOptions:
     inference_precision: str = "default"  # f32 | bf16 | f16 | default (the device decides: bf16 on AMX/AVX512-BF16 CPUs)
     num_streams: int | str = "AUTO"  # an int, or "AUTO"
     threads: int = 0  # INFERENCE_NUM_THREADS; 0 = OpenVINO's default
+    # true: the IR takes the uint8 NHWC image and converts/normalises it itself (PrePostProcessor),
+    # so the device only resizes; the build records its input in manifest.builds[].input
+    fold_preprocessing: bool = False
 
 
 @dataclass(frozen=True)

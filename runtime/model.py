@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import EdgetlError, MissingDependencyError
 from .manifest import MANIFEST_NAME, Manifest, read_manifest, verify_files
-from .preprocess import preprocess
+from .preprocess import build_input_spec, preprocess
 from .runners import RUNNERS, Runner, open_runner
 
 # An artifact's ONNX files run on ONNX Runtime without a backend build (best first).
@@ -102,7 +102,7 @@ class Model:
         self.manifest = manifest
         self.build = dict(build)
         self.runner = runner
-        self.spec = manifest.preprocess
+        self.spec = build_input_spec(manifest.preprocess, build.get("input"))  # what this build's model takes
         self.labels = manifest.labels
         self.warnings: list[str] = []
         gate = manifest.gate or {}

@@ -20,7 +20,7 @@ itself normalises (folded into the graph) and this function only does geometry a
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping, Sequence
 
 import cv2
@@ -156,6 +156,51 @@ def preprocess(image_bgr: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         x *= (1.0 / np.asarray(spec.std, dtype=np.float32)).reshape(shape)
         return x
     return img
+
+
+def build_input_spec(spec: PreprocessSpec, build_input: Mapping[str, Any] | None) -> PreprocessSpec:
+    """The spec a build's model takes: the artifact's spec with the build's ``input`` overrides.
+
+    A build may fold the value conversion into its model (e.g. an OpenVINO IR with
+    ``fold_preprocessing``: ``{"dtype": "uint8", "layout": "NHWC"}``); geometry and colour order
+    always stay the artifact's, so every build sees the same pixels."""
+    if not build_input:
+        return spec
+    allowed = {"dtype", "layout"}
+    unknown = sorted(set(build_input) - allowed)
+    if unknown:
+        raise ManifestError(f"builds[].input: unknown key(s) {', '.join(unknown)}",
+                            hint=f"a build may only change {sorted(allowed)} of the preprocessing")
+    return replace(spec, **{k: build_input[k] for k in allowed if k in build_input})
+
+
+def to_model_input(x: np.ndarray, spec: PreprocessSpec, target: PreprocessSpec) -> np.ndarray:
+    """Tensors made by ``preprocess(img, spec)`` -> what ``preprocess(img, target)`` gives for the same
+    images (batch axis first). Only dtype and layout may differ. float32 -> uint8 inverts the
+    normalisation exactly (the pixels were uint8) and checks it: a tensor that was not made with
+    ``spec`` is refused instead of silently mis-converted. Used to feed a checkset (stored as
+    float32) to a build whose model takes uint8."""
+    if replace(spec, dtype=target.dtype, layout=target.layout) != target:
+        raise ValueError("to_model_input converts dtype/layout only; geometry, colour and values must match")
+    x = np.asarray(x)
+    if spec.dtype != target.dtype:
+        shape = (1, 3, 1, 1) if spec.layout == "NCHW" else (1, 1, 1, 3)
+        mean = np.asarray(spec.mean, np.float32).reshape(shape)
+        std = np.asarray(spec.std, np.float32).reshape(shape)
+        if spec.dtype == "float32":  # -> uint8
+            pixels = np.rint(x.astype(np.float32) * std + mean)
+            again = (pixels.astype(np.float32) - mean) * (1.0 / std)
+            if pixels.min(initial=0) < 0 or pixels.max(initial=0) > 255 or \
+                    not np.allclose(again, x, rtol=0, atol=1e-3 * float((1.0 / std).max())):
+                raise ManifestError("the float inputs were not made by this preprocessing spec (they do not "
+                                    "map back to uint8 pixels)",
+                                    hint="re-create the artifact so its checkset matches manifest.preprocess")
+            x = pixels.astype(np.uint8)
+        else:  # uint8 -> float32
+            x = (x.astype(np.float32) - mean) * (1.0 / std)
+    if spec.layout != target.layout:
+        x = x.transpose(0, 2, 3, 1) if target.layout == "NHWC" else x.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x)
 
 
 def preprocess_batch(images_bgr: Sequence[np.ndarray], spec: PreprocessSpec) -> np.ndarray:

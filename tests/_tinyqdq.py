@@ -27,7 +27,10 @@ def fp32_onnx(path: Path, num_classes: int = len(LABELS), seed: int = 0) -> Path
 
 
 def sample_inputs(n: int = 16, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).normal(0, 1, size=(n, 3, 32, 32)).astype(np.float32)
+    """Model inputs as ``preprocess`` makes them from uint8 pixels with SPEC (so a build that folds
+    the normalisation into its model can be fed the same images as uint8)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(n, 3, 32, 32)).astype(np.float32)
+    return (pixels - np.float32(127.5)) * np.float32(1 / 127.5)
 
 
 def qdq_onnx(fp32: Path, out: Path, signed: bool = True, quantize_bias: bool = False) -> Path:

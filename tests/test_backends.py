@@ -12,11 +12,12 @@ import textwrap
 import numpy as np
 import pytest
 
-from _tinyqdq import make_qdq_artifact
+from _tinyqdq import SPEC, make_qdq_artifact
 from edgetl.backends import build_artifact, profile_from_manifest
 from edgetl.backends.tensorrt import resolve_build_config
 from edgetl.runtime.errors import EdgetlError
 from edgetl.runtime.manifest import read_manifest, verify_files
+from edgetl.runtime.preprocess import build_input_spec, to_model_input
 from edgetl.runtime.runners import open_runner
 from edgetl.runtime.runners.tensorrt import check_engine_key, engine_file_name
 from edgetl.targets import apply_overrides, load_target
@@ -61,12 +62,49 @@ def test_openvino_build_pinned_f32(artifact):
     assert entry["inference_precision"] == "f32"
     assert entry["int8_layers"] > 0 and entry["precision"] == "int8+f32"
     assert read_manifest(artifact).builds[0]["precision"] == "int8+f32"
-    # the IR (weights kept in f32) computes what the QDQ graph computes in ONNX Runtime
+    # the IR (weights kept in f32) computes what the QDQ graph computes in ONNX Runtime; it takes the
+    # uint8 NHWC image (the profile folds the normalisation into it)
+    assert entry["input"] == {"dtype": "uint8", "layout": "NHWC"}
     x, ref = _ort_logits(artifact)
-    out = open_runner("openvino", artifact / entry["model"], entry["options"]).infer_many(x)
+    xq = to_model_input(x, SPEC, build_input_spec(SPEC, entry["input"]))
+    assert xq.dtype == np.uint8 and xq.shape == (len(x), 32, 32, 3)
+    out = open_runner("openvino", artifact / entry["model"], entry["options"]).infer_many(xq)
     assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.95
     assert np.abs(out - ref).max() <= 0.05 * (np.abs(ref).max() + 1e-6) + 1e-3
     verify_files(artifact)
+
+
+def test_openvino_folded_preprocessing_same_results_as_float_input(artifact, tmp_path):
+    """fold_preprocessing: the IR takes the resized uint8 NHWC image and normalises it itself. The
+    runtime feeds it uint8 (build_input_spec), and it predicts what the unfolded IR predicts."""
+    ov = pytest.importorskip("openvino", reason="openvino is not installed")
+    import shutil
+
+    import edgetl.runtime as rt
+
+    plain = shutil.copytree(artifact, tmp_path / "plain")
+    folded_entry = build_artifact(artifact, load_target("x86-cpu-openvino"), gate=False, **QUIET).entry
+    plain_entry = build_artifact(plain, apply_overrides(load_target("x86-cpu-openvino"),
+                                                        sets=["openvino.fold_preprocessing=false"]),
+                                 gate=False, **QUIET).entry
+    assert "input" not in plain_entry and folded_entry["input"] == {"dtype": "uint8", "layout": "NHWC"}
+    port = ov.Core().read_model(str(artifact / folded_entry["model"])).input(0)
+    assert port.get_element_type().get_type_name() == "u8" and list(port.get_partial_shape())[1:] == [32, 32, 3]
+    frames = [np.random.default_rng(i).integers(0, 256, (48, 64, 3), dtype=np.uint8) for i in range(12)]
+    with rt.load(artifact) as mf, rt.load(plain) as mp:
+        assert mf.spec.dtype == "uint8" and mf.spec.layout == "NHWC" and mp.spec.dtype == "float32"
+        assert mf.input_tensor(frames[0]).dtype == np.uint8
+        pf = np.stack([mf.probabilities(f) for f in frames])
+        pp = np.stack([mp.probabilities(f) for f in frames])
+    assert (pf.argmax(1) == pp.argmax(1)).mean() >= 11 / 12
+    assert np.abs(pf - pp).max() < 0.05
+    # the gate feeds the folded build the checkset's images as uint8 and passes like the plain one
+    from edgetl.check import check_artifact
+    from edgetl.backends import thresholds_for
+
+    th = thresholds_for(load_target("x86-cpu-openvino"), speed_check=False)
+    assert check_artifact(artifact, "openvino", th, update=False).passed
+    assert check_artifact(plain, "openvino", th, update=False).passed
 
 
 def test_openvino_default_precision_is_what_the_cpu_reports(artifact):
@@ -87,7 +125,8 @@ def test_openvino_fp32_build_from_float_onnx(artifact):
     entry = build_artifact(artifact, profile, gate=False, **QUIET).entry
     assert entry["precision"] == "f32" and entry["int8_layers"] == 0
     x, ref = _ort_logits(artifact, "model_fp32.onnx")
-    out = open_runner("openvino", artifact / entry["model"], entry["options"]).infer(x)
+    xb = to_model_input(x, SPEC, build_input_spec(SPEC, entry.get("input")))  # folded: the uint8 image
+    out = open_runner("openvino", artifact / entry["model"], entry["options"]).infer(xb)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 

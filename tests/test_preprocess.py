@@ -78,3 +78,31 @@ def test_decode_bad_files(tmp_path):
     (tmp_path / "text.png").write_bytes(b"hello, not an image")
     with pytest.raises(ImageDecodeError, match="text.png: not a decodable"):
         read_image(tmp_path / "text.png")
+
+
+@pytest.mark.parametrize("spec", [PreprocessSpec(), PreprocessSpec(mean=(127.5,) * 3, std=(127.5,) * 3, color="BGR")])
+def test_to_model_input_recovers_the_uint8_image_exactly(spec):
+    """A checkset (float32, normalised) fed to a build that folds the normalisation into its model:
+    the uint8 NHWC tensor is exactly what preprocess gives for the same images with that build's spec."""
+    from edgetl.runtime.preprocess import build_input_spec, to_model_input
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (90, 120, 3), dtype=np.uint8) for _ in range(5)]
+    folded = build_input_spec(spec, {"dtype": "uint8", "layout": "NHWC"})
+    x = np.stack([preprocess(im, spec) for im in images])
+    want = np.stack([preprocess(im, folded) for im in images])
+    got = to_model_input(x, spec, folded)
+    assert got.dtype == np.uint8 and got.shape == want.shape and np.array_equal(got, want)
+    np.testing.assert_allclose(to_model_input(got, folded, spec), x, rtol=0, atol=1e-6)  # and back
+    assert build_input_spec(spec, None) is spec
+
+
+def test_to_model_input_refuses_tensors_not_made_by_the_spec():
+    from edgetl.runtime.preprocess import build_input_spec, to_model_input
+
+    spec = PreprocessSpec()
+    x = np.random.default_rng(0).normal(0, 1, (2, 3, 224, 224)).astype(np.float32)  # not from pixels
+    with pytest.raises(ManifestError, match="not made by this preprocessing spec"):
+        to_model_input(x, spec, build_input_spec(spec, {"dtype": "uint8", "layout": "NHWC"}))
+    with pytest.raises(ManifestError, match="unknown key"):
+        build_input_spec(spec, {"mean": [0, 0, 0]})

@@ -5,10 +5,18 @@ compress_to_fp16=False)`` keeps the weights exact (the default would store them 
 then compiled for the profile's device with the profile's hints, and the inference precision the
 compiled model *really* uses is recorded (``INFERENCE_PRECISION_HINT`` read back: on an AVX-512 BF16
 or AMX CPU, "default" means bf16), together with how many layers run in int8.
+
+``fold_preprocessing = true`` (profile option) folds the value part of the artifact's preprocessing
+into the IR with OpenVINO's ``PrePostProcessor``: the model takes the resized uint8 image in NHWC
+and does the float conversion, ``(x - mean) / std`` and the layout change itself, fused into its
+first layers. The device then only resizes (and reorders colour) in OpenCV; the build entry records
+``"input": {"dtype": "uint8", "layout": "NHWC"}``, which the runtime, the gate and the benchmark
+read through ``build_input_spec``, so all three feed the build exactly what it takes.
 """
 
 from __future__ import annotations
 
+from ..runtime.errors import EdgetlError
 from . import BuildContext, BuildOutcome, commit_build_dir, fresh_build_dir
 
 MODEL = "model.xml"
@@ -26,6 +34,10 @@ def build(ctx: BuildContext) -> BuildOutcome:
     try:
         ctx.progress(f"openvino: convert {source} -> builds/openvino/{MODEL}")
         model = ov.convert_model(str(ctx.folder / source))
+        if options.get("fold_preprocessing"):
+            ctx.progress("openvino: fold preprocessing into the IR (uint8 NHWC input; convert, normalise, "
+                         "transpose inside the model)")
+            model = fold_preprocessing(ov, model, ctx.manifest.preprocess)
         ov.save_model(model, str(tmp / MODEL), compress_to_fp16=False)
         ctx.progress(f"openvino: compile for {options.get('device', 'CPU')} "
                      f"(inference_precision {options.get('inference_precision', 'default')})")
@@ -49,4 +61,25 @@ def build(ctx: BuildContext) -> BuildOutcome:
              "inference_precision": info["inference_precision"], "requested_inference_precision": requested,
              "int8_layers": info["int8_layers"], "options": options, "version": info["version"],
              "device": info["device"]}
+    if options.get("fold_preprocessing"):
+        entry["input"] = dict(FOLDED_INPUT)
     return BuildOutcome(entry, notes)
+
+
+FOLDED_INPUT = {"dtype": "uint8", "layout": "NHWC"}
+
+
+def fold_preprocessing(ov, model, spec):
+    """``model`` (float input in ``spec.layout``) -> a model taking the uint8 NHWC image that
+    ``preprocess`` produces with ``FOLDED_INPUT``; mean/std (in the spec's colour order) applied inside."""
+    from openvino.preprocess import PrePostProcessor
+
+    if spec.dtype != "float32":
+        raise EdgetlError("openvino.fold_preprocessing: the model already takes uint8 input",
+                          hint="set fold_preprocessing = false for this model")
+    ppp = PrePostProcessor(model)
+    inp = ppp.input()
+    inp.tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+    inp.model().set_layout(ov.Layout(spec.layout))
+    inp.preprocess().convert_element_type(ov.Type.f32).mean(list(spec.mean)).scale(list(spec.std))
+    return ppp.build()

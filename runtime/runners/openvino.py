@@ -8,7 +8,8 @@ Options (``[openvino]`` of a target profile): ``device`` (CPU, GPU, NPU, AUTO), 
 ``info["precision"]`` is read back from the *compiled* model: the ``INFERENCE_PRECISION_HINT`` it
 really uses (on a CPU with AVX-512 BF16 or AMX, "default" resolves to bf16), prefixed with ``int8+``
 when the graph holds FakeQuantize (a QDQ ONNX becomes FakeQuantize) and the runtime graph runs
-layers in i8/u8. ``info["int8_layers"]`` counts those layers.
+layers in i8/u8. ``info["int8_layers"]`` counts the compute layers (convolutions, fully connected,
+MatMul) that run in i8/u8.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from ..errors import EdgetlError, MissingDependencyError
 from .base import Runner
 
 _PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}
+# the layers whose int8 execution is what INT8 is for; data movement on a uint8 input (a folded
+# preprocessing's Transpose/Eltwise) is not counted as "running in int8"
+_COMPUTE_LAYERS = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul")
 _HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 
 
@@ -111,7 +115,7 @@ class OpenVINORunner(Runner):
         for op in runtime.get_ops():
             info = op.get_rt_info()
             if "runtimePrecision" in info and info["runtimePrecision"].astype(str) in ("i8", "u8"):
-                if "layerType" not in info or info["layerType"].astype(str) not in ("Const", "Input", "Output"):
+                if "layerType" in info and info["layerType"].astype(str) in _COMPUTE_LAYERS:
                     n += 1
         return n
 
