@@ -22,11 +22,15 @@ from pathlib import Path
 from typing import Any
 
 TARGETS = ("x86-cpu-openvino", "x86-cpu-onnxruntime")
-# Quick (the default, ~5 min of training on 2 cores): a short full fine-tune. A frozen-backbone head
-# (feature-extract) trains in a minute and scores higher after so few epochs, but its INT8 versions
-# flip 3-5 % of the test cells (agreement < 98 %, the gate fails even with float fallback layers);
-# fine-tuning the backbone makes the model INT8-friendly: PTQ with one float layer passes the gate.
-QUICK = ["--mode", "fine-tune", "--resize", "stretch", "--epochs", "3", "--aug-vflip", "0.5"]
+# Quick (the default, ~7 min of training on 2 cores): the best recipe's settings (whole cell
+# stretched to 224, flips both ways, mild crop and rotation, backbone at 0.3x the head's rate) for 6
+# epochs instead of 12. Shorter runs score lower and their INT8 versions are fragile around the 98 %
+# agreement gate: the former 3-epoch quick recipe (test 81.9 %) kept 98.7 % after PTQ + 1 float layer
+# on one machine but 97.7 % on another (so the demo failed there; QAT on 320 images: 96.9 %), a
+# 4-epoch run of these settings (84.0 %) 97.5 %; the 6-epoch model (84.7 %) keeps 99.5 % with 2 float
+# layers. A frozen-backbone head (feature-extract) flips 3-5 % of the test cells.
+QUICK = ["--mode", "fine-tune", "--resize", "stretch", "--epochs", "6", "--lr", "1e-3", "--backbone-lr-factor", "0.3",
+         "--aug-vflip", "0.5", "--aug-scale", "0.7", "--aug-rotate", "5"]
 # Full (make demo FULL=1; benchmarks/train_elpv.py "best"): the best recipe found for Lite0 on ELPV
 # (whole cell stretched to 224, flips both ways, mild crop and rotation), then QAT.
 FULL = ["--mode", "fine-tune", "--resize", "stretch", "--epochs", "12", "--lr", "1e-3", "--backbone-lr-factor", "0.3",
