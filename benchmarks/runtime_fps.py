@@ -10,6 +10,10 @@ On a generated 1280x720, 300-frame "conveyor" video (ELPV cells from --images, o
   JSON lines to a file) -> FPS from its summary; target >= 90 % of raw FPS
 * runtime latency: the same with ``--realtime`` (the file played like a 30 FPS camera, latest-frame
   policy) -> capture-to-result latency p50; target <= 1.5x the raw inference latency p50
+* raw with a decoder alongside: the raw loop while a separate process (no edgetl code) decodes the
+  same video non-stop -> what inference can do while 720p decoding competes for the host. A
+  pessimistic reference (the runtime decodes only one frame per result): a runtime above it is not
+  what holds the FPS back on a small host, the shared cores are
 
 The host is shared and drifts, so the three are measured in short interleaved bursts in this
 process (raw bursts bracket each runtime burst; ratios are taken within a pair, then the median);
@@ -111,6 +115,36 @@ def raw_burst(model, x: np.ndarray, seconds: float) -> dict:
             "cpu_ms_per_frame": (time.process_time() - c0) * 1e3 / len(lat)}
 
 
+def _decode_forever(video: str, stop) -> None:
+    """A separate process that only decodes ``video`` in a loop (no edgetl code): the CPU work the
+    runtime's capture thread does, without the runtime."""
+    cv2.setNumThreads(1)
+    cap, buf = cv2.VideoCapture(video), None
+    while not stop.is_set():
+        ok, buf = cap.read(buf)
+        if not ok:
+            cap.release()
+            cap = cv2.VideoCapture(video)
+
+
+def raw_with_decoder_burst(model, x: np.ndarray, video: Path, seconds: float) -> dict:
+    """The raw loop while another process decodes the video non-stop: what inference can do on this
+    host while a 720p decoder competes for it (the runtime decodes one frame per result, so it can
+    beat this; on a small host, falling short of it would point at the runtime's own cost)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # never fork a process that holds backend thread pools
+    stop = ctx.Event()
+    proc = ctx.Process(target=_decode_forever, args=(str(video), stop), daemon=True)
+    proc.start()
+    try:
+        time.sleep(0.5)  # let it start decoding
+        return raw_burst(model, x, seconds)
+    finally:
+        stop.set()
+        proc.join(5)
+
+
 def paced_burst(model, x: np.ndarray, seconds: float, fps: float) -> dict:
     """The backend alone at the source's pace: one ``runner.infer`` per frame period, idle in between.
 
@@ -183,8 +217,10 @@ def measure(model, frame: np.ndarray, video: Path, pairs: int, seconds: float, t
         live = runtime_burst(model, video, True, seconds, tmp)
         raw_c = raw_burst(model, x, seconds)
         paced = paced_burst(model, x, seconds, fps)
+        shared = raw_with_decoder_burst(model, x, video, seconds)
         p = {"raw": [raw_a, raw_b, raw_c], "paced": paced, "throughput": slim(thr), "realtime": slim(live),
-             "fps_ratio": thr["fps"] / ((raw_a["fps"] + raw_b["fps"]) / 2),
+             "raw_with_decoder": shared, "fps_ratio": thr["fps"] / ((raw_a["fps"] + raw_b["fps"]) / 2),
+             "fps_ratio_vs_decoder": thr["fps"] / shared["fps"],
              "latency_ratio": live["latency_ms"]["p50"] / ((raw_b["latency_p50_ms"] + raw_c["latency_p50_ms"]) / 2),
              "latency_ratio_paced": live["latency_ms"]["p50"] / paced["latency_p50_ms"]}
         rounds.append(p)
@@ -192,7 +228,8 @@ def measure(model, frame: np.ndarray, video: Path, pairs: int, seconds: float, t
               f"({p['fps_ratio']:.1%}); realtime latency p50 {live['latency_ms']['p50']:.2f} ms vs raw "
               f"{raw_b['latency_p50_ms']:.2f}/{raw_c['latency_p50_ms']:.2f} ms ({p['latency_ratio']:.2f}x), "
               f"paced raw {paced['latency_p50_ms']:.2f} ms ({p['latency_ratio_paced']:.2f}x), "
-              f"dropped {live['dropped']}", flush=True)
+              f"dropped {live['dropped']}; raw with a decoder process alongside {shared['fps']:.1f} FPS "
+              f"(runtime = {p['fps_ratio_vs_decoder']:.1%} of it)", flush=True)
     med = statistics.median
     raws = [r for p in rounds for r in p["raw"]]
     return {
@@ -203,6 +240,8 @@ def measure(model, frame: np.ndarray, video: Path, pairs: int, seconds: float, t
         "runtime_stage_p50_ms": {s: med(p["throughput"]["stages_p50_ms"][s] for p in rounds)
                                  for s in ("wait", "preprocess", "infer", "post")},
         "fps_ratio": med(p["fps_ratio"] for p in rounds),
+        "raw_with_decoder_fps": med(p["raw_with_decoder"]["fps"] for p in rounds),
+        "fps_ratio_vs_decoder": med(p["fps_ratio_vs_decoder"] for p in rounds),
         "realtime_fps": med(p["realtime"]["fps"] for p in rounds),
         "realtime_latency_p50_ms": med(p["realtime"]["latency_ms"]["p50"] for p in rounds),
         "realtime_latency_p90_ms": med(p["realtime"]["latency_ms"]["p90"] for p in rounds),
@@ -355,10 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     for m in results.values():
         m["fps_vs_best_raw"] = m["runtime_fps"] / best_raw
     res["best_raw_fps"] = best_raw
-    head = ("config", "raw FPS", "run FPS", "FPS ratio", "vs best raw", "infer ms", "paced infer ms", "latency ms",
-            "lat. ratio", "lat./paced", "CLI FPS ratio", "CLI lat. ratio")
+    head = ("config", "raw FPS", "run FPS", "FPS ratio", "vs best raw", "raw+dec FPS", "vs raw+dec", "infer ms",
+            "paced infer ms", "latency ms", "lat. ratio", "lat./paced", "CLI FPS ratio", "CLI lat. ratio")
     rows = [(name, f"{m['raw_fps']:.1f}", f"{m['runtime_fps']:.1f}", f"{m['fps_ratio']:.1%}",
-             f"{m['fps_vs_best_raw']:.1%}", f"{m['raw_latency_p50_ms']:.2f}", f"{m['paced_latency_p50_ms']:.2f}",
+             f"{m['fps_vs_best_raw']:.1%}", f"{m['raw_with_decoder_fps']:.1f}", f"{m['fps_ratio_vs_decoder']:.1%}",
+             f"{m['raw_latency_p50_ms']:.2f}", f"{m['paced_latency_p50_ms']:.2f}",
              f"{m['realtime_latency_p50_ms']:.2f}", f"{m['latency_ratio']:.2f}x", f"{m['latency_ratio_paced']:.2f}x",
              f"{m['cli']['fps_ratio']:.1%}", f"{m['cli']['latency_ratio']:.2f}x") for name, m in results.items()]
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
@@ -375,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     print("the runtime's own cost, CPU ms per 720p frame (load-independent): " + ", ".join(
         f"{k} {v:.2f}" for k, v in cost.items()) + " (loop = runtime - decode - preprocess)")
     print("targets: run FPS >= 90% of raw, realtime latency p50 <= 1.5x raw inference p50 "
-          "(FPS ratio: vs raw of the same config; lat. ratio: vs the hot loop; lat./paced: vs raw at the source's pace)")
+          "(FPS ratio: vs raw of the same config; raw+dec: the raw loop while a separate process decodes the "
+          "video, inference while a decoder competes non-stop; lat. ratio: vs the hot loop; lat./paced: vs raw at "
+          "the source's pace)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {args.out}")
