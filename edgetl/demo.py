@@ -32,9 +32,10 @@ TARGETS = ("x86-cpu-openvino", "x86-cpu-onnxruntime")
 QUICK = ["--mode", "fine-tune", "--resize", "stretch", "--epochs", "6", "--lr", "1e-3", "--backbone-lr-factor", "0.3",
          "--aug-vflip", "0.5", "--aug-scale", "0.7", "--aug-rotate", "5"]
 # Full (make demo FULL=1; benchmarks/train_elpv.py "best"): the best recipe found for Lite0 on ELPV
-# (whole cell stretched to 224, flips both ways, mild crop and rotation), then QAT.
-FULL = ["--mode", "fine-tune", "--resize", "stretch", "--epochs", "12", "--lr", "1e-3", "--backbone-lr-factor", "0.3",
-        "--aug-vflip", "0.5", "--aug-scale", "0.7", "--aug-rotate", "5", "--patience", "5"]
+# (whole cell stretched to 224, flips both ways, mild crop and rotation), then QAT. 20 epochs (best
+# val 0.901 at epoch 14; test 88.30 %) beat 12 (best val 0.878; test 87.79 %) on validation.
+FULL = ["--mode", "fine-tune", "--resize", "stretch", "--epochs", "20", "--lr", "1e-3", "--backbone-lr-factor", "0.3",
+        "--aug-vflip", "0.5", "--aug-scale", "0.7", "--aug-rotate", "5", "--patience", "6"]
 
 
 def _edgetl() -> list[str]:
