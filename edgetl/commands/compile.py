@@ -86,8 +86,8 @@ def summary_table(result):
               help="Range calibrator (default: minmax for PTQ, mse for QAT).")
 @click.option("--qat-epochs", type=int, help="QAT fine-tuning epochs (default 2).")
 @click.option("--qat-max-images", type=int,
-              help="Training images per QAT epoch (default: the whole train split; on ELPV 640 passed the gate too, "
-                   "in half the time).")
+              help="Training images per QAT epoch (default: the whole train split). Fewer is faster but may "
+                   "miss the gate: on ELPV 640 was enough for one model and not for another.")
 @click.option("--no-speed-check", is_flag=True,
               help="Do not require the quantized model to be faster than float (toy models).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
