@@ -47,7 +47,7 @@ class Candidate:
     make: Callable[[], Any]  # -> object with .infer(np batch) -> logits, and .info
     runner: Any = None
     result: dict[str, Any] = field(default_factory=dict)
-    build_input: dict[str, Any] | None = None  # the build's input overrides (e.g. folded preprocessing: uint8 NHWC)
+    spec: Any = None  # the PreprocessSpec this row's model takes (a build may fold preprocessing: uint8 NHWC)
 
 
 class _TorchPredictor:
@@ -152,16 +152,17 @@ def plan(artifact: Path, manifest: Manifest, run: Path | None, threads: int,
                 from .runs import load_run
                 return _TorchPredictor(load_run(run_dir).model, cl, threads)
             cands.append(Candidate(name, "torch", f"PyTorch eager FP32 ({'channels_last' if cl else 'NCHW'})",
-                                   _size(Path(run_dir) / "model.safetensors"), make))
+                                   _size(Path(run_dir) / "model.safetensors"), make, spec=manifest.preprocess))
 
     def add_runner(name, backend, label, path: Path, opts: dict, size_paths: list[Path], build_input=None):
+        spec = build_input_spec(manifest.preprocess, build_input)
         if not want(name):
             return
         if not path.exists():
             skipped[name] = f"{path.name} is not in the artifact"
             return
         cands.append(Candidate(name, backend, label, _size(*size_paths),
-                               lambda: open_runner(backend, path, opts), build_input=build_input))
+                               lambda: open_runner(backend, path, opts), spec=spec))
 
     add_runner("ort-fp32", "onnxruntime", "ONNX Runtime FP32", fp32, ort_opts, [fp32])
     add_runner("ort-int8", "onnxruntime", "ONNX Runtime INT8 (QDQ)", int8, ort_opts, [int8])
@@ -262,7 +263,6 @@ def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[s
 
     # load + accuracy + throughput, one row at a time (peak RSS measured per row)
     live: list[Candidate] = []
-    specs: dict[str, Any] = {}
     for c in cands:
         progress(f"loading {c.label}")
         reset = _reset_peak_rss()
@@ -271,8 +271,7 @@ def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[s
         except EdgetlError as exc:
             skipped[c.name] = exc.message
             continue
-        specs[c.name] = c_spec = build_input_spec(spec, c.build_input)  # what this row's model takes
-        c_inputs = inputs if c_spec == spec else to_model_input(inputs, spec, c_spec)
+        c_inputs = to_model_input(inputs, spec, c.spec)
         logits = c.runner.infer_many(c_inputs, batch_size=32) if hasattr(c.runner, "infer_many") else \
             np.concatenate([c.runner.infer(c_inputs[i:i + 32]) for i in range(0, len(c_inputs), 32)])
         pred = logits.argmax(1)
@@ -286,12 +285,12 @@ def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[s
             c.runner.infer(batch)
             t_rep.append(time.perf_counter() - t0)
         for f in frames[:warmup]:
-            _frame_to_label(c.runner, f, c_spec)
+            _frame_to_label(c.runner, f, c.spec)
         c.result = {
             "label": c.label, "backend": c.backend, "precision": c.runner.info.get("precision"),
             "info": {k: v for k, v in c.runner.info.items() if k != "options"},
             "top1": float((pred == labels).mean()), "agreement": float((pred == float_pred).mean()),
-            "input": f"{c_spec.dtype} {c_spec.layout}",
+            "input": f"{c.spec.dtype} {c.spec.layout}",
             "n_checkset": int(len(labels)), f"throughput_b{b}_img_s": b / float(np.median(t_rep)),
             "size_mb": c.size_bytes / 1e6,
             "peak_rss_mb": _peak_rss_mb() if reset else None,
@@ -307,9 +306,9 @@ def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[s
         progress(f"latency round {r + 1}/{rounds}")
         for c in live:
             for i in range(block_warmup):  # wake this backend's thread pool after the others ran
-                _frame_to_label(c.runner, frames[i % len(frames)], specs[c.name])
+                _frame_to_label(c.runner, frames[i % len(frames)], c.spec)
             for i in range(per_block):
-                _, total, p = _frame_to_label(c.runner, frames[(r * per_block + i) % len(frames)], specs[c.name])
+                _, total, p = _frame_to_label(c.runner, frames[(r * per_block + i) % len(frames)], c.spec)
                 lat[c.name].append(total)
                 pre[c.name].append(p)
     for c in live:

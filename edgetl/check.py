@@ -549,9 +549,8 @@ def check_artifact(folder: str | Path, backend: str | None = None, thresholds: A
     from .runtime.preprocess import build_input_spec, to_model_input
     from .runtime.runners import open_runner
 
-    build_spec = build_input_spec(manifest.preprocess, entry.get("input"))
-    inputs = None if build_spec == manifest.preprocess else \
-        to_model_input(checkset.inputs, manifest.preprocess, build_spec)
+    inputs = to_model_input(checkset.inputs, manifest.preprocess,
+                            build_input_spec(manifest.preprocess, entry.get("input")))  # what the build takes
 
     form = form_by_key((manifest.quantization or {}).get("qdq_format"))
     speed_gated = form is None or backend in form.fast_on

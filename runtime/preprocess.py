@@ -179,7 +179,9 @@ def to_model_input(x: np.ndarray, spec: PreprocessSpec, target: PreprocessSpec) 
     images (batch axis first). Only dtype and layout may differ. float32 -> uint8 inverts the
     normalisation exactly (the pixels were uint8) and checks it: a tensor that was not made with
     ``spec`` is refused instead of silently mis-converted. Used to feed a checkset (stored as
-    float32) to a build whose model takes uint8."""
+    float32) to a build whose model takes uint8. Returns ``x`` itself when the specs are equal."""
+    if target == spec:
+        return x
     if replace(spec, dtype=target.dtype, layout=target.layout) != target:
         raise ValueError("to_model_input converts dtype/layout only; geometry, colour and values must match")
     x = np.asarray(x)

@@ -94,7 +94,7 @@ def test_to_model_input_recovers_the_uint8_image_exactly(spec):
     got = to_model_input(x, spec, folded)
     assert got.dtype == np.uint8 and got.shape == want.shape and np.array_equal(got, want)
     np.testing.assert_allclose(to_model_input(got, folded, spec), x, rtol=0, atol=1e-6)  # and back
-    assert build_input_spec(spec, None) is spec
+    assert build_input_spec(spec, None) is spec and to_model_input(x, spec, spec) is x  # nothing to convert
 
 
 def test_to_model_input_refuses_tensors_not_made_by_the_spec():

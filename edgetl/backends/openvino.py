@@ -79,7 +79,7 @@ def fold_preprocessing(ov, model, spec):
                           hint="set fold_preprocessing = false for this model")
     ppp = PrePostProcessor(model)
     inp = ppp.input()
-    inp.tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+    inp.tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout(FOLDED_INPUT["layout"]))
     inp.model().set_layout(ov.Layout(spec.layout))
     inp.preprocess().convert_element_type(ov.Type.f32).mean(list(spec.mean)).scale(list(spec.std))
     return ppp.build()
