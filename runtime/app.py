@@ -43,7 +43,10 @@ STAGES = ("wait", "preprocess", "infer", "post")
 @dataclass(frozen=True)
 class StreamOptions:
     """How frames become results. ``smooth`` is an EMA span in frames over the class probabilities
-    (``alpha = 2 / (smooth + 1)``; 0 or 1 = off); below ``threshold`` the label is ``unknown``."""
+    (``alpha = 2 / (smooth + 1)``; 0 or 1 = off); below ``threshold`` the label is ``unknown``.
+    ``decode_threads``: FFmpeg decoding threads for files and network streams; None = 1 when the
+    model runs on the CPU (decoding then stays on one core instead of spreading over the cores
+    inference uses), else FFmpeg's default (one per core)."""
 
     top_k: int = 1
     roi: Roi | str | None = None
@@ -55,6 +58,7 @@ class StreamOptions:
     queue_size: int = 4
     max_frames: int | None = None
     duration: float | None = None
+    decode_threads: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "roi", parse_roi(self.roi))
@@ -66,6 +70,9 @@ class StreamOptions:
             raise EdgetlError(f"--smooth {self.smooth} is not valid", hint="give a span in frames (0 = off)")
         if self.reconnect_timeout < 0:
             raise EdgetlError("--reconnect-timeout must be >= 0 seconds")
+        if self.decode_threads is not None and int(self.decode_threads) < 0:
+            raise EdgetlError(f"--decode-threads {self.decode_threads} is not valid",
+                              hint="give 1 or more, or 0 for FFmpeg's default (one per core)")
 
 
 @dataclass
@@ -95,8 +102,9 @@ class Stream:
         self.stop = stop or threading.Event()
         o = self.options
         roi = o.roi
+        decode_threads = o.decode_threads if o.decode_threads is not None else (1 if model.runner.uses_cpu else 0)
         self.source = FrameSource(source, realtime=o.realtime, fps=o.fps, reconnect_timeout=o.reconnect_timeout,
-                                  queue_size=o.queue_size, note=note,
+                                  queue_size=o.queue_size, note=note, decode_threads=decode_threads,
                                   prepare=lambda img: model.input_tensor(img, roi))
         self.stop_reason = ""
         self.frames = 0
@@ -183,7 +191,7 @@ class Stream:
 
         return {
             "source": src.spec.uri, "source_kind": src.spec.kind,
-            "policy": "latest-frame" if src.latest else "every-frame",
+            "policy": "latest-frame" if src.latest else "every-frame", "decode_threads": src.decode_threads,
             "frames": self.frames, "frames_read": src.frames_read, "dropped": src.dropped,
             "reconnects": src.reconnects, "skipped_files": src.skipped,
             "elapsed_s": round(elapsed, 3), "fps": round(self.frames / elapsed, 2) if self.frames else 0.0,

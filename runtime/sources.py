@@ -156,10 +156,12 @@ class SourceSpec:
     def live(self) -> bool:
         return self.kind not in ("file", "images")
 
-    def open(self, note: Note = stderr_note) -> Reader:
+    def open(self, note: Note = stderr_note, decode_threads: int = 0) -> Reader:
+        """``decode_threads``: FFmpeg's decoding threads for files and network streams (0 = FFmpeg's
+        choice, one per core: on a small CPU device they then compete with inference)."""
         if self.kind == "images":
             return ImageListReader(list(self.target), note)
-        cap = self._capture()
+        cap = self._capture(decode_threads)
         if not cap.isOpened():
             cap.release()
             raise EdgetlError(f"source {self.uri!r}: OpenCV cannot open it", hint=self._open_hint())
@@ -167,7 +169,7 @@ class SourceSpec:
             cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # keep the driver/demuxer queue short (where supported)
         return CaptureReader(cap, self.uri)
 
-    def _capture(self) -> cv2.VideoCapture:
+    def _capture(self, decode_threads: int = 0) -> cv2.VideoCapture:
         p = self.params
         if self.kind == "camera":
             api = cv2.CAP_V4L2 if sys.platform.startswith("linux") else cv2.CAP_ANY
@@ -189,6 +191,8 @@ class SourceSpec:
                       cv2.CAP_PROP_READ_TIMEOUT_MSEC, NETWORK_TIMEOUT_MS]
         if self.kind == "rtsp":
             os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", RTSP_FFMPEG_OPTIONS)
+        if decode_threads > 0:
+            params += [cv2.CAP_PROP_N_THREADS, int(decode_threads)]
         return cv2.VideoCapture(self.target, cv2.CAP_FFMPEG, params)
 
     def _open_hint(self) -> str:
@@ -299,12 +303,14 @@ class FrameSource:
     ``prepare`` (image -> model input) runs on the capture thread in every-frame mode, so decoding
     and preprocessing of the next frames overlap inference of the current one. In latest-frame mode
     the loop preprocesses only the frames it takes (no work is spent on frames that get dropped).
+    ``decode_threads`` caps FFmpeg's decoding threads (0 = FFmpeg's default, one per core).
     """
 
     def __init__(self, source: str | int | SourceSpec, *, realtime: bool | None = None, fps: float | None = None,
                  reconnect_timeout: float = 10.0, queue_size: int = 4, note: Note = stderr_note,
-                 prepare: Callable[[np.ndarray], np.ndarray] | None = None):
+                 prepare: Callable[[np.ndarray], np.ndarray] | None = None, decode_threads: int = 0):
         self.spec = source if isinstance(source, SourceSpec) else parse_source(source)
+        self.decode_threads = max(0, int(decode_threads))
         self.latest = self.spec.live or bool(realtime)
         self.pace = self.latest and not self.spec.live
         self.prepare = None if self.latest else prepare
@@ -329,7 +335,7 @@ class FrameSource:
     def start(self) -> "FrameSource":
         """Open the source (errors surface here, in the caller's thread) and start capturing."""
         if self._thread is None:
-            self._reader = self.spec.open(self._note)
+            self._reader = self.spec.open(self._note, self.decode_threads)
             self._thread = threading.Thread(target=self._capture, name="edgetl-capture", daemon=True)
             self._thread.start()
         return self
@@ -458,7 +464,7 @@ class FrameSource:
             delay = min(delay * 2, 2.0)
             attempts += 1
             try:
-                reader = self.spec.open(self._note)
+                reader = self.spec.open(self._note, self.decode_threads)
             except EdgetlError as exc:
                 last = exc.message
                 continue

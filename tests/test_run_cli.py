@@ -231,6 +231,29 @@ def test_user_errors_exit_2_with_a_hint(tmp_path, artifact):
     assert "needs the Python package 'onnxruntime'" in r.stderr and "pip install onnxruntime" in r.stderr
 
 
+def test_decode_threads_default_follows_the_device(tmp_path, artifact, model):
+    """CPU inference: one FFmpeg decoding thread (the other cores stay with inference); a model off the
+    CPU (e.g. TensorRT) leaves FFmpeg its default; --decode-threads overrides both."""
+    video = write_video(tmp_path / "clip.mp4", n=6)
+    assert model.runner.uses_cpu
+    s = run_app(model, str(video), StreamOptions(), AppOptions(headless=True), out=io.StringIO(), err=io.StringIO())
+    assert s["decode_threads"] == 1 and s["frames"] == 6
+
+    class OffCpu(OrtRunner):
+        uses_cpu = False
+
+    gpu_like = rt.load(artifact)
+    gpu_like.runner = OffCpu(gpu_like.runner.model_path, gpu_like.runner.options)
+    s = run_app(gpu_like, str(video), StreamOptions(), AppOptions(headless=True), out=io.StringIO(), err=io.StringIO())
+    assert s["decode_threads"] == 0 and s["frames"] == 6
+    r = edgetl("run", artifact, "--source", video, "--headless", "--decode-threads", "2",
+               "--summary-json", tmp_path / "s.json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "s.json").read_text())["decode_threads"] == 2 and len(lines(r.stdout)) == 6
+    r = edgetl("run", artifact, "--source", video, "--headless", "--decode-threads", "-1")
+    assert r.returncode == 2 and "--decode-threads" in r.stderr
+
+
 def test_help_has_examples():
     r = edgetl("run", "--help")
     assert r.returncode == 0

@@ -82,6 +82,22 @@ def test_parse_files_folders_globs_and_errors(tmp_path):
         FrameSource(str(tmp_path / "imgs" / "notes.txt")).start()
 
 
+def test_decode_threads_cap_ffmpeg_for_files(tmp_path):
+    """FFmpeg decodes with one thread per core by default; decode_threads caps it (the runtime keeps
+    decoding on one core when inference runs on the CPU)."""
+    video = write_video(tmp_path / "clip.mp4", n=5, size=(160, 120))
+    spec = parse_source(str(video))
+    one = spec.open(decode_threads=1)
+    default = spec.open()
+    try:
+        assert one.cap.get(cv2.CAP_PROP_N_THREADS) == 1
+        assert default.cap.get(cv2.CAP_PROP_N_THREADS) >= 1
+        assert np.array_equal(one.read(None), default.read(None))  # same pixels either way
+    finally:
+        one.close()
+        default.close()
+
+
 # ---- capture policies -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["clip.avi", "clip.mp4"])

@@ -50,13 +50,16 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
               help="Stop after this many seconds.")
 @click.option("--reconnect-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0),
               metavar="SECONDS", help="How long to keep reopening a lost camera/stream before giving up (exit 3).")
+@click.option("--decode-threads", default=None, type=click.IntRange(min=0), metavar="N",
+              help="FFmpeg decoding threads for files and streams (default: 1 when the model runs on the CPU, "
+                   "leaving the other cores to inference; 0 = one per core).")
 @click.option("--summary-json", default=None, type=click.Path(path_type=Path), metavar="FILE",
               help="Also write the end-of-run summary as JSON.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifact's files at start.")
 def run(artifact: Path, source: str, backend: str | None, options: tuple[str, ...], headless: bool, events: bool,
         top_k: int, roi: str | None, smooth: float, threshold: float, realtime: bool, fps: float | None,
         save: Path | None, max_frames: int | None, duration: float | None, reconnect_timeout: float,
-        summary_json: Path | None, no_verify: bool) -> int:
+        decode_threads: int | None, summary_json: Path | None, no_verify: bool) -> int:
     """Run an artifact on a camera, stream, video file or image folder (no torch needed).
 
     Shows a window with label, score, FPS and latency when a display exists; otherwise (or with
@@ -82,7 +85,7 @@ def run(artifact: Path, source: str, backend: str | None, options: tuple[str, ..
 
     stream_opts = StreamOptions(top_k=top_k, roi=roi, smooth=smooth, threshold=threshold,
                                 realtime=True if realtime else None, fps=fps, reconnect_timeout=reconnect_timeout,
-                                max_frames=max_frames, duration=duration)
+                                max_frames=max_frames, duration=duration, decode_threads=decode_threads)
     app_opts = AppOptions(headless=headless, events=events, save=save, summary_json=summary_json)
     model = load(artifact, backend=backend, options=_parse_options(options), verify=not no_verify)
     try:

@@ -58,5 +58,10 @@ class Runner(abc.ABC):
         """The model's static batch size, or None when the batch axis is dynamic."""
         return None
 
+    @property
+    def uses_cpu(self) -> bool:
+        """Whether inference runs on the host's CPU cores (then the runtime keeps decoding off them)."""
+        return True
+
     def close(self) -> None:  # pragma: no cover - default: nothing to release
         pass

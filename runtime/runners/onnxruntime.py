@@ -69,6 +69,10 @@ class OrtRunner(Runner):
         return self._batch
 
     @property
+    def uses_cpu(self) -> bool:
+        return self._providers[0] == "CPUExecutionProvider"
+
+    @property
     def info(self) -> dict[str, Any]:
         return {"backend": self.backend, "version": self._version, "device": self._providers[0],
                 "precision": self._precision, "options": self.options}

@@ -128,6 +128,11 @@ class OpenVINORunner(Runner):
         return self._batch
 
     @property
+    def uses_cpu(self) -> bool:
+        """CPU, and AUTO/MULTI/HETERO (they may place work on the CPU); not GPU or NPU alone."""
+        return self._device.split(".")[0] not in ("GPU", "NPU")
+
+    @property
     def precision(self) -> str:
         """What really runs: e.g. ``int8+f32`` (quantized layers int8, the rest f32) or ``bf16``."""
         if self._fake_quantize and self._int8_layers:

@@ -217,6 +217,10 @@ class TensorRTRunner(Runner):
         return self._batch
 
     @property
+    def uses_cpu(self) -> bool:
+        return False
+
+    @property
     def info(self) -> dict[str, Any]:
         dla = self.key.get("dla_core")
         device = f"{self.here['gpu']} (sm_{self.here['compute_capability'].replace('.', '')})"
