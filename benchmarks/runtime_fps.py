@@ -379,8 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {artifact} [{kind}] -> {model.info['backend']} {model.info.get('device')} "
           f"{model.build['model']} ({model.build.get('precision')}); video {info['frames']} frames 1280x720 "
           f"({f'cells from {args.images}' if args.images else 'synthetic cells'}); {cpus} CPUs", flush=True)
-    # Config A: the build's own options. Config B (CPU onnxruntime only): inference leaves one core to
-    # capture/decode/preprocess, which is how a small CPU device should be configured.
+    # Config A: the build's own options. Config B (CPU backends): inference leaves one core to
+    # capture/decode/preprocess (on the 2-core VM the better choice for ONNX Runtime, not for OpenVINO).
     configs = [("build options", model, {})]
     thread_key = {"onnxruntime": "intra_op_threads", "openvino": "threads"}.get(model.info["backend"])
     if thread_key and "CPU" in str(model.info.get("device")) and cpus > 1:
