@@ -155,14 +155,13 @@ def plan(artifact: Path, manifest: Manifest, run: Path | None, threads: int,
                                    _size(Path(run_dir) / "model.safetensors"), make, spec=manifest.preprocess))
 
     def add_runner(name, backend, label, path: Path, opts: dict, size_paths: list[Path], build_input=None):
-        spec = build_input_spec(manifest.preprocess, build_input)
         if not want(name):
             return
         if not path.exists():
             skipped[name] = f"{path.name} is not in the artifact"
             return
-        cands.append(Candidate(name, backend, label, _size(*size_paths),
-                               lambda: open_runner(backend, path, opts), spec=spec))
+        cands.append(Candidate(name, backend, label, _size(*size_paths), lambda: open_runner(backend, path, opts),
+                               spec=build_input_spec(manifest.preprocess, build_input)))
 
     add_runner("ort-fp32", "onnxruntime", "ONNX Runtime FP32", fp32, ort_opts, [fp32])
     add_runner("ort-int8", "onnxruntime", "ONNX Runtime INT8 (QDQ)", int8, ort_opts, [int8])
