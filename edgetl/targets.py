@@ -32,7 +32,8 @@ else:  # pragma: no cover - python 3.10
 
 BACKENDS = ("tensorrt", "openvino", "onnxruntime")
 PRECISIONS = ("int8", "fp16", "fp32")
-METHODS = ("qat", "ptq")
+METHODS = ("auto", "qat", "ptq")  # auto: the repair ladder (PTQ, other calibrators, then QAT)
+WEIGHT_RANGES = ("auto", "full", "reduced")  # reduced: 7-bit weights (see weight_range_for)
 OV_PRECISIONS = ("f32", "bf16", "f16", "default")
 OV_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 ORT_LEVELS = ("disable", "basic", "extended", "all")
@@ -52,11 +53,16 @@ class Gate:
 
     max_accuracy_drop: float = 1.0
     min_agreement: float = 0.98
+    # worst agreement with float over perturbed copies of the checkset (edgetl.stability)
+    min_stability_agreement: float = 0.97
+    stability_jpeg_quality: int = 90  # the JPEG quality of the perturbation (the camera's/recorder's)
 
 
 @dataclass(frozen=True)
 class Quantization:
-    method: str = "ptq"  # qat | ptq: the default method of `edgetl compile` for this target
+    method: str = "auto"  # auto | qat | ptq: the default method of `edgetl compile` for this target
+    # auto: 7-bit weights where the device CPU sums u8 x s8 products in saturating int16 (no VNNI)
+    weight_range: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,7 @@ class Hardware:
     gpu: str = ""
     compute_capability: str = ""  # e.g. "8.7" (sm_87)
     cpu: str = ""
+    cpu_arch: str = ""  # x86_64 | aarch64: the device CPU's architecture ("" = the machine that compiles)
     jetpack: str = ""  # JetPack releases this profile was written for
     notes: str = ""
 
@@ -260,6 +267,14 @@ def _check_profile(p: TargetProfile) -> None:
         raise bad("precision", p.precision, PRECISIONS)
     if p.quantization.method not in METHODS:
         raise bad("quantization.method", p.quantization.method, METHODS)
+    if p.quantization.weight_range not in WEIGHT_RANGES:
+        raise bad("quantization.weight_range", p.quantization.weight_range, WEIGHT_RANGES)
+    if p.hardware.cpu_arch not in ("", "x86_64", "aarch64"):
+        raise bad("hardware.cpu_arch", p.hardware.cpu_arch, ("x86_64", "aarch64"))
+    if not 0 <= p.gate.min_stability_agreement <= 1:
+        raise bad("gate.min_stability_agreement", p.gate.min_stability_agreement, "a fraction 0..1 (0.97 = 97 %)")
+    if not 1 <= p.gate.stability_jpeg_quality <= 100:
+        raise bad("gate.stability_jpeg_quality", p.gate.stability_jpeg_quality, "1..100")
     if not (isinstance(p.batch, int) and p.batch >= 1) and p.batch != "dynamic":
         raise bad("batch", p.batch, "an integer >= 1, or \"dynamic\"")
     if p.input_size and (len(p.input_size) != 2 or min(p.input_size) < 8):
@@ -319,6 +334,39 @@ def _check_profile(p: TargetProfile) -> None:
 # ------------------------------------------------------------------------------------------
 # Loading
 # ------------------------------------------------------------------------------------------
+
+def weight_range_for(profile: TargetProfile) -> tuple[str, str]:
+    """``(weight range, why)`` of an INT8 build for ``profile``: "reduced" (7-bit weights) where the
+    device CPU sums u8 x s8 products in a saturating int16 (x86 without VNNI), else "full".
+
+    ``quantization.weight_range = "auto"`` decides by the device: a GPU/NPU, TensorRT or an arm64 CPU
+    never saturates; an x86 CPU target is the machine that compiles (``hardware.cpu_arch`` empty or
+    this machine's architecture: the build host is taken to be of the device's class, and the class
+    is recorded so that ``edgetl check`` on another class says so); an x86 device compiled on another
+    architecture gets 7-bit weights, which are exact on every x86 CPU."""
+    from .runtime.cpu import host_cpu
+
+    wr = profile.quantization.weight_range
+    if wr != "auto":
+        return wr, f"pinned by the profile (quantization.weight_range = {wr!r})"
+    if profile.backend == "tensorrt":
+        return "full", "TensorRT on an NVIDIA GPU accumulates int8 products in int32"
+    device = str(profile.openvino.device if profile.backend == "openvino" else
+                 (profile.onnxruntime.providers or ("CPUExecutionProvider",))[0])
+    if not (device.startswith("CPU") or device == "CPUExecutionProvider"):
+        return "full", f"{device} accumulates int8 products without int16 saturation"
+    host = host_cpu()
+    arch = profile.hardware.cpu_arch or host.arch
+    if arch == "aarch64":
+        return "full", "arm64 NEON widens int8 products before adding them (no saturation)"
+    if arch != host.arch:
+        return "reduced", (f"the device is {arch}, this machine {host.arch}: 7-bit weights are exact on every x86 "
+                           "CPU, with or without VNNI")
+    if host.int8_exact:
+        return "full", f"{host.short}: int8 products accumulate in int32 (no saturation)"
+    return "reduced", (f"{host.short}: u8 x s8 pair sums saturate int16 without VNNI; 7-bit weights keep them exact "
+                       "(ONNX Runtime's reduce_range, NNCF's overflow fix)")
+
 
 def _builtin_dir():
     return resources.files("edgetl.target_profiles")
