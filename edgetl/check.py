@@ -23,7 +23,7 @@ import datetime as _dt
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -38,7 +38,9 @@ REPORT_MD = "report.md"
 CONFUSION_PNG = "confusion.png"
 FP32_ONNX = "model_fp32.onnx"
 INT8_ONNX = "model_int8.onnx"
-GATE_BACKEND = "onnxruntime"  # the backend of the artifact-level gate (manifest.gate)
+GATE_BACKEND = "onnxruntime"  # the runner of the artifact-level gate (manifest.gate), in reference numerics
+REFERENCE = "reference"  # `edgetl check --backend reference`: the artifact gate (edgetl.numerics)
+DEFAULT_STABILITY = 0.97  # worst perturbed agreement (edgetl.stability); profiles set their own
 
 
 # ------------------------------------------------------------------------------------------
@@ -54,6 +56,9 @@ class Thresholds:
     speed_check: bool = True
     min_speedup: float = 1.0  # quantized must be at least this many times faster than float
     speed_repeats: int = 30
+    # worst agreement over the perturbed checksets (edgetl.stability); None: measured when asked, not gated
+    min_stability_agreement: float | None = DEFAULT_STABILITY
+    stability_jpeg_quality: int = 90
 
     def __post_init__(self) -> None:
         if not (self.max_drop >= 0) or self.max_drop > 100:
@@ -66,6 +71,9 @@ class Thresholds:
             raise EdgetlError(f"--min-speedup {self.min_speedup} is not valid", hint="give a ratio > 0 (1.0 = faster)")
         if self.speed_repeats < 3:
             raise EdgetlError(f"speed_repeats {self.speed_repeats} is too small", hint="use at least 3")
+        if self.min_stability_agreement is not None and not 0 <= self.min_stability_agreement <= 1:
+            raise EdgetlError(f"--min-stability {self.min_stability_agreement} is not valid",
+                              hint="give a fraction 0..1 (e.g. --min-stability 0.97)")
 
     @classmethod
     def coerce(cls, obj: Any = None) -> "Thresholds":
@@ -80,9 +88,13 @@ class Thresholds:
         drop = get("max_drop", get("max_accuracy_drop", None))
         if drop is not None:
             kw["max_drop"] = float(drop)
-        for key in ("min_agreement", "min_speedup", "speed_repeats", "speed_check"):
+        for key in ("min_agreement", "min_speedup", "speed_repeats", "speed_check", "stability_jpeg_quality"):
             if get(key, None) is not None:
                 kw[key] = get(key)
+        if isinstance(obj, Mapping) and "min_stability_agreement" in obj:  # a stored gate: None = not gated
+            kw["min_stability_agreement"] = obj["min_stability_agreement"]
+        elif get("min_stability_agreement", None) is not None:
+            kw["min_stability_agreement"] = float(get("min_stability_agreement"))
         return cls(**kw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,6 +111,10 @@ class Checkset:
     labels: np.ndarray  # (N,) int64 class index
     float_logits: np.ndarray  # (N, K) float32 from the float PyTorch model
     paths: tuple[str, ...] = ()  # the test images, relative to the run's data root
+    # the float model's logits on each perturbed copy (edgetl.stability), stored like float_logits so
+    # every later check compares against the same float answers; with the settings they were made with
+    stability_logits: dict[str, np.ndarray] | None = None
+    stability_settings: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.labels)
@@ -110,8 +126,13 @@ class Checkset:
         return len(self.labels)
 
     def save(self, path: str | Path) -> Path:
+        extra: dict[str, np.ndarray] = {}
+        if self.stability_logits:
+            extra = {f"stability__{k}": np.asarray(v, np.float32) for k, v in self.stability_logits.items()}
+            extra["stability_settings"] = np.asarray(json.dumps(self.stability_settings or {}))
         np.savez_compressed(path, inputs=self.inputs.astype(np.float32), labels=self.labels.astype(np.int64),
-                            float_logits=self.float_logits.astype(np.float32), paths=np.asarray(self.paths, dtype=str))
+                            float_logits=self.float_logits.astype(np.float32), paths=np.asarray(self.paths, dtype=str),
+                            **extra)
         return Path(path)
 
 
@@ -128,8 +149,11 @@ def load_checkset(path: str | Path) -> Checkset:
             if missing:
                 raise EdgetlError(f"{p}: missing array(s) {missing}", hint="re-create the artifact with `edgetl quantize`")
             paths = tuple(str(x) for x in data["paths"]) if "paths" in data else ()
+            stab = {k[len("stability__"):]: np.asarray(data[k], np.float32) for k in data.files
+                    if k.startswith("stability__")}
+            settings = json.loads(str(data["stability_settings"])) if "stability_settings" in data else None
             return Checkset(np.asarray(data["inputs"], np.float32), np.asarray(data["labels"], np.int64),
-                            np.asarray(data["float_logits"], np.float32), paths)
+                            np.asarray(data["float_logits"], np.float32), paths, stab or None, settings)
     except (OSError, ValueError) as exc:
         raise EdgetlError(f"{p}: not a readable checkset ({exc})", hint="re-create the artifact") from None
 
@@ -213,6 +237,7 @@ def measure_speed(float_runner, quant_runner, sample: np.ndarray, repeats: int =
 # The gate
 # ------------------------------------------------------------------------------------------
 
+QUALITY_FAILURES = ("accuracy", "agreement", "stability")
 SUGGEST_ACCURACY = [
     "calibrate on more images (--calib-size, default 300) or from the deployment scene (--calib-dir)",
     "try another calibrator (--calibrator percentile | entropy | mse)",
@@ -249,6 +274,10 @@ class GateResult:
     suggestions: list[str] = field(default_factory=list)
     runner: dict[str, Any] = field(default_factory=dict)  # backend, version, device, precision
     checked: str = ""
+    margins: dict[str, int] = field(default_factory=dict)  # images to spare before each threshold fails
+    stability: dict[str, Any] | None = None  # edgetl.stability.measure(), when measured
+    numerics: str = ""  # "reference" | "deployed" (edgetl.numerics)
+    cpu: dict[str, Any] | None = None  # the CPU it ran on (edgetl.runtime.cpu), for deployed numerics
 
     def without_tried(self, method: str | None) -> "GateResult":
         """Drop the suggestion of what was already done (QAT, when the artifact is QAT)."""
@@ -258,7 +287,23 @@ class GateResult:
 
     @property
     def accuracy_passed(self) -> bool:
-        return not any(f.startswith(("accuracy", "agreement")) for f in self.failures)
+        """Every part but speed passed: accuracy drop, agreement and (when measured) stability."""
+        return not any(f.startswith(QUALITY_FAILURES) for f in self.failures)
+
+    def add_stability(self, st: dict[str, Any]) -> "GateResult":
+        """Record a stability measurement (``edgetl.stability.measure``); a miss fails the gate."""
+        self.stability = st
+        if st.get("passed") is False:
+            w = st["perturbations"][st["worst"]]
+            self.failures.append(f"stability: agreement {w['agreement']:.4f} on the {st['worst']} perturbation < "
+                                 f"--min-stability {st['threshold']:g} ({w['int8_flips']} INT8 flip(s) where float "
+                                 f"kept its prediction)")
+            if SUGGEST_ACCURACY[0] not in self.suggestions:
+                self.suggestions += SUGGEST_ACCURACY
+            self.passed = False
+        if "margin_images" in st:
+            self.margins["stability"] = st["margin_images"]
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -270,7 +315,8 @@ class GateResult:
     def summary(self) -> dict[str, Any]:
         """The compact form stored in manifest.json (the full one is in report.json)."""
         keep = ("passed", "status", "n", "float_top1", "quant_top1", "drop", "drop_ci", "agreement", "agreement_ci",
-                "max_logit_error", "mean_logit_error", "speed", "speed_note", "failures", "thresholds", "runner", "checked")
+                "max_logit_error", "mean_logit_error", "speed", "speed_note", "failures", "thresholds", "runner", "checked",
+                "margins", "stability", "numerics", "cpu")
         d = self.to_dict()
         return {k: d[k] for k in keep}
 
@@ -305,11 +351,14 @@ def gate_from_logits(quant_logits: np.ndarray, checkset: Checkset, thresholds: A
                           "delta_points": 100.0 * (rq - rf) if nc else 0.0})
     worst = sorted((p for p in per_class if p["n"] and p["delta_points"] < 0), key=lambda p: p["delta_points"])[:3]
     failures = []
-    if drop > th.max_drop:
-        failures.append(f"accuracy: top-1 drop {drop:.2f} points > --max-drop {th.max_drop:g}")
+    spare = margins(agree_k, int(cf.sum()) - int(cq.sum()), n, th)  # decided in whole images, as reported
+    if spare["drop"] < 0:
+        failures.append(f"accuracy: top-1 drop {drop:.2f} points > --max-drop {th.max_drop:g} "
+                        f"({-spare['drop']} image(s) too many)")
     agreement = agree_k / n
-    if agreement < th.min_agreement:
-        failures.append(f"agreement: {agreement:.4f} < --min-agreement {th.min_agreement:g}")
+    if spare["agreement"] < 0:
+        failures.append(f"agreement: {agreement:.4f} < --min-agreement {th.min_agreement:g} "
+                        f"({-spare['agreement']} image(s) short)")
     speed_d = None
     if speed is not None:
         gated = bool(th.speed_check and speed_gated)
@@ -321,7 +370,7 @@ def gate_from_logits(quant_logits: np.ndarray, checkset: Checkset, thresholds: A
     elif th.speed_check and not speed_note:
         speed_note = "speed not measured: no float model on this backend to compare with"
     suggestions = []
-    if any(x.startswith(("accuracy", "agreement")) for x in failures):
+    if any(x.startswith(QUALITY_FAILURES) for x in failures):
         suggestions += SUGGEST_ACCURACY
     if any(x.startswith("speed") for x in failures):
         suggestions += SUGGEST_SPEED
@@ -332,12 +381,26 @@ def gate_from_logits(quant_logits: np.ndarray, checkset: Checkset, thresholds: A
         max_logit_error=float(err.max()), mean_logit_error=float(err.mean()), per_class=per_class,
         worst_classes=worst, confusion_float=confusion(y, pf, k).tolist(), confusion_quant=confusion(y, pq, k).tolist(),
         thresholds=th.to_dict(), speed=speed_d, speed_note=speed_note, failures=failures, suggestions=suggestions,
-        runner=info, checked=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        runner=info, checked=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        margins=spare)
+
+
+def margins(agree: int, lost: int, n: int, th: Thresholds) -> dict[str, int]:
+    """How many more images could go wrong before each threshold fails (negative: how many short).
+
+    ``agreement``: disagreements to spare above ``min_agreement``; ``drop``: net top-1 losses to spare
+    under ``max_drop`` (a value exactly on a threshold passes, as the gate decides)."""
+    from .stability import images_needed
+
+    allowed_loss = int(np.floor(th.max_drop * n / 100.0 + 1e-9))
+    return {"agreement": agree - images_needed(th.min_agreement, n), "drop": allowed_loss - lost}
 
 
 def evaluate(runner, checkset: Checkset, thresholds: Any = None, labels: Sequence[str] | None = None,
              float_runner=None, speed_gated: bool = True, speed_note: str = "",
-             inputs: np.ndarray | None = None) -> GateResult:
+             inputs: np.ndarray | None = None, stability: Any = None,
+             to_input: Callable[[np.ndarray], np.ndarray] | None = None,
+             stability_if_accurate: bool = False) -> GateResult:
     """Run ``runner`` (any backend's Runner) on the checkset and return the gate verdict.
 
     ``thresholds``: :class:`Thresholds`, a target profile's ``Gate``, a mapping, or None.
@@ -345,6 +408,9 @@ def evaluate(runner, checkset: Checkset, thresholds: Any = None, labels: Sequenc
     the batch-1 latencies of both are measured side by side and gated (``speed_gated``).
     ``inputs``: the checkset images in ``runner``'s own input form when it is not the stored float
     form (``edgetl.runtime.preprocess.to_model_input``); ``float_runner`` always gets the stored form.
+    ``stability``: an ``edgetl.stability.StabilityProbe``: the perturbed checkset is run too (each
+    batch through ``to_input`` into the runner's form) and gated by ``min_stability_agreement``;
+    ``stability_if_accurate``: only when the accuracy part passed (the repair loop's rounds).
     """
     th = Thresholds.coerce(thresholds)
     q_inputs = checkset.inputs if inputs is None else inputs
@@ -353,7 +419,14 @@ def evaluate(runner, checkset: Checkset, thresholds: Any = None, labels: Sequenc
     if th.speed_check and float_runner is not None:
         speed = measure_speed(float_runner, runner, checkset.inputs, repeats=th.speed_repeats,
                               quant_sample=None if inputs is None else q_inputs)
-    return gate_from_logits(logits, checkset, th, labels, speed, speed_gated, speed_note, getattr(runner, "info", {}))
+    gate = gate_from_logits(logits, checkset, th, labels, speed, speed_gated, speed_note, getattr(runner, "info", {}))
+    if stability is not None and (gate.accuracy_passed or not stability_if_accurate):
+        from .stability import measure
+
+        convert = to_input or (lambda x: x)
+        gate.add_stability(measure(stability, lambda x: runner.infer_many(convert(x)), logits,
+                                   th.min_stability_agreement))
+    return gate
 
 
 # ------------------------------------------------------------------------------------------
@@ -373,16 +446,36 @@ def gate_markdown(g: Mapping[str, Any], title: str = "Accuracy gate") -> str:
         lines.append(f"Run by **{r.get('backend', '?')}** {r.get('version', '')} on {r.get('device', '?')} "
                      f"(precision: {r.get('precision', '?')}), {g['n']} held-out test images.")
         lines.append("")
+    if g.get("numerics") == "reference":
+        lines += ["Numerics: **reference** (Q/DQ executed as float ops, graph optimisations off): what the "
+                  "quantization computes, the same on every CPU.", ""]
+    elif g.get("cpu"):
+        from .runtime.cpu import describe
+
+        lines += [f"Numerics: **deployed** on a CPU of class **{describe(g['cpu'])}** (INT8 kernels differ "
+                  "between CPU classes: `edgetl check` on another class re-measures it).", ""]
     lo, hi = g["drop_ci"]
     alo, ahi = g["agreement_ci"]
+    m = g.get("margins") or {}
+
+    def spare(key: str) -> str:
+        return f" (margin {m[key]:+d} images)" if key in m else ""
+
     lines += [
         "| | value | 95% CI | threshold |", "| --- | --- | --- | --- |",
         f"| float top-1 (PyTorch) | {_pct(g['float_top1'])} | | |",
         f"| quantized top-1 | {_pct(g['quant_top1'])} | | |",
-        f"| drop (points) | {g['drop']:.2f} | [{lo:.2f}, {hi:.2f}] (paired bootstrap) | ≤ {th['max_drop']:g} |",
-        f"| agreement with float | {_pct(g['agreement'])} | [{_pct(alo)}, {_pct(ahi)}] (Wilson) | ≥ {_pct(th['min_agreement'])} |",
+        f"| drop (points) | {g['drop']:.2f} | [{lo:.2f}, {hi:.2f}] (paired bootstrap) | ≤ {th['max_drop']:g}"
+        f"{spare('drop')} |",
+        f"| agreement with float | {_pct(g['agreement'])} | [{_pct(alo)}, {_pct(ahi)}] (Wilson) | ≥ "
+        f"{_pct(th['min_agreement'])}{spare('agreement')} |",
         f"| logit error max / mean | {g['max_logit_error']:.4f} / {g['mean_logit_error']:.4f} | | |",
     ]
+    st = g.get("stability")
+    if st:
+        lines.append(f"| stability: worst perturbed agreement ({st['worst']}) | {_pct(st['min_agreement'])} | | "
+                     + (f"≥ {_pct(st['threshold'])}{spare('stability')}" if st.get("threshold") is not None
+                        else "not gated") + " |")
     s = g.get("speed")
     if s:
         gated = "gated" if s.get("gated") else "not gated"
@@ -390,6 +483,10 @@ def gate_markdown(g: Mapping[str, Any], title: str = "Accuracy gate") -> str:
                      f"(×{s['speedup']:.2f}) | median of {s['repeats']} interleaved | ≥ ×{th['min_speedup']:g} ({gated}) |")
     if g.get("speed_note"):
         lines += ["", f"Speed: {g['speed_note']}"]
+    if st:
+        from .stability import markdown as stability_markdown
+
+        lines += stability_markdown(st)
     lines += ["", "| class | n | recall float | recall quantized | Δ points |", "| --- | --- | --- | --- | --- |"]
     for p in g["per_class"]:
         lines.append(f"| {p['label']} | {p['n']} | {_pct(p['recall_float'])} | {_pct(p['recall_quant'])} | "
@@ -408,7 +505,7 @@ def render_report_md(report: Mapping[str, Any]) -> str:
     g = report.get("gate")
     deployable = bool(report.get("deployable"))
     head = ("**VERIFIED: the quantized model passed its accuracy gate: deployable.**" if deployable else
-            "**NOT DEPLOYABLE: the quantized model failed its gate** (manifest.gate.passed = false).")
+            "**NOT DEPLOYABLE: the quantized model failed its gate** (manifest.gate.deployable = false).")
     lines = [f"# edgetl artifact report: {report.get('name', '')}", "", head, ""]
     src = report.get("source_model")
     if src:
@@ -428,8 +525,10 @@ def render_report_md(report: Mapping[str, Any]) -> str:
         lines += [f"FP32 ONNX parity with PyTorch on {p['n']} test images: max |diff| {p['max_abs_diff']:.2e} "
                   f"(tolerance {p['tolerance']:.2e}), top-1 agreement {_pct(p['top1_agreement'])}.", ""]
     if g:
-        lines += [gate_markdown(g), ""]
+        title = "Artifact gate (reference numerics)" if g.get("numerics") == "reference" else "Accuracy gate"
+        lines += [gate_markdown(g, title=title), ""]
         lines += [f"![float vs quantized confusion matrices]({CONFUSION_PNG})", ""]
+    lines += _escalation_markdown(report.get("escalation"))
     rounds = report.get("rounds") or []
     if len(rounds) > 1 or (rounds and rounds[0].get("float_layers")):
         lines += ["## Mixed-precision rounds", "", "| round | layers kept in float | top-1 | drop | agreement | passed | kept |",
@@ -457,6 +556,29 @@ def render_report_md(report: Mapping[str, Any]) -> str:
     for backend, bg in builds.items():
         lines += [gate_markdown(bg, title=f"Gate of the {backend} build"), ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _escalation_markdown(esc: Mapping[str, Any] | None) -> list[str]:
+    """The repair ladder: each step's gate (in the numerics that judged it) and time."""
+    if not esc or not esc.get("steps"):
+        return []
+    nm = esc.get("numerics") or {}
+    cpu = nm.get("cpu")
+    from .runtime.cpu import describe
+
+    where = nm.get("label", "?") + (f" on {describe(cpu)}" if cpu else "")
+    lines = ["## Repair ladder", "", f"Each step judged on **{where}**.", "",
+             "| step | float layers | top-1 | drop | agreement | stability | passed | seconds | kept |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for x in esc["steps"]:
+        if "skipped" in x:
+            lines.append(f"| {x['step']} | | | | | | skipped: {x['skipped']} | | |")
+            continue
+        st = "—" if x.get("stability") is None else _pct(x["stability"])
+        lines.append(f"| {x['step']} | {len(x['float_layers'])} | {_pct(x['quant_top1'])} | {x['drop']:.2f} | "
+                     f"{_pct(x['agreement'])} | {st} | {'yes' if x['passed'] else 'no'} | {x['seconds']:.0f} | "
+                     f"{'**yes**' if x.get('kept') else ''} |")
+    return lines + ["", f"Verdict: {esc.get('verdict', '')}", ""]
 
 
 def write_confusion_png(gate: GateResult | Mapping[str, Any], labels: Sequence[str], path: Path,
@@ -521,43 +643,84 @@ def _build_entry(manifest: Manifest, backend: str) -> dict[str, Any] | None:
     return next((dict(b) for b in manifest.builds if b.get("backend") == backend), None)
 
 
-def check_artifact(folder: str | Path, backend: str | None = None, thresholds: Any = None,
-                   options: Mapping[str, Any] | None = None, update: bool = True,
-                   log: Callable[[str], None] = lambda s: None) -> GateResult:
-    """Re-run the gate of an artifact's build for ``backend`` (default: the build of the artifact's
-    target, ``manifest.target.backend``, when it has one; else the artifact's own gate, model_int8.onnx
-    on ONNX Runtime) on its checkset, verify every file first, and record the
-    result: manifest.gate (artifact gate) or the build's ``gate`` entry, report.json/md and
-    confusion.png rewritten, file hashes refreshed, manifest rewritten atomically."""
-    folder = Path(folder)
-    manifest = open_verified(folder, "artifact", hint="pass the --out folder of `edgetl quantize` or `edgetl "
-                                                      "compile` (a run is quantized first: edgetl quantize RUN --out "
-                                                      "artifacts/NAME)")
-    th = Thresholds.coerce(thresholds if thresholds is not None else (manifest.gate or {}).get("thresholds"))
-    if backend is None:  # the build the artifact's target runs; else the QDQ graph on ONNX Runtime
-        target_backend = (manifest.target or {}).get("backend")
-        backend = target_backend if target_backend and _build_entry(manifest, target_backend) else GATE_BACKEND
+def _resolve_entry(folder: Path, manifest: Manifest, backend: str | None) -> tuple[str, dict[str, Any]]:
+    """``(backend, build entry)`` to gate: ``reference`` (the artifact gate), a build, or by default the
+    build of the artifact's target when it has one, else the reference gate of the QDQ graph."""
+    quantized = (folder / INT8_ONNX).is_file()
+    if backend is None:  # the build that decides (see decisive), else the reference gate
+        target_backend = (manifest.target or {}).get("backend") or (manifest.quantization or {}).get("for_backend")
+        backend = (target_backend if target_backend and _build_entry(manifest, target_backend)
+                   else REFERENCE if quantized else GATE_BACKEND)
+    if backend == REFERENCE:
+        if not quantized:
+            raise EdgetlError(f"{folder}: has no {INT8_ONNX}: the reference numerics are those of a QDQ graph",
+                              hint="check a build instead: edgetl check ARTIFACT --backend onnxruntime")
+        from .numerics import REFERENCE_OPTIONS
+
+        return REFERENCE, {"backend": GATE_BACKEND, "model": INT8_ONNX, "precision": "int8",
+                           "options": dict(REFERENCE_OPTIONS)}
     entry = _build_entry(manifest, backend)
     if entry is None:
         if backend != GATE_BACKEND:
             raise EdgetlError(f"{folder}: has no {backend} build",
                               hint=f"build it first: edgetl build {folder} --backend {backend}")
-        entry = {"backend": GATE_BACKEND, "model": INT8_ONNX, "precision": "int8", "options": {}}
+        entry = {"backend": GATE_BACKEND, "model": INT8_ONNX if quantized else FP32_ONNX,
+                 "precision": "int8" if quantized else "fp32", "options": {}}
+    return backend, entry
+
+
+def cpu_note(recorded: Mapping[str, Any] | None) -> str:
+    """Why a deployed verdict recorded on another CPU may not hold here ("" when the class is the same)."""
+    from .runtime.cpu import describe, host_cpu, same_int8_numerics
+
+    here = host_cpu().to_dict()
+    if not recorded or same_int8_numerics(recorded, here):
+        return ""
+    return (f"this build's gate was recorded on {describe(recorded)}; this CPU is {describe(here)}: its INT8 kernels "
+            "sum products differently, so the deployed verdict is re-measured here and may differ (the reference "
+            "verdict, `--backend reference`, is the same on every CPU)")
+
+
+def check_artifact(folder: str | Path, backend: str | None = None, thresholds: Any = None,
+                   options: Mapping[str, Any] | None = None, update: bool = True,
+                   log: Callable[[str], None] = lambda s: None) -> GateResult:
+    """Re-run the gate of an artifact on its checkset and record it, verifying every file first.
+
+    ``backend``: ``reference`` (the artifact gate: the QDQ graph with Q/DQ as float ops, the same on
+    every CPU), a build (its deployed numerics on this machine), or None: the build that decides the
+    artifact (its target's, or the backend it was quantized for) when it has one, else ``reference``. The stability part runs when the thresholds gate it.
+    The result goes to manifest.gate (reference) or the build's ``gate``, the verdict
+    (``manifest.gate.deployable``) is re-derived, report.json/md and confusion.png are rewritten,
+    hashes refreshed, the manifest rewritten atomically."""
+    folder = Path(folder)
+    manifest = open_verified(folder, "artifact", hint="pass the --out folder of `edgetl quantize` or `edgetl "
+                                                      "compile` (a run is quantized first: edgetl quantize RUN --out "
+                                                      "artifacts/NAME)")
+    th = Thresholds.coerce(thresholds if thresholds is not None else (manifest.gate or {}).get("thresholds"))
+    backend, entry = _resolve_entry(folder, manifest, backend)
+    if backend == REFERENCE:
+        th = replace(th, speed_check=False)  # Q/DQ as float ops is not a deployment: no speed to gate
     opts = {**dict(entry.get("options") or {}), **dict(options or {})}
     checkset = load_checkset(folder)
     from .calibration.qdq import form_by_key
     from .runtime.preprocess import build_input_spec, to_model_input
     from .runtime.runners import open_runner
 
-    inputs = to_model_input(checkset.inputs, manifest.preprocess,
-                            build_input_spec(manifest.preprocess, entry.get("input")))  # what the build takes
-
+    build_spec = build_input_spec(manifest.preprocess, entry.get("input"))  # what the build takes
+    inputs = to_model_input(checkset.inputs, manifest.preprocess, build_spec)
     form = form_by_key((manifest.quantization or {}).get("qdq_format"))
     speed_gated = form is None or backend in form.fast_on
     note = "" if speed_gated else (f"measured, not gated: this artifact holds the {form.key} form, rendered for "
                                    f"{', '.join(form.fast_on)}; its speed is gated on that backend's build")
+    if backend == REFERENCE:
+        from .numerics import REFERENCE_NOTE
+
+        note = REFERENCE_NOTE
+    moved = cpu_note((entry.get("gate") or {}).get("cpu")) if backend != REFERENCE else ""
+    if moved:
+        log(f"note: {moved}")
     log(f"gate: {backend} {entry['model']} on {len(checkset)} checkset images")
-    runner = open_runner(backend, folder / entry["model"], opts)
+    runner = open_runner(entry["backend"], folder / entry["model"], opts)
     float_runner = None
     if th.speed_check:
         try:
@@ -565,9 +728,15 @@ def check_artifact(folder: str | Path, backend: str | None = None, thresholds: A
         except EdgetlError as exc:
             note = f"speed not measured: the float model does not load on {backend} ({exc.message})"
     try:
-        result = evaluate(runner, checkset, th, manifest.labels, float_runner, speed_gated, note,
-                          inputs=inputs).without_tried(
-            (manifest.quantization or {}).get("method"))
+        probe = _probe(folder, checkset, manifest, th) if th.min_stability_agreement is not None else None
+        result = evaluate(runner, checkset, th, manifest.labels, float_runner, speed_gated, note, inputs=inputs,
+                          stability=probe, to_input=lambda x: to_model_input(x, manifest.preprocess, build_spec))
+        result.without_tried((manifest.quantization or {}).get("method"))
+        result.numerics = REFERENCE if backend == REFERENCE else "deployed"
+        if backend != REFERENCE and runner.uses_cpu:
+            from .runtime.cpu import host_cpu
+
+            result.cpu = host_cpu().to_dict()
     finally:
         runner.close()
         if float_runner is not None:
@@ -577,35 +746,79 @@ def check_artifact(folder: str | Path, backend: str | None = None, thresholds: A
     return result
 
 
+def _probe(folder: Path, checkset: Checkset, manifest: Manifest, th: Thresholds):
+    """The perturbed checkset of ``folder`` with the float model's predictions (model_fp32.onnx, ORT)."""
+    from .runtime.runners import open_runner
+    from .stability import make_probe
+
+    if checkset.stability_logits:  # the float answers stored at compile time: no float model to run
+        return make_probe(checkset.inputs, manifest.preprocess, checkset.float_logits, None,
+                          th.stability_jpeg_quality, stored=checkset)
+    runner = open_runner(GATE_BACKEND, folder / FP32_ONNX)
+    try:
+        return make_probe(checkset.inputs, manifest.preprocess, checkset.float_logits, runner.infer_many,
+                          th.stability_jpeg_quality)
+    finally:
+        runner.close()
+
+
 def record_gate(folder: Path, manifest: Manifest, backend: str, entry: Mapping[str, Any], result: GateResult) -> Manifest:
     """Write ``result`` into report.json/md (+ confusion.png) and the manifest; refresh hashes."""
     report_path = folder / REPORT_JSON
     report = json.loads(report_path.read_text()) if report_path.is_file() else {"name": folder.name}
-    artifact_gate = backend == GATE_BACKEND and entry.get("model") == INT8_ONNX
     builds = [dict(b) for b in manifest.builds]
     for b in builds:
         if b.get("backend") == backend:
             b["gate"] = result.summary()
     changes: dict[str, Any] = {"builds": tuple(builds)}
-    if artifact_gate:
+    if backend == REFERENCE:
         report["gate"] = result.to_dict()
-        report["deployable"] = result.passed
-        changes["gate"] = {**result.summary(), "deployable": result.passed, "backend": backend, "model": INT8_ONNX}
-        written = write_report(folder, report, manifest.labels, result)
+        changes["gate"] = {**result.summary(), "backend": GATE_BACKEND, "model": INT8_ONNX}
     else:
         report.setdefault("builds", {})[backend] = result.to_dict()
-        written = write_report(folder, report, manifest.labels)
+    new = with_verdict(manifest.replace(**changes))
+    report["deployable"] = deployable(new)
+    written = write_report(folder, report, manifest.labels, result if backend == REFERENCE else None)
     files = dict(manifest.files)
     files.update(hash_files(folder, written))
-    new = manifest.replace(files=files, **changes)
+    new = new.replace(files=files)
     write_manifest(new, folder)
     return new
 
 
+def decisive(manifest: Manifest) -> tuple[str, Mapping[str, Any] | None]:
+    """``(what, gate)``: the gate that decides whether the artifact is deployable.
+
+    The build of the artifact's target (``manifest.target.backend``, else the backend the
+    quantization was rendered for) once it has a gate: its deployed numerics are what the device
+    runs. Until then (a TensorRT engine is built on the device) the reference gate of the QDQ graph."""
+    target = (manifest.target or {}).get("backend") or (manifest.quantization or {}).get("for_backend")
+    if target:
+        entry = _build_entry(manifest, target)
+        if entry is not None and isinstance(entry.get("gate"), Mapping):
+            return f"the {target} build", entry["gate"]
+    if manifest.gate is not None:
+        return "the reference numerics", manifest.gate
+    gated = [b for b in manifest.builds if isinstance(b.get("gate"), Mapping)]
+    return (f"the {gated[0]['backend']} build", gated[0]["gate"]) if gated else ("nothing", None)
+
+
+def with_verdict(manifest: Manifest) -> Manifest:
+    """``manifest.gate`` with ``deployable`` and ``decided_by`` re-derived from :func:`decisive`."""
+    if manifest.gate is None:
+        return manifest
+    what, g = decisive(manifest)
+    return manifest.replace(gate={**dict(manifest.gate), "deployable": bool(g and g.get("passed")),
+                                  "decided_by": what})
+
+
 def deployable(manifest: Manifest) -> bool:
-    return bool((manifest.gate or {}).get("passed"))
+    """Whether the artifact may ship: the decisive gate (:func:`decisive`) passed."""
+    g = decisive(manifest)[1]
+    return bool(g and g.get("passed"))
 
 
-__all__ = ["Checkset", "GateResult", "Speed", "Thresholds", "check_artifact", "evaluate", "gate_from_logits",
+__all__ = ["Checkset", "GateResult", "Speed", "Thresholds", "check_artifact", "decisive", "deployable", "evaluate",
+           "gate_from_logits", "with_verdict",
            "load_checkset", "measure_speed", "paired_bootstrap_drop", "record_gate", "render_report_md", "wilson",
            "write_report"]

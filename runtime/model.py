@@ -106,8 +106,13 @@ class Model:
         self.labels = manifest.labels
         self.warnings: list[str] = []
         gate = manifest.gate or {}
-        if gate and (gate.get("passed") is False or gate.get("deployable") is False):
+        verdict = gate.get("deployable", gate.get("passed"))  # the verdict (older artifacts: passed)
+        if gate and verdict is False:
             self.warnings.append(f"{folder}: this artifact did NOT pass its accuracy gate "
+                                 f"(see {folder / 'report.md'}); its predictions may be off")
+        own = build.get("gate")
+        if isinstance(own, Mapping) and own.get("passed") is False and verdict is not False:
+            self.warnings.append(f"{folder}: its {build.get('backend')} build did NOT pass its own gate "
                                  f"(see {folder / 'report.md'}); its predictions may be off")
         if build.get("implicit"):
             self.warnings.append(f"{folder}: no onnxruntime build listed; running {build['model']} on ONNX Runtime")

@@ -19,6 +19,9 @@ def gate_options(fn: Callable) -> Callable:
                      help="Fail when the quantized model is not faster than float on the same backend (median of "
                           "interleaved batch-1 runs). --no-speed-check for toy models. [default: on]"),
         click.option("--min-speedup", type=float, default=None, help="Required float/quantized latency ratio. [default: 1.0]"),
+        click.option("--min-stability", type=float, default=None,
+                     help="Minimum agreement with float on the worst of the perturbed checksets (an equivalent float "
+                          "rendering, JPEG re-encoding, ±2 % brightness), 0..1. [default: 0.97]"),
     ]):
         fn = opt(fn)
     return fn
@@ -30,16 +33,18 @@ def thresholds_from(opts: Mapping[str, Any], base: Any = None):
 
     th = Thresholds.coerce(base)
     given = {k: v for k, v in {"max_drop": opts.get("max_drop"), "min_agreement": opts.get("min_agreement"),
-                               "speed_check": opts.get("speed_check"), "min_speedup": opts.get("min_speedup")}.items()
+                               "speed_check": opts.get("speed_check"), "min_speedup": opts.get("min_speedup"),
+                               "min_stability_agreement": opts.get("min_stability")}.items()
              if v is not None}
     return Thresholds.coerce({**th.to_dict(), **given})
 
 
 @click.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default=None,
-              help="Check this backend's build (from manifest.builds). [default: the build of the artifact's target "
-                   "(compile/build), else model_int8.onnx on ONNX Runtime]")
+@click.option("--backend", type=click.Choice(["reference", "onnxruntime", "openvino", "tensorrt"]), default=None,
+              help="Check this backend's build (from manifest.builds), or 'reference': model_int8.onnx with Q/DQ as "
+                   "float ops, the same on every CPU (the artifact gate). [default: the build that decides the "
+                   "artifact (its target's, or the backend it was quantized for), else reference]")
 @gate_options
 @click.option("--no-update", is_flag=True, help="Only report: leave manifest.json and the report files unchanged.")
 def check(artifact: Path, backend: str | None, no_update: bool, **gate: Any) -> int:
@@ -65,9 +70,20 @@ def check(artifact: Path, backend: str | None, no_update: bool, **gate: Any) -> 
     th = thresholds_from(gate, stored)
     result = check_artifact(artifact, backend=backend, thresholds=th, update=not no_update, log=click.echo)
     g = result
-    click.echo(f"float top-1 {g.float_top1:.4f}  quantized top-1 {g.quant_top1:.4f}  drop {g.drop:.2f} points "
-               f"[{g.drop_ci[0]:.2f}, {g.drop_ci[1]:.2f}]  agreement {g.agreement:.4f} "
+    from ..runtime.cpu import describe
+
+    where = "reference numerics (Q/DQ as float ops)" if g.numerics == "reference" else \
+        f"deployed numerics{' on ' + describe(g.cpu) if g.cpu else ''}"
+    click.echo(f"{where}: float top-1 {g.float_top1:.4f}  quantized top-1 {g.quant_top1:.4f}  drop {g.drop:.2f} "
+               f"points [{g.drop_ci[0]:.2f}, {g.drop_ci[1]:.2f}]  agreement {g.agreement:.4f} "
                f"[{g.agreement_ci[0]:.4f}, {g.agreement_ci[1]:.4f}]  max logit error {g.max_logit_error:.4f}")
+    if g.margins:
+        click.echo("margins (images to spare before a threshold fails): "
+                   + ", ".join(f"{k} {v:+d}" for k, v in g.margins.items()))
+    if g.stability:
+        st = g.stability
+        click.echo("stability (agreement with float on perturbed copies): " + ", ".join(
+            f"{k} {v['agreement']:.4f} ({v['int8_flips']} INT8-only flips)" for k, v in st["perturbations"].items()))
     if g.speed:
         click.echo(f"batch-1 latency: float {g.speed['float_ms']:.3g} ms, quantized {g.speed['quant_ms']:.3g} ms "
                    f"(x{g.speed['speedup']:.2f}{'' if g.speed['gated'] else ', not gated'})")
