@@ -43,11 +43,13 @@ Progress = Callable[[str], None]
 class CompileResult:
     artifact: Path
     profile: TargetProfile
-    method: str | None  # qat | ptq | None (no quantization: fp16/fp32 target)
-    artifact_gate: dict[str, Any] | None  # manifest.gate (the QDQ graph through ONNX Runtime)
+    method: str | None  # the method kept (qat | ptq), or None (no quantization: fp16/fp32 target)
+    artifact_gate: dict[str, Any] | None  # manifest.gate (the QDQ graph in reference numerics + the verdict)
     build: BuildOutcome
     steps: list[dict[str, Any]] = field(default_factory=list)  # {step, seconds, detail}
     notes: list[str] = field(default_factory=list)
+    decided_by: str = ""  # what decides deployability (check.decisive): the target's build, or the reference
+    decisive_gate: dict[str, Any] | None = None
 
     @property
     def build_gate(self) -> dict[str, Any] | None:
@@ -55,8 +57,21 @@ class CompileResult:
 
     @property
     def passed(self) -> bool:
-        gates = [g for g in (self.artifact_gate, self.build_gate) if isinstance(g, dict)]
-        return all(g.get("passed") for g in gates)
+        """The decisive gate passed: the target's build on this machine, or (TensorRT before its engine
+        is built on the device) the pre-build gate in reference numerics."""
+        gate = self.build_gate if self.build.entry is None and isinstance(self.build_gate, dict) else self.decisive_gate
+        return bool(isinstance(gate, dict) and gate.get("passed"))
+
+
+def _result(out: Path, profile: TargetProfile, quantized: bool, outcome: BuildOutcome, steps: "_Steps",
+            notes: list[str]) -> CompileResult:
+    from .check import decisive
+
+    manifest = read_manifest(out)
+    what, gate = decisive(manifest)
+    method = (manifest.quantization or {}).get("method") if quantized else None
+    return CompileResult(out, profile, method, dict(manifest.gate) if manifest.gate else None, outcome, steps.rows,
+                         notes, what, dict(gate) if isinstance(gate, dict) else None)
 
 
 class _Steps:
@@ -73,13 +88,26 @@ class _Steps:
 
 
 def quantize_config(profile: TargetProfile, method: str | None, speed_check: bool, **overrides: Any):
-    from .check import Thresholds
+    """The QuantizeConfig of ``profile``: its gate (stability included), QDQ form and weight range
+    (``targets.weight_range_for``: 7-bit weights where the device CPU's int8 sums saturate)."""
+    from .backends import thresholds_for
     from .quantize import QuantizeConfig
+    from .targets import weight_range_for
 
-    th = Thresholds(max_drop=profile.gate.max_accuracy_drop, min_agreement=profile.gate.min_agreement,
-                    speed_check=speed_check)
-    return QuantizeConfig(method=method or profile.quantization.method, backend=profile.backend, thresholds=th,
-                          **overrides)
+    wr, why = weight_range_for(profile)
+    if overrides.get("weight_range") not in (None, "auto"):
+        wr, why = overrides["weight_range"], f"--weight-range {overrides['weight_range']}"
+    overrides = {k: v for k, v in overrides.items() if k != "weight_range"}
+    return QuantizeConfig(method=method or profile.quantization.method, backend=profile.backend,
+                          thresholds=thresholds_for(profile, speed_check, overrides.pop("labelled", True)),
+                          weight_range=wr, weight_range_reason=why, **overrides)
+
+
+def judge_numerics(profile: TargetProfile):
+    """The numerics every repair round of ``profile`` is judged on (``edgetl.numerics.judge_for``)."""
+    from .numerics import judge_for
+
+    return judge_for(profile.backend, profile.options_for(profile.backend))
 
 
 def _gate_detail(gate: Any) -> str:
@@ -87,6 +115,12 @@ def _gate_detail(gate: Any) -> str:
         return "no gate"
     return (f"{'passed' if gate.get('passed') else 'FAILED'}: top-1 {gate.get('quant_top1', 0):.4f} vs float "
             f"{gate.get('float_top1', 0):.4f}, agreement {gate.get('agreement', 0):.4f}")
+
+
+def _ladder_detail(quant: Any) -> str:
+    steps = [x for x in (quant or {}).get("ladder") or [] if "skipped" not in x]
+    tried = ", ".join(f"{x['step']} {'passed' if x['passed'] else 'missed'}" for x in steps)
+    return f"{tried}; kept {next((x['step'] for x in steps if x.get('kept')), '?')}" if steps else ""
 
 
 def _build_detail(outcome: BuildOutcome) -> str:
@@ -109,9 +143,12 @@ def export_opset(profile: TargetProfile) -> int | None:
 
 def compile_run(run_path: str | Path, out: str | Path, profile: TargetProfile, method: str | None = None,
                 speed_check: bool = True, overwrite: bool = False, progress: Progress = print,
-                origin: dict[str, Any] | None = None, **quantize_overrides: Any) -> CompileResult:
+                origin: dict[str, Any] | None = None, time_budget: float | None = None,
+                **quantize_overrides: Any) -> CompileResult:
     """Quantize (as ``profile`` says), build and gate a run into the artifact folder ``out``.
 
+    Every repair step is judged on the target's own numerics (``judge_numerics``); method "auto"
+    climbs the ladder (``edgetl.repair.escalate``) within ``time_budget`` seconds.
     ``origin`` (a model trained elsewhere, see :func:`compile_external`): the run is a temporary
     stand-in; report.json names the source model instead of the run folder."""
     from .runs import load_run
@@ -123,16 +160,19 @@ def compile_run(run_path: str | Path, out: str | Path, profile: TargetProfile, m
     quantized = profile.precision == "int8"
     if quantized:
         cfg = quantize_config(profile, method, speed_check, **quantize_overrides)
-        method = cfg.method
     with atomic_output_dir(out, overwrite) as d:
         if quantized:
             from .quantize import quantize_run
 
-            steps.run(f"quantize ({cfg.method}, {cfg.form.key})",
-                      lambda: quantize_run(run_path, d, cfg, overwrite=True, log=progress),
-                      lambda r: _gate_detail(r.gate.summary()))
+            judge = judge_numerics(profile)
+            bits = "7-bit weights" if cfg.reduce_range else "8-bit weights"
+            progress(f"weights: {bits} ({cfg.weight_range_reason})")
+            steps.run(f"quantize ({'escalation ladder' if cfg.method == 'auto' else cfg.method}, {cfg.form.key}, "
+                      f"{bits}; judged on {judge.label})",
+                      lambda: quantize_run(run_path, d, cfg, overwrite=True, log=progress, numerics=judge,
+                                           time_budget=time_budget, profile=profile),
+                      lambda r: _ladder_detail(r.manifest.quantization))
         else:
-            method = None
             opset = export_opset(profile)
             steps.run("export (float: no quantization for a " + profile.precision + " target)",
                       lambda: float_artifact(run, d, out.name, progress, opset=opset),
@@ -141,9 +181,7 @@ def compile_run(run_path: str | Path, out: str | Path, profile: TargetProfile, m
         outcome = steps.run(f"build ({profile.backend})",
                             lambda: build_artifact(d, profile, speed_check=speed_check, progress=progress),
                             _build_detail)
-    manifest = read_manifest(out)
-    return CompileResult(out, profile, method, dict(manifest.gate) if manifest.gate else None, outcome, steps.rows,
-                         list(outcome.notes))
+    return _result(out, profile, quantized, outcome, steps, list(outcome.notes))
 
 
 def _name_report(folder: Path, name: str, origin: dict[str, Any] | None) -> None:
@@ -350,30 +388,26 @@ def _conversion_parity(model: Path, converted: Path, checkset: Any) -> dict[str,
 def quantize_onnx(model: Path, labels: tuple[str, ...], spec: PreprocessSpec, images: Path, folder: Path,
                   profile: TargetProfile, speed_check: bool = True, progress: Progress = print,
                   checkset_cap: int = 1000, seed: int = 0, origin: dict[str, Any] | None = None,
-                  parity: dict[str, Any] | None = None, name: str | None = None,
-                  **quantize_overrides: Any) -> Manifest:
-    """PTQ of an FP32 ONNX classifier into ``folder``: calibration and checkset split from ``images``.
+                  parity: dict[str, Any] | None = None, name: str | None = None, method: str | None = None,
+                  time_budget: float | None = None, **quantize_overrides: Any) -> Manifest:
+    """PTQ of an FP32 ONNX classifier into ``folder``: calibration and checkset split from ``images``,
+    repaired on the target's numerics (the ladder's PTQ steps: there is no PyTorch model for QAT).
 
     With class sub-folders the gate checks accuracy and agreement; without labels it checks
     agreement with the float model only (the drop is not gated) and the manifest says so.
     ``origin``: where the model came from when ``model`` is edgetl's export of a state dict
     (``parity``: that export against PyTorch); default: ``model`` itself.
     """
-    from .calibration.cache import save_ranges
-    from .calibration.calibrators import calibrate
-    from .calibration.sets import CalibrationSet, LISTING_NAME, assert_disjoint, select_stratified
-    from .check import CHECKSET_NAME, FP32_ONNX, GATE_BACKEND, INT8_ONNX, evaluate, write_report
-    from .quantize import _artifact_manifest, _quantization_record, prepare_float, quantize_with_fallback
+    from .calibration.sets import CalibrationSet, assert_disjoint, select_stratified
+    from .check import FP32_ONNX, GATE_BACKEND
+    from .quantize import finish_artifact
+    from .repair import Material, escalate
     from .runtime.runners import open_runner
 
     samples, labelled = labelled_images(images, labels)
     origin = origin or origin_record(model)
-    cfg = quantize_config(profile, "ptq", speed_check, **quantize_overrides)
-    if not labelled:
-        from dataclasses import replace
-
-        cfg = replace(cfg, thresholds=replace(cfg.thresholds, max_drop=100.0))
-    form = cfg.form
+    cfg = quantize_config(profile, "ptq" if method == "ptq" else "auto", speed_check, labelled=labelled,
+                          **quantize_overrides)
     conversion = _copy_fp32(model, folder / FP32_ONNX, profile)
     _check_onnx_io(folder / FP32_ONNX, model, labels, spec)
     n_check = min(checkset_cap, max(1, len(samples) // 2))
@@ -385,38 +419,23 @@ def quantize_onnx(model: Path, labels: tuple[str, ...], spec: PreprocessSpec, im
     progress(f"images: {len(chosen)} for the checkset, {len(cal)} for calibration "
              f"({'labelled' if labelled else 'no labels: agreement with the float model only'})")
     float_runner = open_runner(GATE_BACKEND, folder / FP32_ONNX)
-    checkset = _image_checkset(chosen, labelled, spec, float_runner)
+    try:
+        checkset = _image_checkset(chosen, labelled, spec, float_runner)
+    finally:
+        float_runner.close()
     if conversion:
         conversion["parity"] = _conversion_parity(model, folder / FP32_ONNX, checkset)
-    cal_inputs = cal.load(spec)
+    source = external_source(origin, labels, spec, images, labelled)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgetl-compile-") as tmp:
-        work = Path(tmp)
-        prepared = prepare_float(folder / FP32_ONNX, work / "prepared.onnx")
-        ranges = calibrate(prepared, cal_inputs, cfg.resolved_calibrator, form.symmetric_activations, 16)
-        cache = save_ranges(ranges, work / "ranges.json")
-        r = quantize_with_fallback(prepared, cache, form, folder / INT8_ONNX, checkset, labels, cfg,
-                                   cal_inputs[:cfg.sensitivity_images], work, progress)
-    runner = open_runner(GATE_BACKEND, folder / INT8_ONNX)
-    gated = GATE_BACKEND in form.fast_on
-    note = "" if gated else f"measured, not gated: the {form.key} form is rendered for {', '.join(form.fast_on)}"
-    try:
-        gate = evaluate(runner, checkset, cfg.thresholds, labels, float_runner if speed_check else None, gated, note)
-    finally:
-        runner.close()
-        float_runner.close()
-    checkset.save(folder / CHECKSET_NAME)
-    (folder / LISTING_NAME).write_text(cal.listing(), encoding="utf-8")
-    quant = _quantization_record(cfg, form, cal, r, None, parity or {}, {"total_s": time.perf_counter() - t0})
-    quant["source_model"] = {"file": origin["file"], "sha256": origin["sha256"]}
-    quant["labelled"] = labelled
-    quant["labels"] = "from --images sub-folders" if labelled else AGREEMENT_ONLY
-    report = {"name": name or folder.name, "model": origin["file"], "source_model": origin, "deployable": gate.passed,
-              "quantization": quant, "parity": parity, "opset_conversion": conversion, "gate": gate.to_dict(),
-              "rounds": r.rounds}
-    write_report(folder, report, labels, gate)
-    manifest = _artifact_manifest(external_source(origin, labels, spec, images, labelled), cfg, quant, gate, folder)
-    write_manifest(manifest, folder)
+        mat = Material(folder, Path(tmp), source, cal, cal.load(spec), checkset, parity)
+        esc = escalate(mat, cfg, judge_numerics(profile), progress, time_budget, profile)
+        manifest, _ = finish_artifact(
+            mat, esc, progress, timings={"repair_s": time.perf_counter() - t0}, t_start=t0,
+            report_extra={"name": name or folder.name, "model": origin["file"], "source_model": origin,
+                          "opset_conversion": conversion},
+            quant_extra={"source_model": {"file": origin["file"], "sha256": origin["sha256"]}, "labelled": labelled,
+                         "labels": "from --images sub-folders" if labelled else AGREEMENT_ONLY})
     return manifest
 
 
@@ -455,7 +474,8 @@ def float_onnx_artifact(model: Path, labels: tuple[str, ...], spec: PreprocessSp
 def compile_onnx(model: str | Path, labels: tuple[str, ...], spec: PreprocessSpec, images: str | Path,
                  out: str | Path, profile: TargetProfile, speed_check: bool = True, overwrite: bool = False,
                  progress: Progress = print, origin: dict[str, Any] | None = None,
-                 parity: dict[str, Any] | None = None, **quantize_overrides: Any) -> CompileResult:
+                 parity: dict[str, Any] | None = None, method: str | None = None,
+                 time_budget: float | None = None, **quantize_overrides: Any) -> CompileResult:
     """Compile an FP32 ONNX classifier trained elsewhere: PTQ for an int8 target, the float model for
     fp16/fp32 (labels optional, see :func:`quantize_onnx`). ``origin``/``parity``: see there."""
     model, out = Path(model), Path(out)
@@ -471,8 +491,9 @@ def compile_onnx(model: str | Path, labels: tuple[str, ...], spec: PreprocessSpe
         if quantized:
             steps.run(f"quantize (ptq: {why})",
                       lambda: quantize_onnx(model, labels, spec, Path(images), d, profile, speed_check, progress,
-                                            origin=origin, parity=parity, name=out.name, **quantize_overrides),
-                      lambda m: _gate_detail(m.gate))
+                                            origin=origin, parity=parity, name=out.name, method=method,
+                                            time_budget=time_budget, **quantize_overrides),
+                      lambda m: _ladder_detail(m.quantization))
         else:
             steps.run(f"float artifact (no quantization for a {profile.precision} target)",
                       lambda: float_onnx_artifact(model, labels, spec, Path(images), d, out.name, profile, progress,
@@ -481,13 +502,11 @@ def compile_onnx(model: str | Path, labels: tuple[str, ...], spec: PreprocessSpe
         outcome = steps.run(f"build ({profile.backend})",
                             lambda: build_artifact(d, profile, speed_check=speed_check, progress=progress),
                             _build_detail)
-    manifest = read_manifest(out)
     notes = [f"method: PTQ ({why}: QAT fine-tunes the PyTorch model on labelled images)"] if quantized else []
     if not labelled:
         notes.append("no labels (--images has no class sub-folders): the gate checks agreement with the float "
                      "model only; the accuracy drop is not measured")
-    return CompileResult(out, profile, "ptq" if quantized else None, dict(manifest.gate) if manifest.gate else None,
-                         outcome, steps.rows, notes + list(outcome.notes))
+    return _result(out, profile, quantized, outcome, steps, notes + list(outcome.notes))
 
 
 # ---- a state dict of a torchvision/timm architecture ----------------------------------------
@@ -648,4 +667,4 @@ def compile_external(weights: str | Path, arch: str, labels: tuple[str, ...], sp
         parity = check_parity(torch_logits(model, probe), onnx_path, probe).to_dict()
         progress(f"export: ONNX parity with PyTorch max |diff| {parity['max_abs_diff']:.2e} on {len(probe)} images")
         return compile_onnx(onnx_path, labels, spec, images, out, profile, speed_check, overwrite, progress,
-                            origin=origin, parity=parity, **quantize_overrides)
+                            origin=origin, parity=parity, method=method, **quantize_overrides)

@@ -36,18 +36,21 @@ import numpy as np
 from .calibration import sensitivity as sens
 from .calibration.cache import merge_ranges, save_ranges
 from .calibration.calibrators import calibrate, get_calibrator
-from .calibration.qdq import QDQ_FORMS, QdqForm, qdq_form, quantized_nodes, strip_qdq, weighted_nodes
+from .calibration.qdq import QDQ_FORMS, QdqForm, qdq_form, quantized_nodes, strip_qdq
 from .calibration.sets import (DEFAULT_MIN, DEFAULT_SIZE, LISTING_NAME, CalibrationSet, assert_disjoint, from_folder,
                                load_images, select_stratified)
-from .check import (CHECKSET_NAME, FP32_ONNX, GATE_BACKEND, INT8_ONNX, Checkset, GateResult, Thresholds,
+from .check import (CHECKSET_NAME, FP32_ONNX, GATE_BACKEND, INT8_ONNX, Checkset, GateResult, Thresholds, evaluate,
                     gate_from_logits, measure_speed, write_report)
 from .export import check_parity, export_onnx, torch_logits
 from .fsutil import atomic_output_dir, check_output_dir
 from .runtime.errors import EdgetlError, MissingDependencyError
 from .runtime.manifest import Manifest, default_input, hash_files, write_manifest
+from .numerics import REFERENCE, REFERENCE_NOTE, Numerics, judge_for, reference
+from .repair import Candidate, Escalation, Material, Rendered, escalate, judge
 from .runtime.runners import open_runner
 
-METHODS = ("ptq", "qat")
+METHODS = ("ptq", "qat", "auto")  # auto: the escalation ladder (edgetl.repair.escalate)
+WEIGHT_RANGES = ("full", "reduced")  # reduced: 7-bit weights, for CPUs whose u8 x s8 sums saturate
 QAT_LOSSES = ("distill", "ce")
 DEFAULT_CALIBRATOR = {"ptq": "minmax", "qat": "mse"}
 SENSITIVITY_CSV = "sensitivity.csv"
@@ -81,6 +84,8 @@ class QuantizeConfig:
     qat_freeze_bn: bool = True
     qat_loss: str = "distill"  # distill: match the float model's logits (KL, the gate's agreement); ce: labels
     all_forms: bool = False  # also write the other QDQ forms under forms/ and measure them side by side
+    weight_range: str = "full"  # "reduced": 7-bit weights (edgetl.runtime.cpu: no saturation without VNNI)
+    weight_range_reason: str = ""  # why (recorded in manifest.quantization)
 
     def __post_init__(self) -> None:
         def bad(opt: str, value: Any, hint: str) -> EdgetlError:
@@ -88,6 +93,8 @@ class QuantizeConfig:
 
         if self.method not in METHODS:
             raise bad("--method", self.method, f"use one of {METHODS}")
+        if self.weight_range not in WEIGHT_RANGES:
+            raise bad("--weight-range", self.weight_range, f"use one of {WEIGHT_RANGES} (or auto on the command line)")
         cal = get_calibrator(self.resolved_calibrator)
         if self.method == "qat" and cal.nncf_estimator is None:
             raise EdgetlError(f"--calibrator {cal.name} cannot initialise QAT (NNCF has no {cal.name} range estimator)",
@@ -116,6 +123,10 @@ class QuantizeConfig:
     def form(self) -> QdqForm:
         return qdq_form(self.qdq_form, self.backend)
 
+    @property
+    def reduce_range(self) -> bool:
+        return self.weight_range == "reduced"
+
 
 @dataclass
 class QuantizeOutcome:
@@ -141,8 +152,9 @@ def prepare_float(fp32: Path, out: Path) -> Path:
 
 
 def render_qdq(prepared: Path, cache: Path, out: Path, form: QdqForm, exclude: list[str] | tuple = (),
-               only: list[str] | None = None) -> Path:
-    """``quantize_static`` of the prepared float graph with the ranges in ``cache`` (no calibration run)."""
+               only: list[str] | None = None, reduce_range: bool = False) -> Path:
+    """``quantize_static`` of the prepared float graph with the ranges in ``cache`` (no calibration run).
+    ``reduce_range``: 7-bit weights (-64..64), so u8 x s8 pair sums fit a saturating int16 (no VNNI)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     root = logging.getLogger()
@@ -151,7 +163,7 @@ def render_qdq(prepared: Path, cache: Path, out: Path, form: QdqForm, exclude: l
     try:
         quantize_static(str(prepared), str(out), None, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=getattr(QuantType, form.activation), weight_type=QuantType.QInt8,
-                        nodes_to_exclude=list(exclude) or None, nodes_to_quantize=only,
+                        nodes_to_exclude=list(exclude) or None, nodes_to_quantize=only, reduce_range=reduce_range,
                         calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(cache),
                         extra_options=form.extra_options())
     finally:
@@ -230,13 +242,17 @@ def _nncf():
 
 
 def qat_finetune(model, cal_inputs: np.ndarray, train_paths: list[tuple[Path, int]], spec, cfg: QuantizeConfig,
-                 log: Log = print) -> tuple[Any, dict[str, Any]]:
+                 log: Log = print, deadline: float | None = None) -> tuple[Any, dict[str, Any]]:
     """NNCF QAT: quantizers initialised on the calibration set, then a few epochs at a small LR.
 
     ``qat_loss="distill"`` (default) trains the quantized model to reproduce the float model's
     logits (KL divergence of the softmaxes, the float model as teacher): the gate measures agreement
     with that model, and with plain cross-entropy QAT re-fits the decision boundary instead (on ELPV
-    it moved ~14 points of recall between the two classes: top-1 held, agreement fell to 90.6 %)."""
+    it moved ~14 points of recall between the two classes: top-1 held, agreement fell to 90.6 %).
+
+    ``deadline`` (``time.perf_counter()`` value, from ``--time-budget``): training stops after the
+    batch that crosses it (recorded as ``stopped_early``). With ``cfg.reduce_range`` NNCF trains
+    7-bit weights (``OverflowFix.ENABLE``), the weights the CPU without VNNI will run."""
     import torch
 
     nncf = _nncf()
@@ -248,7 +264,7 @@ def qat_finetune(model, cal_inputs: np.ndarray, train_paths: list[tuple[Path, in
     batches = [torch.from_numpy(cal_inputs[i:i + bs]) for i in range(0, len(cal_inputs), bs)]
     params = AdvancedQuantizationParameters(
         activations_range_estimator_params=getattr(RangeEstimatorParametersSet, cal.nncf_estimator),
-        overflow_fix=OverflowFix.DISABLE)
+        overflow_fix=OverflowFix.ENABLE if cfg.reduce_range else OverflowFix.DISABLE)
     t0 = time.perf_counter()
     qmodel = nncf.quantize(copy.deepcopy(model).eval(), nncf.Dataset(batches), subset_size=len(batches),
                            advanced_parameters=params)
@@ -257,45 +273,61 @@ def qat_finetune(model, cal_inputs: np.ndarray, train_paths: list[tuple[Path, in
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     opt = torch.optim.Adam([p for p in qmodel.parameters() if p.requires_grad], lr=cfg.qat_lr)
-    losses = []
+    losses, trained, stopped = [], 0, False
     per_epoch = min(len(train_paths), cfg.qat_max_images or len(train_paths))
     for epoch in range(cfg.qat_epochs):
-        qmodel.train()
-        if cfg.qat_freeze_bn:  # small batches: keep the float model's BN statistics
-            for m in qmodel.modules():
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                    m.eval()
         order = rng.permutation(len(train_paths))[:per_epoch]
-        total, seen = 0.0, 0
-        t_epoch, next_report = time.perf_counter(), 0.25
-        for i in range(0, len(order), cfg.qat_batch_size):
-            idx = order[i:i + cfg.qat_batch_size]
-            x = torch.from_numpy(load_images([train_paths[j][0] for j in idx], spec))
-            y = torch.tensor([train_paths[j][1] for j in idx])
-            opt.zero_grad()
-            out = qmodel(x)
-            if cfg.qat_loss == "distill":
-                with torch.no_grad():
-                    target = torch.softmax(teacher(x), dim=1)
-                loss = torch.nn.functional.kl_div(torch.log_softmax(out, dim=1), target, reduction="batchmean")
-            else:
-                loss = torch.nn.functional.cross_entropy(out, y)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
-            if seen / len(order) >= next_report and seen < len(order):  # a sign of life every quarter epoch
-                rate = seen / (time.perf_counter() - t_epoch)
-                log(f"qat: epoch {epoch + 1}/{cfg.qat_epochs}  {seen}/{len(order)} images  {rate:.1f} img/s  "
-                    f"~{(len(order) - seen) / rate:.0f} s left in the epoch")
-                next_report = (int(seen / len(order) * 4) + 1) / 4
-        losses.append(total / max(1, seen))
-        log(f"qat: epoch {epoch + 1}/{cfg.qat_epochs}  loss {losses[-1]:.4f}  ({time.perf_counter() - t_epoch:.0f} s)")
+        t_epoch = time.perf_counter()
+        loss, seen, stopped = _qat_epoch(qmodel, teacher, opt, [train_paths[j] for j in order], spec, cfg,
+                                         lambda m: log(f"qat: epoch {epoch + 1}/{cfg.qat_epochs}  {m}"), deadline)
+        losses.append(loss)
+        trained += seen
+        log(f"qat: epoch {epoch + 1}/{cfg.qat_epochs}  loss {loss:.4f}  ({time.perf_counter() - t_epoch:.0f} s)"
+            + (f"  stopped by --time-budget after {seen} images" if stopped else ""))
+        if stopped:
+            break
     qmodel.eval()
     info = {"epochs": cfg.qat_epochs, "lr": cfg.qat_lr, "batch_size": cfg.qat_batch_size, "images_per_epoch": per_epoch,
+            "images_trained": trained, "stopped_early": stopped, "weight_range": cfg.weight_range,
             "freeze_bn": cfg.qat_freeze_bn, "objective": cfg.qat_loss, "loss": losses, "init": f"nncf RangeEstimatorParametersSet.{cal.nncf_estimator}",
             "init_seconds": init_s, "nncf": nncf.__version__}
     return qmodel, info
+
+
+def _qat_epoch(qmodel, teacher, opt, samples: list[tuple[Path, int]], spec, cfg: QuantizeConfig, log: Log,
+               deadline: float | None) -> tuple[float, int, bool]:
+    """One pass over ``samples``: ``(mean loss, images seen, stopped at the deadline)``."""
+    import torch
+
+    qmodel.train()
+    if cfg.qat_freeze_bn:  # small batches: keep the float model's BN statistics
+        for m in qmodel.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    total, seen = 0.0, 0
+    t0, next_report = time.perf_counter(), 0.25
+    for i in range(0, len(samples), cfg.qat_batch_size):
+        if deadline is not None and seen and time.perf_counter() >= deadline:
+            return total / max(1, seen), seen, True
+        batch = samples[i:i + cfg.qat_batch_size]
+        x = torch.from_numpy(load_images([p for p, _ in batch], spec))
+        opt.zero_grad()
+        out = qmodel(x)
+        if cfg.qat_loss == "distill":
+            with torch.no_grad():
+                target = torch.softmax(teacher(x), dim=1)
+            loss = torch.nn.functional.kl_div(torch.log_softmax(out, dim=1), target, reduction="batchmean")
+        else:
+            loss = torch.nn.functional.cross_entropy(out, torch.tensor([y for _, y in batch]))
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(batch)
+        seen += len(batch)
+        if seen / len(samples) >= next_report and seen < len(samples):  # a sign of life every quarter epoch
+            rate = seen / (time.perf_counter() - t0)
+            log(f"{seen}/{len(samples)} images  {rate:.1f} img/s  ~{(len(samples) - seen) / rate:.0f} s left in the epoch")
+            next_report = (int(seen / len(samples) * 4) + 1) / 4
+    return total / max(1, seen), seen, False
 
 
 def export_nncf_form(qmodel, spec, path: Path, static_batch: int | None) -> Path:
@@ -312,14 +344,14 @@ def export_nncf_form(qmodel, spec, path: Path, static_batch: int | None) -> Path
 
 
 def qat(run, cal_inputs: np.ndarray, fp32: Path, cfg: QuantizeConfig, work: Path,
-        log: Log = print) -> tuple[Path, Callable[[QdqForm], dict], dict[str, Any], Path]:
+        log: Log = print, deadline: float | None = None) -> tuple[Path, Callable[[QdqForm], dict], dict[str, Any], Path]:
     """QAT, then its result (QAT-trained weights, fake-quantized, + learned activation ranges) as a
     prepared float graph and ranges for ``quantize_static``; also returns NNCF's own QDQ export.
     Tensors NNCF does not quantize (ORT also quantizes Conv outputs) get min-max ranges."""
     import onnx
 
     train = [(s.path, s.label) for s in run.samples("train")]
-    qmodel, info = qat_finetune(run.model, cal_inputs, train, run.manifest.preprocess, cfg, log)
+    qmodel, info = qat_finetune(run.model, cal_inputs, train, run.manifest.preprocess, cfg, log, deadline)
     nncf_onnx = export_nncf_form(qmodel, run.manifest.preprocess, work / "qat_nncf.onnx", cfg.static_batch)
     float_graph, learned = strip_qdq(nncf_onnx)
     onnx.save(float_graph, str(work / "qat_float.onnx"))
@@ -338,80 +370,21 @@ def qat(run, cal_inputs: np.ndarray, fp32: Path, cfg: QuantizeConfig, work: Path
 
 
 # ------------------------------------------------------------------------------------------
-# Sensitivity and mixed precision
-# ------------------------------------------------------------------------------------------
-
-def layer_sensitivity(prepared: Path, cache: Path, form: QdqForm, inputs: np.ndarray, work: Path) -> list[sens.LayerSensitivity]:
-    """Leave-one-out: render the model with each layer in float in turn (same ranges and form) and
-    rank the layers by the logit SQNR that buys (``calibration.sensitivity``)."""
-    reference = ort_logits(prepared, inputs)
-    probe = work / "sensitivity_probe.onnx"
-    quantized = ort_logits(render_qdq(prepared, cache, probe, form), inputs)
-
-    def logits_without(node: str) -> np.ndarray:
-        return ort_logits(render_qdq(prepared, cache, probe, form, exclude=[node]), inputs)
-
-    return sens.rank_layers(weighted_nodes(prepared), logits_without, reference, quantized)
-
-
-@dataclass
-class Rendered:
-    """The outcome of the mixed-precision loop."""
-
-    gate: GateResult
-    float_layers: list[str]
-    rounds: list[dict[str, Any]]
-    sensitivity: list[sens.LayerSensitivity] | None
-
-
-def quantize_with_fallback(prepared: Path, cache: Path, form: QdqForm, out: Path, checkset: Checkset,
-                           labels, cfg: QuantizeConfig, sens_inputs: np.ndarray, work: Path, log: Log) -> Rendered:
-    ranking = None
-    if cfg.sensitivity:
-        log(f"sensitivity: keeping each of {len(weighted_nodes(prepared))} layers in float in turn, "
-            f"on {len(sens_inputs)} calibration images")
-        ranking = layer_sensitivity(prepared, cache, form, sens_inputs, work)
-    exclude: list[str] = []
-    rounds: list[dict[str, Any]] = []
-    for rnd in range(cfg.max_fallback_rounds + 1):
-        render_qdq(prepared, cache, out, form, exclude)
-        gate = gate_from_logits(ort_logits(out, checkset.inputs), checkset, replace(cfg.thresholds, speed_check=False),
-                                labels)
-        rounds.append({"round": rnd, "float_layers": list(exclude), "quant_top1": gate.quant_top1, "drop": gate.drop,
-                       "agreement": gate.agreement, "accuracy_passed": gate.accuracy_passed})
-        log(f"round {rnd}: {len(exclude)} float layer(s)  top-1 {gate.quant_top1:.4f} (float {gate.float_top1:.4f})  "
-            f"agreement {gate.agreement:.4f}  {'ok' if gate.accuracy_passed else 'misses the gate'}")
-        if gate.accuracy_passed or rnd == cfg.max_fallback_rounds:
-            break
-        if ranking is None:
-            log("sensitivity: ranking layers for the mixed-precision fallback")
-            ranking = layer_sensitivity(prepared, cache, form, sens_inputs, work)
-        candidates = [r.node for r in ranking if r.node not in exclude and r.gain_db > 0]
-        if not candidates:
-            log("fallback: no remaining layer gains anything in float; stopping")
-            break
-        exclude += candidates[:cfg.fallback_step]
-    if not gate.accuracy_passed and len(rounds) > 1:
-        # every round missed: keep the best one (more float layers is not always better), not the last
-        best = max(rounds, key=lambda x: (x["agreement"], -x["drop"], -len(x["float_layers"])))
-        if best is not rounds[-1]:
-            exclude = list(best["float_layers"])
-            log(f"fallback: keeping round {best['round']} (the best agreement), {len(exclude)} float layer(s)")
-            render_qdq(prepared, cache, out, form, exclude)
-            gate = gate_from_logits(ort_logits(out, checkset.inputs), checkset,
-                                    replace(cfg.thresholds, speed_check=False), labels)
-        for x in rounds:
-            x["kept"] = x is best
-    return Rendered(gate, exclude, rounds, ranking)
-
-
-# ------------------------------------------------------------------------------------------
 # The whole stage
 # ------------------------------------------------------------------------------------------
 
+def default_judge(cfg: QuantizeConfig) -> Numerics:
+    """The numerics that decide an artifact of ``edgetl quantize`` (no target profile): ONNX Runtime's
+    own kernels for an ONNX Runtime artifact, else the reference numerics (the OpenVINO or TensorRT
+    build is judged by ``edgetl build``/``compile`` on its own numerics)."""
+    return judge_for("onnxruntime", {}) if cfg.backend == GATE_BACKEND else reference()
+
+
 def quantize_run(run_path: str | Path, out: str | Path, cfg: QuantizeConfig = QuantizeConfig(),
-                 overwrite: bool = False, log: Log = print) -> QuantizeOutcome:
-    """Quantize a run into an artifact folder at ``out`` (atomically) and gate it."""
+                 overwrite: bool = False, log: Log = print, numerics: Numerics | None = None,
+                 time_budget: float | None = None, profile: Any = None) -> QuantizeOutcome:
+    """Quantize a run into an artifact folder at ``out`` (atomically), repaired and gated in
+    ``numerics`` (default: :func:`default_judge`); ``cfg.method`` "auto" climbs the whole ladder."""
     from .runs import load_run
 
     t_start = time.perf_counter()
@@ -419,123 +392,141 @@ def quantize_run(run_path: str | Path, out: str | Path, cfg: QuantizeConfig = Qu
     run = load_run(run_path)
     spec = run.manifest.preprocess
     cal = calibration_set(run, cfg)
-    log(f"calibration: {len(cal)} images from {cal.source} ({cfg.resolved_calibrator})")
+    log(f"calibration: {len(cal)} images from {cal.source}")
     cal_inputs = _static_trim(cal.load(spec), cfg.static_batch)
     checkset = make_checkset(run, cfg.checkset_cap, cfg.seed)
     log(f"checkset: {len(checkset)} held-out test images")
-    timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="edgetl-quantize-") as tmpdir, atomic_output_dir(out, overwrite) as d:
-        work = Path(tmpdir)
         fp32 = export_onnx(run.model, spec, d / FP32_ONNX, cfg.static_batch)
         n_par = min(PARITY_IMAGES, len(checkset))
         parity = check_parity(checkset.float_logits[:n_par], fp32, checkset.inputs[:n_par])
         log(f"export: {FP32_ONNX} parity max |diff| {parity.max_abs_diff:.2e}, top-1 agreement {parity.top1_agreement:.4f}")
+        mat = Material(d, Path(tmpdir), run.manifest, cal, cal_inputs, checkset, parity.to_dict(), run)
         t0 = time.perf_counter()
-        qat_info: dict[str, Any] | None = None
-        extra: dict[str, Path] = {}
-        if cfg.method == "ptq":
-            prepared = prepare_float(fp32, work / "prepared.onnx")
-
-            def ranges_for(form: QdqForm) -> dict:
-                return calibrate(prepared, cal_inputs, cfg.resolved_calibrator, form.symmetric_activations,
-                                 cfg.static_batch or 16)
-        else:
-            prepared, ranges_for, qat_info, extra["nncf-native"] = qat(run, cal_inputs, fp32, cfg, work, log)
-        ranges = ranges_for(cfg.form)
-        timings["calibrate_or_train_s"] = time.perf_counter() - t0
-        manifest, gate = finish_artifact(d, prepared, ranges, cal, cal_inputs, checkset, run.manifest, cfg, work, log,
-                                         parity=parity.to_dict(), qat_info=qat_info, timings=timings,
-                                         report_extra={"name": out.name, "run": str(Path(run_path))}, t_start=t_start,
-                                         ranges_for=ranges_for, extra_forms=extra)
+        esc = escalate(mat, cfg, numerics or default_judge(cfg), log, time_budget, profile)
+        manifest, gate = finish_artifact(mat, esc, log, timings={"repair_s": time.perf_counter() - t0},
+                                         report_extra={"name": out.name, "run": str(Path(run_path))}, t_start=t_start)
     return QuantizeOutcome(out, gate, manifest)
 
 
-def finish_artifact(folder: Path, prepared: Path, ranges: dict, cal: CalibrationSet, cal_inputs: np.ndarray,
-                    checkset: Checkset, source: Manifest, cfg: QuantizeConfig, work: Path, log: Log = print, *,
-                    parity: dict[str, Any] | None = None, qat_info: dict[str, Any] | None = None,
-                    timings: dict[str, float] | None = None, report_extra: dict[str, Any] | None = None,
-                    t_start: float | None = None, ranges_for: Callable[[QdqForm], dict] | None = None,
-                    extra_forms: dict[str, Path] | None = None) -> tuple[Manifest, GateResult]:
-    """From a prepared float graph and its ranges to a finished artifact folder.
+def finish_artifact(mat: Material, esc: Escalation, log: Log = print, *, timings: dict[str, float] | None = None,
+                    report_extra: dict[str, Any] | None = None, t_start: float | None = None,
+                    quant_extra: dict[str, Any] | None = None) -> tuple[Manifest, GateResult]:
+    """From the repair's outcome to a finished artifact folder (``mat.folder`` holds model_fp32.onnx).
 
-    ``folder`` already holds ``model_fp32.onnx``. Renders ``model_int8.onnx`` (mixed-precision
-    fallback included), runs the final gate (speed measured side by side on ONNX Runtime, gated
-    when the form is one ORT runs fast), and writes checkset.npz, calibration.txt, sensitivity.csv,
-    report.json/md, confusion.png and manifest.json (kind "artifact", fields of ``source``: the
-    run's manifest or a stand-in for an external model).
+    Writes ``model_int8.onnx`` (the kept rendering), runs the artifact gate in reference numerics
+    (the CPU-independent verdict of the quantization) and the ONNX Runtime build's gate (deployed
+    numerics, speed measured side by side), and writes checkset.npz, calibration.txt,
+    sensitivity.csv, report.json/md, confusion.png and manifest.json (kind "artifact", fields of
+    ``mat.source``: the run's manifest or a stand-in for an external model).
 
-    Every form in ``extra_forms`` (e.g. NNCF's own QAT export) is measured (checkset accuracy,
-    ORT batch-1 latency) for the report; with ``cfg.all_forms`` the other QDQ forms are rendered
-    too (ranges from ``ranges_for``) and all of them are kept under ``forms/``.
+    Every form in the candidate's ``extra_forms`` (e.g. NNCF's own QAT export) is measured (checkset
+    accuracy, ORT batch-1 latency) for the report; with ``cfg.all_forms`` the other QDQ forms are
+    rendered too and all of them are kept under ``forms/``.
     """
-    form = cfg.form
+    folder, cand, r = mat.folder, esc.candidate, esc.rendered
+    cfg, form = cand.cfg, cand.cfg.form
     timings = dict(timings or {})
-    forms: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
-    cache = save_ranges(ranges, work / "ranges.json")
-    sens_inputs = cal_inputs[:cfg.sensitivity_images] if not cfg.static_batch else \
-        _static_trim(cal_inputs[:max(cfg.sensitivity_images, cfg.static_batch)], cfg.static_batch)
-    r = quantize_with_fallback(prepared, cache, form, folder / INT8_ONNX, checkset, source.labels, cfg,
-                               sens_inputs, work, log)
+    shutil.copyfile(r.model, folder / INT8_ONNX)
     leaked = set(quantized_nodes(folder / INT8_ONNX)) & set(r.float_layers)
     if leaked:  # pragma: no cover - guards ORT's nodes_to_exclude contract
         raise EdgetlError(f"layers {sorted(leaked)} were to stay in float but are quantized")
-    timings["quantize_s"] = time.perf_counter() - t0
-    speed = _ort_speed(folder / FP32_ONNX, folder / INT8_ONNX, checkset, cfg) if cfg.thresholds.speed_check else None
-    gated = GATE_BACKEND in form.fast_on
-    note = "" if gated else (f"measured, not gated: the {form.key} form is rendered for {', '.join(form.fast_on)}; "
-                             "its speed is gated on that backend's build")
-    runner = open_runner(GATE_BACKEND, folder / INT8_ONNX)
-    try:
-        gate = gate_from_logits(runner.infer_many(checkset.inputs), checkset, cfg.thresholds, source.labels,
-                                speed, gated, note, runner.info).without_tried(cfg.method)
-    finally:
-        runner.close()
-    forms.append(_form_row(form.key, gate, speed, chosen=True))
-    others: dict[str, Path] = {}
-    if cfg.all_forms and ranges_for is not None:
-        (folder / FORMS_DIR).mkdir(exist_ok=True)
-        for other in QDQ_FORMS.values():
-            if other.key != form.key:
-                path = folder / FORMS_DIR / f"model_int8_{other.short}.onnx"
-                render_qdq(prepared, save_ranges(ranges_for(other), work / f"ranges_{other.short}.json"), path,
-                           other, r.float_layers)
-                others[other.key] = path
-    for name, src in (extra_forms or {}).items():
-        if cfg.all_forms:
-            (folder / FORMS_DIR).mkdir(exist_ok=True)
-            others[name] = Path(shutil.copyfile(src, folder / FORMS_DIR / f"model_int8_{name}.onnx"))
-        else:
-            others[name] = Path(src)
-    for name, path in others.items():
-        g = gate_from_logits(ort_logits(path, checkset.inputs), checkset, replace(cfg.thresholds, speed_check=False),
-                             source.labels)
-        sp = _ort_speed(folder / FP32_ONNX, path, checkset, cfg) if cfg.thresholds.speed_check else None
-        row = _form_row(name, g, sp)
-        if cfg.all_forms:
-            row["file"] = str(path.relative_to(folder))
-        forms.append(row)
-        log(f"form {name}: top-1 {g.quant_top1:.4f}, agreement {g.agreement:.4f}" +
-            (f", batch-1 {sp.quant_ms:.3g} ms vs float {sp.float_ms:.3g} ms" if sp else ""))
-    log(f"gate: {'PASSED' if gate.passed else 'FAILED'}  top-1 {gate.quant_top1:.4f} vs float {gate.float_top1:.4f} "
-        f"(drop {gate.drop:.2f} points), agreement {gate.agreement:.4f}" +
-        (f", batch-1 {speed.quant_ms:.3g} ms vs float {speed.float_ms:.3g} ms" if speed else ""))
+    # the reference gate measures stability when it decides (TensorRT; an artifact for no CPU build), the
+    # deciding build's gate measures it otherwise (each costs a pass over the checkset per perturbation)
+    decides = esc.numerics.kind == REFERENCE
+    if decides and (r.gate.stability is not None or cfg.thresholds.min_stability_agreement is None):
+        gate = r.gate  # judged in reference numerics already
+    else:
+        log("gate: the artifact in reference numerics (Q/DQ as float ops, the same on every CPU)")
+        gate = judge(reference(), folder / INT8_ONNX, mat, cfg, mat.work, stability_if_accurate=False,
+                     stability=decides)
+    gate.without_tried(cfg.method).speed_note = REFERENCE_NOTE + "; speed is measured on the builds"
+    ort_gate = _ort_build_gate(mat, cfg, stability=cfg.backend == GATE_BACKEND)
+    forms = [_form_row(form.key, ort_gate, _speed_of(ort_gate), chosen=True)]
+    forms += _other_forms(mat, cand, r, log)
+    log(f"gate: {'PASSED' if gate.passed else 'FAILED'} in reference numerics: top-1 {gate.quant_top1:.4f} vs float "
+        f"{gate.float_top1:.4f} (drop {gate.drop:.2f} points), agreement {gate.agreement:.4f}")
     for f in gate.failures:
         log(f"  failure: {f}")
-    checkset.save(folder / CHECKSET_NAME)
-    (folder / LISTING_NAME).write_text(cal.listing(), encoding="utf-8")
+    mat.checkset.save(folder / CHECKSET_NAME)
+    (folder / LISTING_NAME).write_text(mat.cal.listing(), encoding="utf-8")
     if r.sensitivity:
         (folder / SENSITIVITY_CSV).write_text(sens.to_csv(r.sensitivity), encoding="utf-8")
     if t_start is not None:
         timings["total_s"] = time.perf_counter() - t_start
-    quant = _quantization_record(cfg, form, cal, r, qat_info, parity or {}, timings)
-    report = {"name": folder.name, **dict(report_extra or {}), "deployable": gate.passed, "quantization": quant, "parity": parity,
-              "gate": gate.to_dict(), "rounds": r.rounds, "forms": forms,
+    quant = {**_quantization_record(cfg, form, mat.cal, r, cand.qat_info, mat.parity or {}, timings, esc),
+             **dict(quant_extra or {})}
+    manifest = _artifact_manifest(mat.source, cfg, quant, gate, ort_gate, folder)
+    report = {"name": folder.name, **dict(report_extra or {}), "deployable": bool(manifest.gate["deployable"]),
+              "quantization": quant, "parity": mat.parity, "gate": gate.to_dict(),
+              "builds": {GATE_BACKEND: ort_gate.to_dict()}, "rounds": r.rounds, "forms": forms,
+              "escalation": {"numerics": esc.numerics.to_dict(), "steps": esc.steps, "verdict": esc.verdict},
               "sensitivity": [x.to_dict() for x in (r.sensitivity or [])]}
-    write_report(folder, report, source.labels, gate)
-    manifest = _artifact_manifest(source, cfg, quant, gate, folder)
+    write_report(folder, report, mat.labels, gate)
+    manifest = manifest.replace(files=hash_files(folder))
     write_manifest(manifest, folder)
     return manifest, gate
+
+
+def _ort_build_gate(mat: Material, cfg: QuantizeConfig, stability: bool = True) -> GateResult:
+    """The gate of ``model_int8.onnx`` on ONNX Runtime's own kernels on this CPU (default options),
+    with its batch-1 speed against the FP32 export measured side by side (and its stability when
+    ``stability``: when this build decides the artifact)."""
+    form = cfg.form
+    gated = GATE_BACKEND in form.fast_on
+    note = "" if gated else (f"measured, not gated: the {form.key} form is rendered for {', '.join(form.fast_on)}; "
+                             "its speed is gated on that backend's build")
+    numerics = judge_for(GATE_BACKEND, {})
+    runner = open_runner(GATE_BACKEND, mat.folder / INT8_ONNX)
+    float_runner = open_runner(GATE_BACKEND, mat.fp32) if cfg.thresholds.speed_check else None
+    try:
+        probe = mat.probe(cfg.thresholds.stability_jpeg_quality) if stability and \
+            cfg.thresholds.min_stability_agreement is not None else None
+        gate = evaluate(runner, mat.checkset, cfg.thresholds, mat.labels, float_runner, gated, note, stability=probe)
+    finally:
+        runner.close()
+        if float_runner is not None:
+            float_runner.close()
+    gate.numerics, gate.cpu = numerics.kind, numerics.to_dict()["cpu"]
+    return gate.without_tried(cfg.method)
+
+
+def _speed_of(gate: GateResult):
+    from .check import Speed
+
+    s = gate.speed
+    return Speed(s["float_ms"], s["quant_ms"], s["repeats"], s["backend"]) if s else None
+
+
+def _other_forms(mat: Material, cand: Candidate, r: Rendered, log: Log) -> list[dict[str, Any]]:
+    """The other QDQ forms (``--all-forms``) and the candidate's extra forms, measured on ONNX Runtime."""
+    cfg, folder = cand.cfg, mat.folder
+    others: dict[str, Path] = {}
+    if cfg.all_forms:
+        (folder / FORMS_DIR).mkdir(exist_ok=True)
+        for other in QDQ_FORMS.values():
+            if other.key != cfg.form.key:
+                path = folder / FORMS_DIR / f"model_int8_{other.short}.onnx"
+                render_qdq(cand.prepared, save_ranges(cand.ranges_for(other), mat.work / f"ranges_{other.short}.json"),
+                           path, other, r.float_layers, reduce_range=cfg.reduce_range)
+                others[other.key] = path
+    for name, src in cand.extra_forms.items():
+        if cfg.all_forms:
+            others[name] = Path(shutil.copyfile(src, folder / FORMS_DIR / f"model_int8_{name}.onnx"))
+        else:
+            others[name] = Path(src)
+    rows = []
+    for name, path in others.items():
+        g = gate_from_logits(ort_logits(path, mat.checkset.inputs), mat.checkset,
+                             replace(cfg.thresholds, speed_check=False), mat.labels)
+        sp = _ort_speed(mat.fp32, path, mat.checkset, cfg) if cfg.thresholds.speed_check else None
+        row = _form_row(name, g, sp)
+        if cfg.all_forms:
+            row["file"] = str(path.relative_to(folder))
+        rows.append(row)
+        log(f"form {name}: top-1 {g.quant_top1:.4f}, agreement {g.agreement:.4f}" +
+            (f", batch-1 {sp.quant_ms:.3g} ms vs float {sp.float_ms:.3g} ms" if sp else ""))
+    return rows
 
 
 def _ort_speed(fp32: Path, int8: Path, checkset: Checkset, cfg: QuantizeConfig):
@@ -553,14 +544,19 @@ def _form_row(name: str, g: GateResult, speed, chosen: bool = False) -> dict[str
 
 
 def _quantization_record(cfg: QuantizeConfig, form: QdqForm, cal: CalibrationSet, r: Rendered,
-                         qat_info: dict[str, Any] | None, parity: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+                         qat_info: dict[str, Any] | None, parity: dict[str, Any], timings: dict[str, float],
+                         esc: Escalation | None = None) -> dict[str, Any]:
     import onnxruntime
+
+    from .runtime.cpu import host_cpu
 
     c = get_calibrator(cfg.resolved_calibrator)
     rec: dict[str, Any] = {
         "method": cfg.method, "calibrator": c.name, "calibrator_description": c.description,
         "qdq_format": form.key, "qdq_format_description": form.description, "for_backend": cfg.backend,
         "fast_on": list(form.fast_on), "per_channel": True,
+        "weight_range": cfg.weight_range, "weight_bits": 7 if cfg.reduce_range else 8,
+        "weight_range_reason": cfg.weight_range_reason, "cpu": host_cpu().to_dict(),
         "calibration_source": cal.source, "calibration_images": len(cal), "calibration_file": LISTING_NAME,
         "calibration_sha256": cal.sha256, "calibration_seed": cfg.seed,
         "calibration_classes": {str(k): v for k, v in cal.class_counts().items()},
@@ -569,25 +565,34 @@ def _quantization_record(cfg: QuantizeConfig, form: QdqForm, cal: CalibrationSet
         "onnxruntime": onnxruntime.__version__, "parity": parity, "seconds": round(timings.get("total_s", 0.0), 1),
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
+    if esc is not None:
+        rec["judged_on"] = esc.numerics.to_dict()
+        rec["ladder"] = [{k: x.get(k) for k in ("step", "passed", "agreement", "drop", "stability", "seconds",
+                                                 "skipped", "kept") if k in x} for x in esc.steps]
+        rec["verdict"] = esc.verdict
     if qat_info is not None:
         rec["qat"] = qat_info
     return rec
 
 
 def _artifact_manifest(run_manifest: Manifest, cfg: QuantizeConfig, quant: dict[str, Any], gate: GateResult,
-                       folder: Path) -> Manifest:
+                       ort_gate: GateResult, folder: Path) -> Manifest:
+    """The artifact's manifest: ``gate`` = the reference gate (+ the verdict, ``check.with_verdict``),
+    ``builds`` = the ONNX Runtime build of the QDQ graph with its deployed gate."""
     import onnxruntime
 
+    from .check import with_verdict
+
     batch: int | str = cfg.static_batch or "dynamic"
-    gate_rec = {**gate.summary(), "deployable": gate.passed, "backend": GATE_BACKEND, "model": INT8_ONNX}
+    gate_rec = {**gate.summary(), "backend": GATE_BACKEND, "model": INT8_ONNX}
     build = {"backend": GATE_BACKEND, "model": INT8_ONNX, "precision": "int8", "options": {},
              "version": onnxruntime.__version__, "device": "CPUExecutionProvider", "qdq_format": quant["qdq_format"],
-             "gate": gate.summary()}
-    return Manifest(kind="artifact", labels=run_manifest.labels, preprocess=run_manifest.preprocess,
-                    task=run_manifest.task, input=default_input(run_manifest.preprocess, batch),
-                    backbone=run_manifest.backbone, training=run_manifest.training, quantization=quant,
-                    gate=gate_rec, builds=(build,), files=hash_files(folder))
+             "gate": ort_gate.summary()}
+    return with_verdict(Manifest(kind="artifact", labels=run_manifest.labels, preprocess=run_manifest.preprocess,
+                                 task=run_manifest.task, input=default_input(run_manifest.preprocess, batch),
+                                 backbone=run_manifest.backbone, training=run_manifest.training, quantization=quant,
+                                 gate=gate_rec, builds=(build,), files=hash_files(folder)))
 
 
-__all__ = ["QuantizeConfig", "QuantizeOutcome", "quantize_run", "render_qdq", "prepare_float", "layer_sensitivity",
-           "qat_finetune", "export_nncf_form"]
+__all__ = ["QuantizeConfig", "QuantizeOutcome", "default_judge", "finish_artifact", "quantize_run", "render_qdq",
+           "prepare_float", "qat_finetune", "export_nncf_form"]

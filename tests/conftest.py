@@ -10,6 +10,10 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+if "EDGETL_CACHE" not in os.environ:  # the sensitivity-ranking cache of this test session only
+    import tempfile
+
+    os.environ["EDGETL_CACHE"] = tempfile.mkdtemp(prefix="edgetl-test-cache-")
 
 
 def _torch_threads() -> None:

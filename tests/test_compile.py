@@ -81,15 +81,19 @@ def test_compile_run_passes_gate(tiny_run, tmp_path, capsys, target, method):
         pytest.importorskip("openvino", reason="openvino is not installed")
     out = tmp_path / "artifacts" / "tiny"
     args = ["compile", str(tiny_run), "--target", target, "--out", str(out), *TINY]
-    args += ["--method", method] if method else ["--qat-epochs", "1", "--qat-max-images", "16"]  # profile default: qat
+    args += ["--method", method] if method else ["--qat-epochs", "1", "--qat-max-images", "16"]  # profile: auto
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "deployable" in text and "yes" in text
     m = verify_files(out)
     assert m.kind == "artifact" and m.gate["passed"] and m.target["name"] == target
-    assert m.quantization["method"] == (method or "qat")
-    if not method:
-        assert m.quantization["qat"]["images_per_epoch"] == 16
+    assert m.gate["deployable"] and m.gate["decided_by"] == f"the {m.target['backend']} build"
+    if method:
+        assert m.quantization["method"] == method and len(m.quantization["ladder"]) == 1
+    else:  # the ladder stops at its first step that passes: PTQ min-max on this easy model
+        assert m.quantization["method"] == "ptq" and [x["step"] for x in m.quantization["ladder"]] == ["ptq minmax"]
+    if method == "qat":
+        assert m.quantization["qat"]["epochs"] >= 1
     backend = m.target["backend"]
     build = next(b for b in m.builds if b["backend"] == backend)
     assert build["gate"]["passed"] and build["gate"]["runner"]["backend"] == backend

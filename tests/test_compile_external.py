@@ -85,7 +85,7 @@ def test_state_dict_qat(trained, tmp_path):
     pytest.importorskip("nncf", reason="nncf is not installed")
     weights, labels, images = trained
     out = tmp_path / "qat"
-    assert _compile(weights, labels, images, out, "--qat-epochs", "1") == 0  # the profile's method is qat
+    assert _compile(weights, labels, images, out, "--method", "qat", "--qat-epochs", "1") == 0
     m = verify_files(out)
     assert m.quantization["method"] == "qat" and m.quantization["qat"]["epochs"] == 1 and m.gate["passed"]
     _assert_origin(m, weights)

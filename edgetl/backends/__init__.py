@@ -114,8 +114,10 @@ def thresholds_for(profile: TargetProfile, speed_check: bool = True, labelled: b
     drop is not measurable, only agreement is gated."""
     from ..check import Thresholds
 
-    return Thresholds(max_drop=profile.gate.max_accuracy_drop if labelled else 100.0,
-                      min_agreement=profile.gate.min_agreement, speed_check=speed_check)
+    g = profile.gate
+    return Thresholds(max_drop=g.max_accuracy_drop if labelled else 100.0, min_agreement=g.min_agreement,
+                      speed_check=speed_check, min_stability_agreement=g.min_stability_agreement,
+                      stability_jpeg_quality=g.stability_jpeg_quality)
 
 
 def is_labelled(manifest: Manifest) -> bool:
@@ -127,14 +129,17 @@ def is_labelled(manifest: Manifest) -> bool:
     return True
 
 
-def run_gate(runner: Any, folder: Path, profile: TargetProfile, labels: tuple[str, ...], note: str = "") -> dict:
-    """Accuracy gate of ``runner`` on the artifact's checkset (no speed gate): the summary dict."""
+def run_gate(runner: Any, folder: Path, profile: TargetProfile, labels: tuple[str, ...], note: str = "",
+             stability: bool = True) -> dict:
+    """Accuracy gate of ``runner`` on the artifact's checkset (no speed gate; the stability part when
+    ``stability`` and the profile gates it): the summary dict."""
     from .. import check
 
     manifest = read_manifest(folder)
-    result = check.evaluate(runner, check.load_checkset(folder),
-                            thresholds_for(profile, speed_check=False, labelled=is_labelled(manifest)), labels,
-                            speed_note=note or "speed not gated here")
+    th = thresholds_for(profile, speed_check=False, labelled=is_labelled(manifest))
+    checkset = check.load_checkset(folder)
+    probe = check._probe(folder, checkset, manifest, th) if stability else None
+    result = check.evaluate(runner, checkset, th, labels, speed_note=note or "speed not gated here", stability=probe)
     return result.summary()
 
 
@@ -157,6 +162,8 @@ def build_artifact(folder: str | Path, profile: TargetProfile, backend: str | No
     ctx = BuildContext(folder, manifest, profile, backend, progress, gate)
     outcome = get_builder(backend).build(ctx)
     entry = outcome.entry
+    if entry is not None and backend != "tensorrt":
+        outcome.notes += cpu_notes(profile, entry)
     builds = [dict(b) for b in manifest.builds if b.get("backend") != backend or outcome.keep_existing]
     if entry is not None:
         builds.insert(0, entry)
@@ -164,7 +171,10 @@ def build_artifact(folder: str | Path, profile: TargetProfile, backend: str | No
     config = folder / "builds" / backend / "build_config.json"
     if config.is_file():
         target["build_config"] = str(config.relative_to(folder))
-    write_manifest(manifest.replace(builds=tuple(builds), target=target, files=hash_files(folder)), folder)
+    from ..check import with_verdict
+
+    write_manifest(with_verdict(manifest.replace(builds=tuple(builds), target=target, files=hash_files(folder))),
+                   folder)
     if entry is not None and gate:
         from ..check import check_artifact
 
@@ -173,6 +183,25 @@ def build_artifact(folder: str | Path, profile: TargetProfile, backend: str | No
         result = check_artifact(folder, backend, th, update=True, log=progress)
         outcome.gate = entry["gate"] = result.summary()
     return outcome
+
+
+def cpu_notes(profile: TargetProfile, entry: dict[str, Any]) -> list[str]:
+    """Record the CPU class a CPU build was made and gated on (``entry["cpu"]``) and say what it means
+    for INT8: where products saturate without VNNI, and where INT8 cannot be expected to be faster."""
+    from ..runtime.cpu import host_cpu
+
+    device = str((entry.get("options") or {}).get("device", "CPU"))
+    if device.split(".")[0] in ("GPU", "NPU") or profile.precision != "int8":
+        return []
+    cpu = host_cpu()
+    entry["cpu"] = cpu.to_dict()
+    if cpu.arch == "x86_64" and "avx2" not in cpu.flags:
+        return [f"{cpu.short}: no AVX2, so the INT8 kernels have no fast path here and INT8 may not beat FP32 "
+                "(the speed part of the gate measures it)"]
+    if not cpu.int8_fast:
+        return [f"{cpu.short}: no int8 dot-product instruction (VNNI/AMX/dotprod), so INT8 gains less over FP32 "
+                "here than on a VNNI CPU (ELPV Lite0: about 1.3-1.6x vs 2-2.4x)"]
+    return []
 
 
 def profile_from_manifest(manifest: Manifest) -> TargetProfile | None:

@@ -16,6 +16,9 @@ read through ``build_input_spec``, so all three feed the build exactly what it t
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, Mapping
+
 from ..runtime.errors import EdgetlError
 from . import BuildContext, BuildOutcome, commit_build_dir, fresh_build_dir
 
@@ -23,9 +26,8 @@ MODEL = "model.xml"
 
 
 def build(ctx: BuildContext) -> BuildOutcome:
-    from ..runtime.runners.openvino import OpenVINORunner, import_openvino
+    from ..runtime.runners.openvino import OpenVINORunner
 
-    ov = import_openvino()
     source = ctx.source
     options = ctx.options
     if options.get("device", "CPU") != "CPU" and isinstance(ctx.profile.batch, int):
@@ -33,12 +35,10 @@ def build(ctx: BuildContext) -> BuildOutcome:
     tmp = fresh_build_dir(ctx)
     try:
         ctx.progress(f"openvino: convert {source} -> builds/openvino/{MODEL}")
-        model = ov.convert_model(str(ctx.folder / source))
         if options.get("fold_preprocessing"):
             ctx.progress("openvino: fold preprocessing into the IR (uint8 NHWC input; convert, normalise, "
                          "transpose inside the model)")
-            model = fold_preprocessing(ov, model, ctx.manifest.preprocess)
-        ov.save_model(model, str(tmp / MODEL), compress_to_fp16=False)
+        convert_ir(ctx.folder / source, tmp / MODEL, options, ctx.manifest.preprocess)
         ctx.progress(f"openvino: compile for {options.get('device', 'CPU')} "
                      f"(inference_precision {options.get('inference_precision', 'default')})")
         runner = OpenVINORunner(tmp / MODEL, options)
@@ -61,12 +61,32 @@ def build(ctx: BuildContext) -> BuildOutcome:
              "inference_precision": info["inference_precision"], "requested_inference_precision": requested,
              "int8_layers": info["int8_layers"], "options": options, "version": info["version"],
              "device": info["device"]}
-    if options.get("fold_preprocessing"):
-        entry["input"] = dict(FOLDED_INPUT)
+    if build_input(options):
+        entry["input"] = build_input(options)
     return BuildOutcome(entry, notes)
 
 
 FOLDED_INPUT = {"dtype": "uint8", "layout": "NHWC"}
+
+
+def convert_ir(onnx_path: Path, xml: Path, options: Mapping[str, Any], spec) -> Path:
+    """The IR the build ships, from an ONNX model: ``ov.convert_model`` (Q/DQ -> FakeQuantize), the
+    preprocessing folded in when ``options["fold_preprocessing"]``, weights kept exact (no f16
+    compression). The build and the compile's repair loop (``edgetl.numerics``) both convert through
+    here, so every fallback round is judged on the IR that will ship."""
+    from ..runtime.runners.openvino import import_openvino
+
+    ov = import_openvino()
+    model = ov.convert_model(str(onnx_path))
+    if options.get("fold_preprocessing"):
+        model = fold_preprocessing(ov, model, spec)
+    ov.save_model(model, str(xml), compress_to_fp16=False)
+    return xml
+
+
+def build_input(options: Mapping[str, Any]) -> dict[str, str] | None:
+    """What the built model takes when it is not the artifact's preprocessed tensor (``builds[].input``)."""
+    return dict(FOLDED_INPUT) if options.get("fold_preprocessing") else None
 
 
 def fold_preprocessing(ov, model, spec):

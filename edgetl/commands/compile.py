@@ -50,6 +50,7 @@ def _spec_from_flags(preprocess: Path | None, input_size: str | None, mean: str 
 def summary_table(result):
     from rich.table import Table
 
+    from ..runtime.cpu import describe, host_cpu
     from .build import gate_cell
 
     t = Table(title=f"edgetl compile -> {result.artifact}", header_style="bold", show_lines=False)
@@ -61,15 +62,23 @@ def summary_table(result):
     t.add_section()
     p = result.profile
     t.add_row("target", "", f"{p.name}: {p.backend} {p.precision}, method {result.method or 'none'}")
-    t.add_row("artifact gate (QDQ graph, ONNX Runtime)", "", gate_cell(result.artifact_gate))
+    t.add_row("this CPU", "", describe(host_cpu()))
+    if result.artifact_gate is not None:
+        t.add_row("reference gate (Q/DQ as float ops, any CPU)", "", gate_cell(result.artifact_gate))
     entry = result.build.entry
     if entry is not None:
-        t.add_row(f"{entry['backend']} build gate", "", gate_cell(entry.get("gate")))
+        t.add_row(f"{entry['backend']} build gate (deployed, this CPU)", "", gate_cell(entry.get("gate")))
         t.add_row("runs as", "", f"{entry.get('precision')} on {entry.get('device')} ({entry['model']})")
     else:
-        t.add_row("pre-build gate (same graph, ONNX Runtime)", "", gate_cell(result.build.gate))
+        t.add_row("pre-build gate (reference numerics)", "", gate_cell(result.build.gate))
+        host = (result.build.gate or {}).get("host_kernels")
+        if host:
+            t.add_row("  host ONNX Runtime kernels (not deciding)", "",
+                      f"agreement {100 * host['agreement']:.1f} %, top-1 {100 * host['quant_top1']:.1f} %")
         t.add_row("engine", "", "built on the device: edgetl build ARTIFACT")
-    t.add_row("deployable", "", "[green]yes[/]" if result.passed else "[red]NO[/] (see report.md)")
+    decided = result.decided_by if entry is not None else "the pre-build gate"
+    t.add_row("deployable", "", ("[green]yes[/]" if result.passed else "[red]NO[/] (see report.md)") + f", decided by "
+              f"{decided}")
     return t
 
 
@@ -77,7 +86,15 @@ def summary_table(result):
 @click.argument("source", type=click.Path(path_type=Path, exists=True))
 @click.option("--target", required=True, help="Target profile name (see `edgetl targets`) or a TOML path.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The artifact folder to write.")
-@click.option("--method", type=click.Choice(["qat", "ptq"]), help="Quantization method (default: the profile's).")
+@click.option("--method", type=click.Choice(["auto", "ptq", "qat"]),
+              help="auto: the repair ladder (PTQ with each calibrator + mixed-precision fallback, then QAT) until a "
+                   "step passes the gate on the target's own build; ptq/qat: that one step. [default: the profile's, "
+                   "auto in the bundled profiles]")
+@click.option("--time-budget", type=float, metavar="SECONDS",
+              help="Cap the repair ladder: no new step starts after it, and QAT stops its training there.")
+@click.option("--weight-range", type=click.Choice(["auto", "full", "reduced"]),
+              help="reduced: 7-bit weights (exact on x86 CPUs without VNNI); auto: by the device's CPU. "
+                   "[default: the profile's, auto]")
 @click.option("--precision", type=click.Choice(["int8", "fp16", "fp32"]), help="Override the profile's precision.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a profile key (repeatable).")
 @click.option("--calib-size", type=int, help="Calibration images (default 300).")
@@ -88,6 +105,8 @@ def summary_table(result):
 @click.option("--qat-max-images", type=int,
               help="Training images per QAT epoch (default: the whole train split). Fewer is faster but may "
                    "miss the gate: on ELPV 640 was enough for one model and not for another.")
+@click.option("--max-fallback-rounds", type=int,
+              help="Mixed-precision rounds per step: each keeps the next most sensitive layer in float. [default: 3]")
 @click.option("--no-speed-check", is_flag=True,
               help="Do not require the quantized model to be faster than float (toy models).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
@@ -105,9 +124,10 @@ def summary_table(result):
 @click.option("--resize", type=click.Choice(["shorter_crop", "stretch", "letterbox"]), help="[ONNX/state dict]")
 @click.option("--color", type=click.Choice(["RGB", "BGR"]), help="[ONNX/state dict]")
 @click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="[ONNX/state dict]")
-def compile_cmd(source: Path, target: str, out: Path, method: str | None, precision: str | None,
+def compile_cmd(source: Path, target: str, out: Path, method: str | None, time_budget: float | None,
+                weight_range: str | None, precision: str | None,
                 sets: tuple[str, ...], calib_size: int | None, calib_min: int | None, calibrator: str | None,
-                qat_epochs: int | None, qat_max_images: int | None,
+                qat_epochs: int | None, qat_max_images: int | None, max_fallback_rounds: int | None,
                 no_speed_check: bool, overwrite: bool, arch: str | None, labels: Path | None, images: Path | None,
                 preprocess: Path | None, input_size: str | None, mean: str | None, std: str | None,
                 resize: str | None, color: str | None, layout: str | None) -> None:
@@ -147,12 +167,15 @@ def compile_cmd(source: Path, target: str, out: Path, method: str | None, precis
     from ..compile import STATE_DICT_SUFFIXES, compile_external, compile_onnx, compile_run, read_labels
     from ..runtime.errors import EdgetlError
     from ..targets import apply_overrides, load_target
-    from .build import raise_if_gate_failed
 
     console = Console()
     profile = apply_overrides(load_target(target), precision=precision, method=method, sets=sets)
+    if time_budget is not None and not time_budget > 0:
+        raise EdgetlError(f"--time-budget {time_budget:g} is not valid", hint="give the seconds the repair may take, > 0")
     overrides = {k: v for k, v in (("calib_size", calib_size), ("calib_min", calib_min), ("calibrator", calibrator),
-                                   ("qat_epochs", qat_epochs), ("qat_max_images", qat_max_images)) if v is not None}
+                                   ("qat_epochs", qat_epochs), ("qat_max_images", qat_max_images),
+                                   ("weight_range", weight_range), ("time_budget", time_budget),
+                                   ("max_fallback_rounds", max_fallback_rounds)) if v is not None}
     if calib_size is not None:
         overrides["calib_exact"] = True
 
@@ -200,5 +223,11 @@ def compile_cmd(source: Path, target: str, out: Path, method: str | None, precis
     for note in result.notes:
         console.print(f"  note: {note}", soft_wrap=True, markup=False, style="yellow")
     console.print(summary_table(result))
-    raise_if_gate_failed(result.artifact_gate, f"{out}: the quantized graph")
-    raise_if_gate_failed(result.build_gate, f"{out}: the {profile.backend} build")
+    if not result.passed:
+        from ..backends import GateFailed
+
+        gate = result.build_gate if result.build.entry is None else result.decisive_gate
+        raise GateFailed(f"{out}: {result.decided_by if result.build.entry is not None else 'the pre-build gate'} "
+                         "failed its gate: " + "; ".join((gate or {}).get("failures") or ["see report.md"]),
+                         hint="the artifact is written and marked not deployable; report.md has the repair ladder "
+                              "and what would reach the gate")

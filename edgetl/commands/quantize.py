@@ -12,9 +12,13 @@ from .check import gate_options, thresholds_from
 @click.command()
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The artifact folder to write.")
-@click.option("--method", type=click.Choice(["ptq", "qat"]), default="ptq", show_default=True,
+@click.option("--method", type=click.Choice(["ptq", "qat", "auto"]), default="ptq", show_default=True,
               help="ptq: static post-training quantization; qat: NNCF quantization-aware fine-tuning, then rendered "
-                   "in the chosen QDQ form.")
+                   "in the chosen QDQ form; auto: the repair ladder (PTQ with each calibrator, then QAT) until one "
+                   "passes the gate.")
+@click.option("--weight-range", type=click.Choice(["auto", "full", "reduced"]), default="auto", show_default=True,
+              help="reduced: 7-bit weights, exact on x86 CPUs without VNNI (their u8 x s8 sums saturate int16); "
+                   "auto: reduced when --backend runs on this CPU and it has no VNNI/AMX.")
 @click.option("--calibrator", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default=None,
               help="Activation range calibrator. [default: minmax for ptq, mse for qat]")
 @click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default="onnxruntime",
@@ -51,7 +55,7 @@ from .check import gate_options, thresholds_from
                    "in the report.")
 @gate_options
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def quantize(run: Path, out: Path, method: str, calibrator: str | None, backend: str, qdq_form: str,
+def quantize(run: Path, out: Path, method: str, weight_range: str, calibrator: str | None, backend: str, qdq_form: str,
              calib_size: int | None, calib_min: int, calib_dir: Path | None, seed: int, checkset_cap: int,
              static_batch: int | None, max_fallback_rounds: int, fallback_step: int, sensitivity: bool,
              sensitivity_images: int, qat_epochs: int, qat_lr: float, qat_batch_size: int, qat_max_images: int | None,
@@ -71,7 +75,16 @@ def quantize(run: Path, out: Path, method: str, calibrator: str | None, backend:
     """
     from ..quantize import QuantizeConfig, quantize_run
 
+    why = f"--weight-range {weight_range}"
+    if weight_range == "auto":
+        from ..runtime.cpu import host_cpu
+
+        cpu = host_cpu()
+        weight_range = "reduced" if backend != "tensorrt" and not cpu.int8_exact else "full"
+        why = (f"{cpu.short}: " + ("u8 x s8 pair sums saturate int16 without VNNI" if weight_range == "reduced" else
+                                   "no int16 saturation" if backend != "tensorrt" else "TensorRT runs on a GPU"))
     cfg = QuantizeConfig(method=method, calibrator=calibrator, backend=backend, qdq_form=qdq_form,
+                         weight_range=weight_range, weight_range_reason=why,
                          calib_size=calib_size or 300, calib_exact=calib_size is not None, calib_min=calib_min,
                          calib_dir=str(calib_dir) if calib_dir else None, seed=seed, checkset_cap=checkset_cap,
                          static_batch=static_batch, thresholds=thresholds_from(gate),
