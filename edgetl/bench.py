@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .runtime.cpu import describe, host_cpu
 from .runtime.errors import EdgetlError
 from .runtime.imageio import read_image
 from .runtime.manifest import Manifest, open_verified
@@ -320,6 +321,7 @@ def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[s
     return {
         "artifact": str(artifact), "labels": list(manifest.labels),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu": host_cpu().to_dict(), "cpu_class": host_cpu().isa_class,
                     "cpus": os.cpu_count(), "loadavg_start": load_start,
                     "loadavg_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                     "other_processes_busy_cpus": others},
@@ -392,8 +394,9 @@ def _speedups(rows: dict[str, dict]) -> dict[str, Any]:
 def render_table(result: dict[str, Any]):
     from rich.table import Table
 
+    cpu = (result.get("machine") or {}).get("cpu")
     t = Table(title=f"edgetl bench: {result['artifact']}  (threads={result['threads']}, "
-                    f"frames: {result['frames']})", caption="not run: " + "; ".join(
+                    f"frames: {result['frames']}" + (f"; CPU {describe(cpu)}" if cpu else "") + ")", caption="not run: " + "; ".join(
                         f"{k}: {v}" for k, v in result["skipped"].items()) if result["skipped"] else None)
     for col in ("row", "precision (actual)", "p50 ms", "p90 ms", "pre ms", "b8 img/s", "top-1", "agree", "MB",
                 "peak RSS MB"):

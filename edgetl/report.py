@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .runtime.cpu import describe
 from .runtime.manifest import read_manifest, sha256_file, write_manifest
 
 BENCH_BEGIN = "<!-- edgetl bench: begin -->"
@@ -13,7 +14,10 @@ BENCH_END = "<!-- edgetl bench: end -->"
 
 def bench_markdown(result: dict[str, Any]) -> str:
     lines = [BENCH_BEGIN, "## Benchmark (`edgetl bench`)", "",
-             f"Machine: {result['machine']['processor']}, {result['machine']['cpus']} CPUs; threads per backend: "
+             f"Machine: {result['machine']['processor']}, {result['machine']['cpus']} CPUs"
+             f"{', class ' + describe(result['machine']['cpu']) if result['machine'].get('cpu') else ''} (INT8 "
+             "speed-ups differ by CPU class: VNNI/AMX sum int8 products in one instruction, AVX2 does not); "
+             "threads per backend: "
              f"{result['threads']}; timed frames: {result['frames']}; {result['reps']} batch-1 runs per row in "
              f"{result['rounds']} interleaved rounds. Latency is from a decoded uint8 frame to a label, "
              "preprocessing included.", ""]

@@ -10,13 +10,12 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from _tinyartifact import MjpegServer, decode_video, frame_at, make_tiny_artifact, write_video
+from _tinyartifact import MjpegServer, decode_video, make_tiny_artifact, write_video
 from edgetl import runtime as rt
 from edgetl.runtime.app import AppOptions, StreamOptions, run_app
 from edgetl.runtime.runners.onnxruntime import OrtRunner

@@ -35,6 +35,13 @@ def gate_cell(gate: Any) -> str:
         bits.append(f"drop {gate['drop']:.2f} pt")
     if gate.get("agreement") is not None:
         bits.append(f"agreement {100 * gate['agreement']:.1f} %")
+    st = gate.get("stability") or {}
+    if st.get("min_agreement") is not None:
+        bits.append(f"stability {100 * st['min_agreement']:.1f} %")
+    m = gate.get("margins") or {}
+    if m:
+        bits.append("margin " + min(((v, k) for k, v in m.items()), key=lambda x: x[0])[1] +
+                    f" {min(m.values()):+d} img")
     return word + (f" ({', '.join(bits)})" if bits else "")
 
 
@@ -90,7 +97,8 @@ def build(artifact: Path, target: str | None, backend: str | None, precision: st
     if outcome.entry is not None:
         console.print(build_table([outcome.entry]))
     elif outcome.gate is not None:
-        console.print(f"pre-build gate (same graph through ONNX Runtime): {gate_cell(outcome.gate)}")
+        console.print(f"pre-build gate (the same graph in reference numerics: Q/DQ as float ops): "
+                      f"{gate_cell(outcome.gate)}")
     raise_if_gate_failed(outcome.gate, f"{artifact}: the {profile.backend} build")
 
 

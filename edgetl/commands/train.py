@@ -74,7 +74,7 @@ def _d(value) -> str:
 @click.option("--device", type=click.Choice(DEVICES), help="cuda uses mixed precision." + _d(D.device))
 @click.option("--amp/--no-amp", default=None, help="Mixed precision on CUDA. [default: on]")
 @click.option("--channels-last/--no-channels-last", default=None, help="channels_last memory format. [default: on]")
-@click.option("--num-workers", type=int, help="DataLoader worker processes. [default: min(2, CPUs)]")
+@click.option("--num-workers", type=int, help="DataLoader worker processes. [default: min(2, CPUs - 2): none on 2 cores]")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run of --out (from OUT.partial).")
 @click.option("--overwrite", is_flag=True, help="Replace --out (and any interrupted run of it).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or log lines.")
@@ -110,7 +110,7 @@ def train(data, out, config_file, resume, overwrite, quiet, **options) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--batch-size", type=int, help="Inference batch. [default: 16 on CPU, 64 on CUDA]")
-@click.option("--num-workers", type=int, help="DataLoader worker processes. [default: min(2, CPUs)]")
+@click.option("--num-workers", type=int, help="DataLoader worker processes. [default: min(2, CPUs - 2): none on 2 cores]")
 def eval_cmd(run, data, split, out, overwrite, as_json, device, batch_size, num_workers) -> None:
     """Accuracy, macro-F1, per-class recall and the confusion matrix of RUN on DATA.
 
