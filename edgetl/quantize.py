@@ -131,12 +131,15 @@ class QuantizeConfig:
 @dataclass
 class QuantizeOutcome:
     artifact: Path
-    gate: GateResult
+    gate: GateResult  # the reference gate (manifest.gate)
     manifest: Manifest
 
     @property
     def passed(self) -> bool:
-        return self.gate.passed
+        """The verdict: the gate that decides the artifact (``check.decisive``), not only the reference."""
+        from .check import deployable
+
+        return deployable(self.manifest)
 
 
 # ------------------------------------------------------------------------------------------
@@ -447,6 +450,12 @@ def finish_artifact(mat: Material, esc: Escalation, log: Log = print, *, timings
     log(f"gate: {'PASSED' if gate.passed else 'FAILED'} in reference numerics: top-1 {gate.quant_top1:.4f} vs float "
         f"{gate.float_top1:.4f} (drop {gate.drop:.2f} points), agreement {gate.agreement:.4f}")
     for f in gate.failures:
+        log(f"  failure: {f}")
+    sp = f", batch-1 {ort_gate.speed['quant_ms']:.3g} ms vs float {ort_gate.speed['float_ms']:.3g} ms" \
+        if ort_gate.speed else ""
+    log(f"gate: {'PASSED' if ort_gate.passed else 'FAILED'} on ONNX Runtime's kernels on this CPU: top-1 "
+        f"{ort_gate.quant_top1:.4f}, agreement {ort_gate.agreement:.4f}{sp}")
+    for f in ort_gate.failures:
         log(f"  failure: {f}")
     mat.checkset.save(folder / CHECKSET_NAME)
     (folder / LISTING_NAME).write_text(mat.cal.listing(), encoding="utf-8")

@@ -94,9 +94,11 @@ def _flip(cs: Checkset, m: int) -> np.ndarray:
     return q
 
 
-@pytest.mark.parametrize("flips, passed, margin", [(1, True, 0), (2, False, -1), (0, True, 1)])
-def test_drop_threshold_boundary_in_images(flips, passed, margin):
-    cs = _checkset(100)
+@pytest.mark.parametrize("n, flips, passed, margin", [(100, 1, True, 0), (100, 2, False, -1), (100, 0, True, 1),
+                                                     (393, 3, True, 0), (393, 4, False, -1)])
+def test_drop_threshold_boundary_in_images(n, flips, passed, margin):
+    """1 point of 393 images is 3.93 images: 3 lost images pass (0.76 points), 4 fail (1.02)."""
+    cs = _checkset(n)
     g = gate_from_logits(_flip(cs, flips), cs, Thresholds(max_drop=1.0, min_agreement=0.0, speed_check=False))
     assert g.accuracy_passed is passed and g.margins["drop"] == margin
     assert any(f.startswith("accuracy") for f in g.failures) is not passed
@@ -167,6 +169,8 @@ def test_stability_counts_int8_only_flips_apart_from_float_flips():
     r = st["perturbations"]["jpeg"]
     assert (r["agree"], r["int8_flips"], r["float_flips"], r["both_flip"]) == (7, 2, 2, 1)
     assert st["margin_images"] == -1 and st["passed"] is False and st["worst"] == "jpeg"
+    on_the_line = measure(probe, lambda b: logits, base, threshold=0.7)  # 7 of 10 needed, 7 agree
+    assert on_the_line["margin_images"] == 0 and on_the_line["passed"] is True
     g = gate_from_logits(base, Checkset(x, np.zeros(n, np.int64), base), Thresholds(speed_check=False))
     assert g.passed and not g.add_stability(st).passed and g.failures[0].startswith("stability")
     assert not g.accuracy_passed and g.margins["stability"] == -1

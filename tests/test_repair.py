@@ -200,6 +200,17 @@ def test_escalation_goes_past_a_failing_calibrator_and_keeps_the_first_that_pass
     assert all(s["seconds"] >= 0 for s in steps) and "passes" in esc.verdict
 
 
+def test_when_no_step_passes_the_best_step_is_kept_the_first_among_equals(world, tmp_path):
+    """The head outlier breaks INT8 whatever the calibrator, identically: no step passes, none is
+    better than the first, so the first is kept (not the last one tried)."""
+    mat = material(world, "head", tmp_path)
+    esc = escalate(mat, cfg(method="auto", max_fallback_rounds=0), reference(), lambda s: None)
+    assert [s["passed"] for s in esc.steps] == [False] * 3
+    assert len({(s["agreement"], s["drop"]) for s in esc.steps}) == 1
+    assert [s["kept"] for s in esc.steps] == [True, False, False] and esc.candidate.cfg.resolved_calibrator == "minmax"
+    assert "no step reached the gate" in esc.verdict
+
+
 def test_pinned_method_runs_one_step_and_the_verdict_names_what_would_reach_the_gate(world, tmp_path):
     mat = material(world, "spike", tmp_path)
     esc = escalate(mat, cfg(method="ptq", max_fallback_rounds=0), reference(), lambda s: None)

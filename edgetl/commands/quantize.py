@@ -65,7 +65,7 @@ def quantize(run: Path, out: Path, method: str, weight_range: str, calibrator: s
     Writes OUT/ with model_fp32.onnx (parity-checked), model_int8.onnx (QDQ), checkset.npz,
     calibration.txt, sensitivity.csv, report.md/json, confusion.png and manifest.json. Exits 1 when
     the gate fails after all mixed-precision rounds: the artifact is still written, marked not
-    deployable (manifest.gate.passed = false).
+    deployable (manifest.gate.deployable = false).
 
     \b
     Examples:
