@@ -15,7 +15,7 @@ tensor comes from the manifest's preprocessing spec through the one ``preprocess
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, Tuple
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from .runners import RUNNERS, Runner, open_runner
 # An artifact's ONNX files run on ONNX Runtime without a backend build (best first).
 IMPLICIT_ONNX = (("model_int8.onnx", "int8"), ("model_fp32.onnx", "fp32"))
 
-Roi = tuple[int, int, int, int]
+Roi = Tuple[int, int, int, int]  # typing.Tuple: evaluated at import, and the runtime runs on Python 3.8
 
 
 def candidate_builds(manifest: Manifest, folder: Path) -> list[dict[str, Any]]:
