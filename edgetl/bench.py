@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .runtime.cpu import describe, host_cpu
-from .runtime.errors import EdgetlError
+from .runtime.errors import EdgetlError, MissingDependencyError, missing_dependency
 from .runtime.imageio import read_image
 from .runtime.manifest import Manifest, open_verified
 from .runtime.preprocess import build_input_spec, preprocess, to_model_input
@@ -197,7 +197,8 @@ def plan(artifact: Path, manifest: Manifest, run: Path | None, threads: int,
             trt_ok = True
         except ImportError:
             trt_ok = False
-            skipped["tensorrt"] = "tensorrt cannot be imported here (TensorRT runs on NVIDIA devices: run the bench there)"
+            skipped["tensorrt"] = ("tensorrt cannot be imported here (TensorRT runs on NVIDIA devices: run the bench "
+                                   "there; on an x86 host with CUDA: pip install 'edgetl[tensorrt]')")
         if trt_ok:
             if trt_build is None:
                 skipped["tensorrt"] = "the artifact has no TensorRT build (run `edgetl build ARTIFACT` on the device)"
@@ -245,7 +246,11 @@ def load_frames(paths: list[str], run_dir: Path | None, n: int, frame_size: tupl
 def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[str, ...] = ALL_ROWS,
               threads: int = 2, warmup: int = 10, reps: int = 100, rounds: int = 5, throughput_batch: int = 8,
               frame_size: tuple[int, int] | None = None, n_frames: int = 32, block_warmup: int = 5,
-              progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+              progress: Callable[[str], None] = lambda s: None, chart: bool = True) -> dict[str, Any]:
+    """Measure every row of ``rows`` that can run here. ``chart``: bench.png will be drawn, so its
+    dependency (matplotlib) is checked first, before half a minute of measuring."""
+    if chart:
+        require_chart()
     artifact = Path(artifact)
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     manifest = open_verified(artifact, "artifact",
@@ -268,6 +273,9 @@ def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[s
         reset = _reset_peak_rss()
         try:
             c.runner = c.make()
+        except MissingDependencyError as exc:  # the reason and the extra that installs it
+            skipped[c.name] = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
+            continue
         except EdgetlError as exc:
             skipped[c.name] = exc.message
             continue
@@ -408,6 +416,20 @@ def render_table(result: dict[str, Any]):
                   f"{100 * r['agreement']:.2f}", f"{r['size_mb']:.2f}",
                   f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else "-")
     return t
+
+
+def require_chart() -> None:
+    """bench.png needs matplotlib: refuse before measuring, naming what to install."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        err = missing_dependency("matplotlib", "edgetl bench (its chart, bench.png)")
+        err.hint = "install it with: pip install 'edgetl[train]' (on a device, matplotlib alone: pip install matplotlib)"
+        raise err
 
 
 def write_chart(result: dict[str, Any], path: Path) -> None:

@@ -164,8 +164,11 @@ def compile_cmd(source: Path, target: str, out: Path, method: str | None, time_b
     """
     from rich.console import Console
 
+    from ..runtime.errors import EdgetlError, require
+
+    # before any work: an ONNX model needs `onnx` (ONNX Runtime's quantizer too); a run or state dict, torch
+    require("edgetl compile", "onnx", *(() if source.suffix.lower() == ".onnx" else ("torch", "safetensors")))
     from ..compile import STATE_DICT_SUFFIXES, compile_external, compile_onnx, compile_run, read_labels
-    from ..runtime.errors import EdgetlError
     from ..targets import apply_overrides, load_target
 
     console = Console()

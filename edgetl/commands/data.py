@@ -32,7 +32,9 @@ def elpv(out: Path, task: str, cell_type: str, overwrite: bool) -> None:
     Source: PyPI elpv-dataset (Buerhop-Lutz et al. 2018; Deitsch et al. 2019), installed with edgetl[train].
     """
     from ..datasets import write_elpv
+    from ..runtime.errors import require
 
+    require("edgetl data elpv", "elpv_dataset")
     counts = write_elpv(out, task=task, cell_type=cell_type, overwrite=overwrite)
     total = sum(counts.values())
     click.echo(f"wrote {total} images to {out} ({task}): " + ", ".join(f"{k} {v}" for k, v in counts.items()))

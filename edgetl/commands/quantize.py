@@ -73,6 +73,9 @@ def quantize(run: Path, out: Path, method: str, weight_range: str, calibrator: s
       edgetl quantize runs/elpv --method qat --out artifacts/elpv-qat --backend tensorrt
       edgetl quantize runs/elpv --calib-dir data/line-camera --calibrator percentile --out artifacts/x
     """
+    from ..runtime.errors import require
+
+    require("edgetl quantize", "torch", "safetensors", "onnx", *(("nncf",) if method == "qat" else ()))
     from ..quantize import QuantizeConfig, quantize_run
 
     why = f"--weight-range {weight_range}"

@@ -92,6 +92,9 @@ def train(data, out, config_file, resume, overwrite, quiet, **options) -> None:
       edgetl train --config runs/elpv-ft/config.toml --epochs 20 --out runs/elpv-ft20
       edgetl train --resume --out runs/elpv-ft          # after Ctrl-C
     """
+    from ..runtime.errors import require
+
+    require("edgetl train", "torch", "safetensors", "matplotlib")  # before any work (curves.png is last)
     from ..train import Reporter, resolve_config, run_training
 
     cli = {"data": str(data) if data else None, "out": str(out) if out else None,
@@ -122,6 +125,9 @@ def eval_cmd(run, data, split, out, overwrite, as_json, device, batch_size, num_
       edgetl eval runs/elpv-ft data/elpv-new
       edgetl eval runs/elpv-ft --split test --out runs/elpv-ft-eval
     """
+    from ..runtime.errors import require
+
+    require("edgetl eval", "torch", "safetensors", *(("matplotlib",) if out else ()))
     from ..fsutil import atomic_output_dir
     from ..plots import plot_confusion
     from ..train import Reporter, evaluate_run, format_metrics
@@ -160,7 +166,9 @@ def predict(run, images, top_k, as_json, device) -> None:
       edgetl predict runs/elpv-ft data/elpv/defective/cell0001.png --top-k 2
       edgetl predict runs/elpv-ft some/folder --json
     """
-    from ..runtime.errors import EdgetlError
+    from ..runtime.errors import EdgetlError, require
+
+    require("edgetl predict", "torch", "safetensors")
     from ..train import predict_images
 
     preds, bad = predict_images(run, images, top_k=top_k, device=device)
