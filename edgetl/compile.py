@@ -332,10 +332,34 @@ def _image_checkset(chosen: Any, labelled: bool, spec: PreprocessSpec, float_run
     return Checkset(inputs, y, float_logits, tuple(chosen.listing().splitlines()))
 
 
+def check_onnx_file(model: Path) -> None:
+    """A file that is not an ONNX model (random bytes, truncated) or whose graph is broken is bad
+    input, named, before any work: ``onnx.checker`` on the file."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(model))
+    except Exception as exc:  # DecodeError, ValidationError, InferenceError, ... (no common base)
+        raise EdgetlError(f"{model}: not a valid ONNX model ({type(exc).__name__}: {_line(exc)})",
+                          hint="pass an FP32 ONNX classifier (e.g. from torch.onnx.export), complete and "
+                               "unmodified") from None
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
 def _check_onnx_io(path: Path, shown: Path, labels: tuple[str, ...], spec: PreprocessSpec) -> None:
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's Fail / InvalidGraph / NotImplemented (an op it does not run)
+        raise EdgetlError(f"{shown}: ONNX Runtime cannot load the model ({type(exc).__name__}: {_line(exc)})",
+                          hint="pass an FP32 ONNX classifier with standard ONNX ops (re-export it, e.g. with "
+                               "another opset_version)") from None
     out_dim = sess.get_outputs()[0].shape[-1]
     if isinstance(out_dim, int) and out_dim != len(labels):
         raise EdgetlError(f"{shown}: the model outputs {out_dim} classes but --labels lists {len(labels)}")
@@ -481,6 +505,7 @@ def compile_onnx(model: str | Path, labels: tuple[str, ...], spec: PreprocessSpe
     model, out = Path(model), Path(out)
     if not model.is_file():
         raise EdgetlError(f"{model}: no such ONNX file")
+    check_onnx_file(model)
     profile.check_input_size(spec.input_size, "--preprocess")
     _, labelled = labelled_images(Path(images), labels)
     steps = _Steps(progress)
