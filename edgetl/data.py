@@ -18,8 +18,10 @@ is a plain map-style dataset (``__len__`` / ``__getitem__`` returning numpy arra
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +85,7 @@ class Discovered:
     ignored: list[dict[str, str]] = field(default_factory=list)  # not images / not in a class folder
     missing: list[dict[str, str]] = field(default_factory=list)  # CSV rows whose file does not exist
     classes: set[str] = field(default_factory=set)  # classes of the training pool, even if empty
+    links: list[dict[str, str]] = field(default_factory=list)  # dangling links, link loops, links to folders
 
 
 # ------------------------------------------------------------------------------------------
@@ -96,6 +99,13 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
+def shown(name: str) -> str:
+    """A path as text for reports and messages: a name that is not valid UTF-8 (kept by Python as
+    surrogate escapes) is written with backslash escapes (``caf\\xe9.png``), so printing it or a
+    strict JSON reader never fails on it. Names that are valid UTF-8 are unchanged."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _visible(p: Path) -> bool:
     return not p.name.startswith(".")
 
@@ -104,23 +114,80 @@ def _class_folders(folder: Path) -> list[Path]:
     return sorted(d for d in folder.iterdir() if d.is_dir() and _visible(d))
 
 
+LINK_KINDS = {"dangling": "dangling symlink (its target does not exist)",
+              "loop": "symlink loop (the link resolves to itself)",
+              "folder": "symlink to a folder (not followed: it could loop or count images twice)",
+              "unreadable": "symlink whose target cannot be read"}
+
+
+def link_problem(path: Path) -> str | None:
+    """For a path that is not a regular file: 'dangling', 'loop', 'folder' (a symlink to a folder, not
+    followed), 'unreadable' (another error following the link), or None (not a symlink)."""
+    try:
+        if not path.is_symlink():
+            return None
+        st = path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "loop"
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "dangling"
+        return "unreadable"
+    except RuntimeError:  # pathlib on some versions: "Symlink loop from ..."
+        return "loop"
+    return "folder" if stat.S_ISDIR(st.st_mode) else None
+
+
+def _link_entry(path: Path, root: Path, kind: str) -> dict[str, str]:
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    return {"path": shown(_rel(path, root)), "kind": kind, "target": shown(target), "reason": LINK_KINDS[kind]}
+
+
+def _text_name(path: Path, what: str) -> str:
+    """``path.name`` as text; a class name becomes a label in JSON/ONNX metadata, so it must be valid UTF-8."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EdgetlError(f"{os.fsencode(path)!r}: the {what} name is not valid UTF-8 (it becomes a label)",
+                          hint="rename the folder to a UTF-8 name (e.g. with `convmv -f latin1 -t utf8`)") from None
+    return path.name
+
+
 def scan_class_folder(folder: Path, root: Path, split: str | None = None) -> Discovered:
-    """``folder/<class>/**/<image>`` -> items; other files are listed as ignored."""
+    """``folder/<class>/**/<image>`` -> items; other files are listed as ignored. Symlinks to files
+    are followed; dangling links, link loops and links to folders (not followed) are listed in
+    ``links`` (the data report's ``links`` section), never skipped silently."""
     items: list[Item] = []
     ignored: list[dict[str, str]] = []
+    links: list[dict[str, str]] = []
     classes: set[str] = set()
-    for f in sorted(p for p in folder.iterdir() if p.is_file() and _visible(p)):
-        ignored.append({"path": _rel(f, root), "reason": "not inside a class sub-folder"})
+    for f in sorted(p for p in folder.iterdir() if _visible(p)):
+        if f.is_file():
+            ignored.append({"path": shown(_rel(f, root)), "reason": "not inside a class sub-folder"})
+        elif not f.is_dir():
+            kind = link_problem(f)
+            if kind is not None:
+                links.append(_link_entry(f, root, kind))
     for cdir in _class_folders(folder):
-        classes.add(cdir.name)
+        classes.add(_text_name(cdir, "class folder"))
         for f in sorted(cdir.rglob("*")):
-            if not f.is_file() or any(part.startswith(".") for part in f.relative_to(cdir).parts):
+            if any(part.startswith(".") for part in f.relative_to(cdir).parts):
+                continue
+            if not f.is_file():
+                kind = link_problem(f)
+                if kind is not None:
+                    links.append(_link_entry(f, root, kind))
                 continue
             if is_image_file(f):
                 items.append(Item(f.resolve(), _rel(f.resolve(), root), cdir.name, split))
             else:
-                ignored.append({"path": _rel(f, root), "reason": f"not an image file suffix ({', '.join(IMAGE_SUFFIXES)})"})
-    return Discovered(root, "folder", items, ignored, classes=classes if split in (None, "train") else set())
+                ignored.append({"path": shown(_rel(f, root)),
+                                "reason": f"not an image file suffix ({', '.join(IMAGE_SUFFIXES)})"})
+    return Discovered(root, "folder", items, ignored, classes=classes if split in (None, "train") else set(),
+                      links=links)
 
 
 def split_layout(folder: Path) -> dict[str, Path] | None:
@@ -146,7 +213,7 @@ def read_csv_items(csv_path: Path) -> Discovered:
         if need not in cols:
             raise EdgetlError(f"{csv_path}: no column {need!r} (columns: {', '.join(cols) or 'none'})",
                               hint="the first line must be a header with at least: path,label")
-    items, missing = [], []
+    items, missing, links = [], [], []
     classes: set[str] = set()
     for lineno, row in enumerate(reader, start=2):
         row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
@@ -160,14 +227,19 @@ def read_csv_items(csv_path: Path) -> Discovered:
                 raise EdgetlError(f"{csv_path}, line {lineno}: split {split!r} is not train/val/test")
             split = _SPLIT_DIRS[split.lower()]
         p = Path(row["path"])
-        p = (p if p.is_absolute() else root / p).resolve()
+        p = p if p.is_absolute() else root / p
         if split in (None, "train"):
             classes.add(row["label"])
         if not p.is_file():
-            missing.append({"path": row["path"], "label": row["label"], "reason": f"missing file (CSV line {lineno})"})
+            kind = link_problem(p)
+            why = LINK_KINDS[kind] if kind else "missing file"
+            missing.append({"path": row["path"], "label": row["label"], "reason": f"{why} (CSV line {lineno})"})
+            if kind is not None:
+                links.append(_link_entry(p, root, kind))
             continue
+        p = p.resolve()
         items.append(Item(p, _rel(p, root), row["label"], split))
-    return Discovered(root, "csv", items, [], missing, classes)
+    return Discovered(root, "csv", items, [], missing, classes, links)
 
 
 def discover(data: str | Path, val: str | Path | None = None, test: str | Path | None = None) -> Discovered:
@@ -190,6 +262,7 @@ def discover(data: str | Path, val: str | Path | None = None, test: str | Path |
                 part = scan_class_folder(folder, root, split)
                 found.items += part.items
                 found.ignored += part.ignored
+                found.links += part.links
                 found.classes |= part.classes
         else:
             found = scan_class_folder(root, root)
@@ -205,6 +278,7 @@ def discover(data: str | Path, val: str | Path | None = None, test: str | Path |
         part = scan_class_folder(extra.resolve(), found.root, split)
         found.items += part.items
         found.ignored += part.ignored
+        found.links += part.links
     return found
 
 
@@ -234,7 +308,7 @@ def validate_items(items: Sequence[Item], workers: int | None = None
     with ThreadPoolExecutor(max_workers=workers) as pool:  # OpenCV decodes without the GIL
         for item, digest, reason, hw in pool.map(_check_one, items):
             if reason is not None:
-                skipped.append({"path": item.rel, "label": item.label, "reason": reason})
+                skipped.append({"path": shown(item.rel), "label": item.label, "reason": shown(reason)})
             else:
                 good.append(item)
                 hashes[item.rel] = digest
@@ -243,10 +317,14 @@ def validate_items(items: Sequence[Item], workers: int | None = None
 
 
 def fingerprint(items: Iterable[Item], hashes: dict[str, str]) -> str:
-    """sha256 over the sorted (relative path, label, content sha256) of the usable files."""
+    """sha256 over the sorted (relative path, label, content sha256) of the usable files.
+
+    Names are hashed as their bytes on disk (``os.fsencode``: UTF-8, and a name that is not valid
+    UTF-8 keeps its raw bytes through ``surrogateescape``), so any file the decoder reads can be
+    fingerprinted, and UTF-8 names hash exactly as before."""
     h = hashlib.sha256()
     for rel, label in sorted((it.rel, it.label) for it in items):
-        h.update(f"{rel}\t{label}\t{hashes[rel]}\n".encode())
+        h.update(f"{rel}\t{label}\t{hashes[rel]}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
@@ -349,8 +427,16 @@ def load_data(data: str | Path, *, val: str | Path | None = None, test: str | Pa
         "fingerprint": fp,
         "skipped": skipped,
         "ignored": found.ignored,
+        "links": links_report(found.links),
     }
     return ds
+
+
+def links_report(links: Sequence[dict[str, str]]) -> dict[str, Any]:
+    """The data report's ``links`` section: how many dangling links, link loops and links to folders
+    (not followed) DATA holds, and each one (path, kind, target, reason)."""
+    counts = {kind: sum(1 for e in links if e["kind"] == kind) for kind in LINK_KINDS}
+    return {"count": len(links), **counts, "list": list(links)}
 
 
 def load_eval_items(data: str | Path, labels: Sequence[str]) -> tuple[list[tuple[Path, int]], dict[str, Any]]:
@@ -373,7 +459,7 @@ def load_eval_items(data: str | Path, labels: Sequence[str]) -> tuple[list[tuple
     index = {lab: i for i, lab in enumerate(labels)}
     good.sort(key=lambda it: (it.label, it.rel))
     report = {"data": str(data), "usable": len(good), "skipped": skipped, "ignored": found.ignored,
-              "fingerprint": fingerprint(good, hashes)}
+              "links": links_report(found.links), "fingerprint": fingerprint(good, hashes)}
     return [(it.path, index[it.label]) for it in good], report
 
 

@@ -78,6 +78,7 @@ class Hardware:
     cpu: str = ""
     cpu_arch: str = ""  # x86_64 | aarch64: the device CPU's architecture ("" = the machine that compiles)
     jetpack: str = ""  # JetPack releases this profile was written for
+    python: str = ""  # the Python the device's OS/JetPack ships (its TensorRT bindings are for it); the runtime needs >= 3.8
     notes: str = ""
 
 

@@ -12,6 +12,10 @@ Timings (milliseconds, ``time.perf_counter``):
   ``infer``, ``post`` (softmax, smoothing, top-k)
 * ``latency``: from the frame's capture timestamp (the decoded frame became available) to the result
 * FPS: results / seconds since the loop started (source opening and model loading excluded)
+
+Statistics use constant memory however long the run: counts, sums and maxima are exact; the p50/p90
+percentiles come from a uniform random sample of at most ``STATS_SAMPLE`` frames (a reservoir,
+exact while fewer frames came), so a day at 30 FPS keeps a few hundred KB, not gigabytes.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import sys
@@ -26,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Dict, Iterator, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -38,6 +43,39 @@ from .sources import FrameSource, Note, SourceLostError, stderr_note
 
 UNKNOWN = "unknown"
 STAGES = ("wait", "preprocess", "infer", "post")
+STATS_SAMPLE = 8192  # frames kept for the percentiles (reservoir)
+
+
+class FrameStats:
+    """Per-frame timings (latency and the stages) in constant memory: exact count, mean and max, and
+    p50/p90 over a uniform random sample (Algorithm R) of at most ``size`` frames, exact below it."""
+
+    COLUMNS = ("latency",) + STAGES
+
+    def __init__(self, size: int = STATS_SAMPLE, seed: int = 0):
+        self.n = 0
+        self.sample = np.zeros((int(size), len(self.COLUMNS)), np.float64)
+        self.total = np.zeros(len(self.COLUMNS), np.float64)
+        self.peak = np.zeros(len(self.COLUMNS), np.float64)
+        self._rng = random.Random(seed)
+
+    def add(self, latency: float, timings: Dict[str, float]) -> None:
+        row = (latency,) + tuple(timings[s] for s in STAGES)
+        n, size = self.n, len(self.sample)
+        j = n if n < size else self._rng.randrange(n + 1)
+        if j < size:
+            self.sample[j] = row
+        self.total += row
+        np.maximum(self.peak, row, out=self.peak)
+        self.n = n + 1
+
+    def column(self, name: str) -> Dict[str, float]:
+        if not self.n:
+            return {"p50": 0.0, "p90": 0.0, "mean": 0.0, "max": 0.0}
+        k = self.COLUMNS.index(name)
+        a = self.sample[:min(self.n, len(self.sample)), k]
+        return {"p50": round(float(np.percentile(a, 50)), 3), "p90": round(float(np.percentile(a, 90)), 3),
+                "mean": round(float(self.total[k] / self.n), 3), "max": round(float(self.peak[k]), 3)}
 
 
 @dataclass(frozen=True)
@@ -90,6 +128,7 @@ class Result:
     latency_ms: float
     dropped: int
     time: float  # wall clock (time.time()) when the result was ready
+    file: Optional[str] = None  # the image file of the frame (image-folder sources)
 
 
 class Stream:
@@ -109,8 +148,7 @@ class Stream:
         self.stop_reason = ""
         self.frames = 0
         self._t_start = self._t_last = 0.0
-        self._lat: list[float] = []
-        self._stage: dict[str, list[float]] = {s: [] for s in STAGES}
+        self.stats = FrameStats()
 
     def __iter__(self) -> Iterator[Result]:
         o, model, src, stop = self.options, self.model, self.source, self.stop
@@ -121,7 +159,7 @@ class Stream:
         src.start()
         self._t_start = self._t_last = clock()
         deadline = self._t_start + o.duration if o.duration else None
-        lat, stage = self._lat, self._stage
+        stats = self.stats
         try:
             while True:
                 if stop.is_set():
@@ -142,7 +180,13 @@ class Stream:
                     continue  # re-check stop / deadline
                 t1 = clock()
                 if frame.tensor is None:
-                    x = model.input_tensor(frame.image, roi)
+                    try:
+                        x = model.input_tensor(frame.image, roi)
+                    except EdgetlError as exc:
+                        if frame.name is None:  # a camera/video: every frame would fail alike
+                            raise
+                        src.skip_image(frame, exc.message)  # an image the ROI does not fit: next one
+                        continue
                     t2 = clock()
                     prep = (t2 - t1) * 1e3
                 else:  # prepared on the capture thread, overlapping the previous inference
@@ -165,13 +209,11 @@ class Stream:
                 timings = {"wait": (t1 - t0) * 1e3, "preprocess": prep, "infer": (t3 - t2) * 1e3,
                            "post": (t4 - t3) * 1e3}
                 latency = (t4 - frame.t_capture) * 1e3
-                lat.append(latency)
-                for name, v in timings.items():
-                    stage[name].append(v)
+                stats.add(latency, timings)
                 self.frames += 1
                 self._t_last = t4
                 yield Result(frame.index, frame.image, label, score, top, probs, timings, latency, src.dropped,
-                             time.time())
+                             time.time(), frame.name)
                 src.release(frame)
         finally:
             if self.frames == 0:
@@ -181,21 +223,14 @@ class Stream:
     def summary(self) -> dict[str, Any]:
         src = self.source
         elapsed = max(self._t_last - self._t_start, 1e-9)
-
-        def pct(values: list[float]) -> dict[str, float]:
-            if not values:
-                return {"p50": 0.0, "p90": 0.0, "mean": 0.0, "max": 0.0}
-            a = np.asarray(values)
-            return {"p50": round(float(np.percentile(a, 50)), 3), "p90": round(float(np.percentile(a, 90)), 3),
-                    "mean": round(float(a.mean()), 3), "max": round(float(a.max()), 3)}
-
         return {
-            "source": src.spec.uri, "source_kind": src.spec.kind,
+            "source": src.spec.uri, "source_kind": src.spec.kind,  # spec.uri: credentials redacted
             "policy": "latest-frame" if src.latest else "every-frame", "decode_threads": src.decode_threads,
             "frames": self.frames, "frames_read": src.frames_read, "dropped": src.dropped,
-            "reconnects": src.reconnects, "skipped_files": src.skipped,
+            "reconnects": src.reconnects, "skipped_files": src.skipped, "skipped_unusable": src.unusable,
+            "skipped": src.skipped_list,
             "elapsed_s": round(elapsed, 3), "fps": round(self.frames / elapsed, 2) if self.frames else 0.0,
-            "latency_ms": pct(self._lat), "stages_ms": {s: pct(v) for s, v in self._stage.items()},
+            "latency_ms": self.stats.column("latency"), "stages_ms": {s: self.stats.column(s) for s in STAGES},
             "stop_reason": self.stop_reason or src.end_reason, "model": self.model.info,
         }
 
@@ -224,42 +259,97 @@ def display_available() -> tuple[bool, str]:
 FOURCC = {".mp4": "mp4v", ".mov": "mp4v", ".m4v": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
 
 
-class VideoSaver:
-    """Writes annotated frames to ``<dir>/.<name>.partial<ext>`` and renames it on close, so a
-    video under the requested name is always finalised (playable)."""
+def partial_path(path: Path) -> Path:
+    """Where ``--save out.mp4`` writes until the run ends: ``out.partial.mp4`` beside it (visible, so a
+    killed run's leftover is seen; the real suffix, so OpenCV picks the same container)."""
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
 
-    def __init__(self, path: Path, fps: float | None = None):
+
+def _writable_file(path: Path, option: str) -> None:
+    """Refuse, before anything runs, an output file whose folder cannot be made or written."""
+    if path.is_dir():
+        raise EdgetlError(f"{option} {path}: is a folder", hint="give a file name inside it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EdgetlError(f"{option} {path}: cannot create the folder {path.parent} ({exc.strerror or exc})",
+                          hint="give a path in a folder you can write to") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise EdgetlError(f"{option} {path}: the folder {path.parent} is not writable by this user",
+                          hint="give a path in a folder you can write to") from None
+
+
+class VideoSaver:
+    """Writes annotated frames to ``out.partial.mp4`` (:func:`partial_path`) and renames it to the
+    requested name on close, so a video under that name is always finalised (playable). A run killed
+    outright (SIGKILL, power loss) leaves the visible partial file; the next run with the same
+    ``--save`` removes it. The folder, permissions and container are checked here, before any frame
+    is processed: an unusable path is a one-line error."""
+
+    def __init__(self, path: Path, fps: float | None = None, note: Note = stderr_note):
         self.path = Path(path)
         suffix = self.path.suffix.lower()
         if suffix not in FOURCC:
             raise EdgetlError(f"--save {path}: unsupported video type {suffix or '(none)'}",
                               hint=f"use one of {', '.join(sorted(FOURCC))}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
+        _writable_file(self.path, "--save")
+        self.tmp = partial_path(self.path)
+        legacy = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")  # the hidden name of earlier versions
+        for stale in (self.tmp, legacy):
+            if stale.is_symlink() or stale.is_file():
+                try:
+                    stale.unlink()
+                except OSError as exc:
+                    raise EdgetlError(f"--save {path}: cannot remove the partial video {stale} of an interrupted "
+                                      f"run ({exc.strerror or exc})", hint="remove it, or save elsewhere") from None
+                note(f"removed {stale}: the partial video of an interrupted run")
         self.fourcc = cv2.VideoWriter_fourcc(*FOURCC[suffix])
+        self._probe()
         self.fps = fps  # None: set from the source once it is open (else 30)
         self.size: tuple[int, int] | None = None
         self.writer: cv2.VideoWriter | None = None
         self.frames = 0
 
+    def _probe(self) -> None:
+        """Open a writer on the partial file once (then remove it): the container and the folder work."""
+        probe = cv2.VideoWriter(str(self.tmp), self.fourcc, 30.0, (64, 64))
+        ok = probe.isOpened()
+        probe.release()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+        if not ok:
+            raise EdgetlError(f"--save {self.path}: OpenCV cannot write a {self.path.suffix} video here",
+                              hint="try another container (.avi writes MJPG, .mp4 writes mp4v), or another folder")
+
     def write(self, img: np.ndarray) -> None:
         if self.writer is None:
             self.size = (img.shape[1], img.shape[0])
             self.fps = self.fps or 30.0
-            self.writer = cv2.VideoWriter(str(self.tmp), self.fourcc, self.fps, self.size)
-            if not self.writer.isOpened():
-                raise EdgetlError(f"--save {self.path}: OpenCV cannot write this video here",
+            writer = cv2.VideoWriter(str(self.tmp), self.fourcc, self.fps, self.size)
+            if not writer.isOpened():
+                writer.release()
+                with contextlib.suppress(OSError):
+                    self.tmp.unlink()
+                raise EdgetlError(f"--save {self.path}: OpenCV cannot write a {self.size[0]}x{self.size[1]} "
+                                  f"{self.path.suffix} video here",
                                   hint="try another container (.avi writes MJPG, .mp4 writes mp4v)")
+            self.writer = writer
         if (img.shape[1], img.shape[0]) != self.size:  # image folders with mixed sizes
             img = cv2.resize(img, self.size, interpolation=cv2.INTER_AREA)
         self.writer.write(img)
         self.frames += 1
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.release()
-            self.writer = None
+        """Finalise the video and give it its name (nothing to do when no frame was written)."""
+        if self.writer is None:
+            return
+        self.writer.release()
+        self.writer = None
+        try:
             os.replace(self.tmp, self.path)
+        except OSError as exc:
+            raise EdgetlError(f"--save {self.path}: cannot rename the finished video {self.tmp} to it "
+                              f"({exc.strerror or exc})", hint=f"the {self.frames} frames are in {self.tmp}") from None
 
 
 @contextlib.contextmanager
@@ -286,13 +376,15 @@ def stop_on_signals(stop: threading.Event) -> Iterator[list[str]]:
 
 
 def _json_line(r: Result, lj: dict[str, str]) -> str:
-    """One result as a JSON line (hand-formatted: label strings are JSON-escaped once, up front)."""
+    """One result as a JSON line (hand-formatted: label strings are JSON-escaped once, up front).
+    Results from an image folder also carry ``"file"``: the image's path."""
     t = r.timings_ms
     top = ",".join(f"[{lj[lab]},{s:.6f}]" for lab, s in r.top_k)
+    file = f',"file":{json.dumps(r.file)}' if r.file is not None else ""
     return (f'{{"t":{r.time:.3f},"frame":{r.frame_index},"label":{lj[r.label]},"score":{r.score:.6f},'
             f'"top_k":[{top}],"latency_ms":{r.latency_ms:.3f},"timings_ms":{{"wait":{t["wait"]:.3f},'
             f'"preprocess":{t["preprocess"]:.3f},"infer":{t["infer"]:.3f},"post":{t["post"]:.3f}}},'
-            f'"dropped":{r.dropped}}}\n')
+            f'"dropped":{r.dropped}{file}}}\n')
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -306,6 +398,10 @@ def format_summary(s: dict[str, Any]) -> str:
         + (f", undecodable files skipped {s['skipped_files']}" if s["skipped_files"] else "")
         + f"; stopped: {s['stop_reason']}",
     ]
+    if s.get("skipped_unusable"):
+        names = ", ".join(Path(e["file"]).name for e in s.get("skipped", []) if e.get("file"))
+        lines.append(f"  skipped {s['skipped_unusable']} images the model input could not be made from "
+                     f"(e.g. smaller than the --roi): {names[:300]}{' …' if len(names) > 300 else ''}")
     if s.get("saved"):
         lines.append(f"  saved {s['saved']['frames']} annotated frames to {s['saved']['path']}")
     return "\n".join(lines)
@@ -339,8 +435,10 @@ def run_app(model: Model, source: Any, options: StreamOptions, app: AppOptions,
     json_out = headless or app.events
     summary_out = err if json_out else out  # stdout stays pure JSON lines
     saver = None
+    if app.summary_json is not None:
+        _writable_file(Path(app.summary_json), "--summary-json")  # before the run, not after it
     if app.save is not None:
-        saver = VideoSaver(app.save)  # checks the file type before anything starts
+        saver = VideoSaver(app.save, note=note)  # checks type, folder and permissions before anything starts
     lj = {lab: json.dumps(lab) for lab in (*model.labels, UNKNOWN)}
     roi = options.roi
     last_label: str | None = None
@@ -393,8 +491,16 @@ def run_app(model: Model, source: Any, options: StreamOptions, app: AppOptions,
         summary["saved"] = {"path": str(app.save), "frames": saver.frames, "fps": saver.fps}
     print(format_summary(summary), file=summary_out, flush=True)
     if app.summary_json is not None:
-        Path(app.summary_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(app.summary_json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        dest = Path(app.summary_json)
+        tmp = dest.with_name(dest.name + ".partial")
+        try:
+            tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, dest)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise EdgetlError(f"--summary-json {dest}: cannot write it ({exc.strerror or exc})",
+                              hint="give a path in a folder you can write to") from None
     if error is not None:
         raise error
     return summary

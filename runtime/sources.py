@@ -22,8 +22,15 @@ Capture runs on its own thread (decoding overlaps inference). Two policies:
   bounded queue (decode runs ahead by a few frames, nothing is dropped).
 
 A live source that stops delivering frames is reopened with back-off for ``reconnect_timeout``
-seconds, then the run fails with :class:`SourceLostError` (exit code 3). The end of a file or image
-folder ends the run cleanly.
+seconds, then the run fails with :class:`SourceLostError` (exit code 3). The deadline runs from the
+last frame actually received: a camera that opens but sends nothing does not restart it. A live
+source that is not up yet when the run starts (a device that boots before its camera) is retried
+the same way. The end of a file or image folder ends the run cleanly.
+
+Credentials in a URI (``rtsp://user:password@host/…``) never reach a note, an error or the summary:
+``SourceSpec.uri`` is the redacted form (``rtsp://user:***@host/…``); only ``target`` (what OpenCV
+opens) holds the secret. A URI put into a GStreamer pipeline is checked against the characters
+``gst_parse_launch`` would read as syntax (spaces, quotes, ``!``, …): percent-encode them.
 
 Frame buffers come from a small pool and are reused (``cv2.VideoCapture.read`` decodes into
 them), so a 720p stream does not allocate 2.7 MB per frame; the consumer hands each frame back
@@ -42,7 +49,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Dict, List
 from urllib.parse import parse_qsl, urlsplit
 
 import cv2
@@ -58,6 +65,7 @@ URI_FORMS = ("a camera index (0), v4l2:///dev/videoN, csi://N, rtsp://…, http(
 # FFmpeg options for low-latency RTSP when OpenCV has no GStreamer (read by OpenCV at open time).
 RTSP_FFMPEG_OPTIONS = "rtsp_transport;tcp|fflags;nobuffer|flags;low_delay"
 NETWORK_TIMEOUT_MS = 5000
+MAX_LISTED = 100  # skipped image files named in the summary (all are counted)
 Note = Callable[[str], None]
 
 
@@ -69,6 +77,48 @@ class SourceLostError(EdgetlError):
 
 def stderr_note(msg: str) -> None:
     print(f"note: {msg}", file=sys.stderr, flush=True)
+
+
+# ---- credentials and pipeline syntax ---------------------------------------------------------------
+
+# scheme://user:password@ anywhere in a text (a URI, or a gst: pipeline that holds one)
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@\"'!]*):[^@/\s\"'!]*@")
+# query parameters that carry secrets (?password=…&token=…)
+_SECRET_PARAMS = re.compile(r"(?i)([?&;](?:password|passwd|pwd|pass|token|access_token|api_key|apikey|key|secret|"
+                            r"auth|signature|sig)=)[^&;#\s\"']*")
+
+
+def redact_uri(text: str) -> str:
+    """``rtsp://user:secret@host/x?token=abc`` -> ``rtsp://user:***@host/x?token=***``: what may be
+    printed, logged or written to the summary."""
+    return _SECRET_PARAMS.sub(r"\1***", _USERINFO.sub(r"\1:***@", str(text)))
+
+
+# Characters a URI may carry into a gst_parse_launch description without being read as syntax:
+# RFC 3986's unreserved, reserved and percent signs, less "!" (links elements) and "'" (quotes).
+_GST_SAFE = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@$&()*+,;=%]*")
+
+
+def _gst_uri(uri: str, shown: str) -> str:
+    """``uri`` if it can be put into a GStreamer pipeline description as a property value, else an
+    EdgetlError naming the first character that would break out of it."""
+    bad = next((ch for ch in uri if not _GST_SAFE.fullmatch(ch)), None)
+    if bad is not None:
+        what = {" ": "a space", "\n": "a newline", "\r": "a carriage return", "\t": "a tab", "!": "'!'",
+                '"': "a double quote", "'": "a single quote", "\\": "a backslash"}.get(bad, repr(bad))
+        raise EdgetlError(f"source {shown!r}: {what} in the URI would end the GStreamer pipeline's location "
+                          "property (gst_parse_launch syntax)",
+                          hint=f"percent-encode it (e.g. {bad!r} -> %{ord(bad):02X}, as in "
+                               "rtsp://user:p%21ss@host/stream)" if ord(bad) < 128 else
+                               "percent-encode non-ASCII characters as UTF-8 bytes (%XX)")
+    return uri
+
+
+def _rtsp_pipeline(uri: str, shown: str | None = None) -> str:
+    """The low-latency GStreamer pipeline for an RTSP URI (refuses one that would inject syntax)."""
+    location = _gst_uri(uri, shown or redact_uri(uri))
+    return (f"rtspsrc location={location} latency=0 ! decodebin ! videoconvert ! video/x-raw,format=BGR ! "
+            "appsink drop=1 max-buffers=1 sync=false")
 
 
 @functools.lru_cache(maxsize=1)
@@ -123,21 +173,32 @@ class CaptureReader(Reader):
 
 
 class ImageListReader(Reader):
-    def __init__(self, paths: list[Path], note: Note):
+    """The images of a folder/glob in order; ``current`` is the file the last frame came from.
+    Undecodable (or too large) files are skipped, counted, and the first ``MAX_LISTED`` named in
+    ``skipped_list``."""
+
+    def __init__(self, paths: List[Path], note: Note):
         self.paths = paths
         self.pos = 0
         self.note = note
         self.skipped = 0
+        self.skipped_list: List[Dict[str, str]] = []
+        self.current: str | None = None
 
     def read(self, out: np.ndarray | None) -> np.ndarray | None:
         while self.pos < len(self.paths):
             path = self.paths[self.pos]
             self.pos += 1
             try:
-                return read_image(path)
+                img = read_image(path)
             except ImageDecodeError as exc:
                 self.skipped += 1
+                if len(self.skipped_list) < MAX_LISTED:
+                    self.skipped_list.append({"file": str(path), "reason": exc.message.replace(f"{path}: ", "")})
                 self.note(f"skipped {exc.message}")
+                continue
+            self.current = str(path)
+            return img
         return None
 
 
@@ -145,12 +206,15 @@ class ImageListReader(Reader):
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """A parsed source URI. ``open()`` opens it (again, for reconnects) and returns a Reader."""
+    """A parsed source URI. ``open()`` opens it (again, for reconnects) and returns a Reader.
+
+    ``uri`` is what may be shown (credentials redacted, see :func:`redact_uri`); ``target`` is what
+    OpenCV opens and may hold them (kept out of the repr)."""
 
     uri: str
     kind: str  # camera | csi | rtsp | http | gst | file | images
-    target: Any  # camera index or device path, URL, pipeline, file path, list of image paths
-    params: dict = field(default_factory=dict)
+    target: Any = field(repr=False)  # camera index or device path, URL, pipeline, file path, image paths
+    params: dict = field(default_factory=dict, repr=False)
 
     @property
     def live(self) -> bool:
@@ -208,7 +272,39 @@ class SourceSpec:
 
 def _query(uri: str) -> tuple[Any, dict]:
     parts = urlsplit(uri)
-    return parts, dict(parse_qsl(parts.query))
+    return parts, dict(parse_qsl(parts.query, keep_blank_values=True))
+
+
+# capture settings a URI may carry: key -> (type, lowest, highest, example)
+CSI_PARAMS = {"width": (int, 16, 16384, "1920"), "height": (int, 16, 16384, "1080"), "fps": (int, 1, 1000, "30"),
+              "flip": (int, 0, 7, "0")}
+V4L2_PARAMS = {"width": (float, 1, 16384, "1280"), "height": (float, 1, 16384, "720"), "fps": (float, 0.1, 1000, "30"),
+               "fourcc": (str, 1, 4, "MJPG")}
+
+
+def _check_settings(shown: str, q: Dict[str, str], allowed: Dict[str, Any], example: str) -> Dict[str, str]:
+    """The query parameters of a camera URI, checked (returned as given); a one-line error names the key."""
+    unknown = sorted(set(q) - set(allowed))
+    if unknown:
+        raise EdgetlError(f"source {shown!r}: unknown setting {unknown[0]!r}",
+                          hint=f"known settings: {', '.join(allowed)} (e.g. {example})")
+    for key, text in q.items():
+        tp, lo, hi, ex = allowed[key]
+        if tp is str:
+            if not (lo <= len(text) <= hi and text.isascii() and text.replace(" ", "").isalnum()):
+                raise EdgetlError(f"source {shown!r}: {key}={text!r} is not a code of {lo} to {hi} letters/digits",
+                                  hint=f"e.g. {key}={ex}")
+            continue
+        try:
+            value = tp(text)
+            if tp is float and not np.isfinite(value):
+                raise ValueError(text)
+        except ValueError:
+            kind = "a whole number" if tp is int else "a number"
+            raise EdgetlError(f"source {shown!r}: {key}={text!r} is not {kind}", hint=f"e.g. {key}={ex}") from None
+        if not lo <= value <= hi:
+            raise EdgetlError(f"source {shown!r}: {key}={text} is out of range", hint=f"give {lo:g}..{hi:g}, e.g. {key}={ex}")
+    return q
 
 
 def _csi_pipeline(sensor: int, p: dict) -> str:
@@ -234,37 +330,38 @@ def parse_source(uri: str | int) -> SourceSpec:
     if uri.isdigit():
         return SourceSpec(uri, "camera", int(uri))
     low = uri.lower()
+    shown = redact_uri(uri)  # the only form that goes into messages and the summary
     if low.startswith("gst:"):
         pipeline = uri[4:].strip()
-        _need_gstreamer(uri, "a gst: pipeline")
+        _need_gstreamer(shown, "a gst: pipeline")
         if "appsink" not in pipeline:
-            raise EdgetlError(f"source {uri!r}: a gst: pipeline must end in appsink",
+            raise EdgetlError(f"source {shown!r}: a gst: pipeline must end in appsink",
                               hint="e.g. gst:v4l2src ! videoconvert ! video/x-raw,format=BGR ! appsink drop=1")
-        return SourceSpec(uri, "gst", pipeline)
+        return SourceSpec(shown, "gst", pipeline)
     if low.startswith("v4l2://"):
         parts, q = _query(uri)
         device = parts.path or parts.netloc
         if not device:
-            raise EdgetlError(f"source {uri!r}: no device path", hint="e.g. v4l2:///dev/video0")
+            raise EdgetlError(f"source {shown!r}: no device path", hint="e.g. v4l2:///dev/video0")
+        _check_settings(shown, q, V4L2_PARAMS, "v4l2:///dev/video0?width=1280&height=720&fps=30&fourcc=MJPG")
         target: Any = int(device) if device.isdigit() else device
-        return SourceSpec(uri, "camera", target, q)
+        return SourceSpec(shown, "camera", target, q)
     if low.startswith("csi://"):
         parts, q = _query(uri)
         sensor = parts.netloc or "0"
         if not sensor.isdigit():
-            raise EdgetlError(f"source {uri!r}: the CSI sensor id must be a number", hint="e.g. csi://0")
-        _need_gstreamer(uri, "a Jetson CSI camera (nvarguscamerasrc)")
-        return SourceSpec(uri, "csi", _csi_pipeline(int(sensor), q), q)
+            raise EdgetlError(f"source {shown!r}: the CSI sensor id must be a number", hint="e.g. csi://0")
+        _check_settings(shown, q, CSI_PARAMS, "csi://0?width=1920&height=1080&fps=30&flip=0")
+        _need_gstreamer(shown, "a Jetson CSI camera (nvarguscamerasrc)")
+        return SourceSpec(shown, "csi", _csi_pipeline(int(sensor), q), q)
     if low.startswith(("rtsp://", "rtsps://")):
         if opencv_has_gstreamer():
-            pipe = (f"rtspsrc location={uri} latency=0 ! decodebin ! videoconvert ! video/x-raw,format=BGR ! "
-                    "appsink drop=1 max-buffers=1 sync=false")
-            return SourceSpec(uri, "rtsp", pipe)
-        return SourceSpec(uri, "rtsp", uri)
+            return SourceSpec(shown, "rtsp", _rtsp_pipeline(uri, shown))
+        return SourceSpec(shown, "rtsp", uri)
     if low.startswith(("http://", "https://")):
-        return SourceSpec(uri, "http", uri)
+        return SourceSpec(shown, "http", uri)
     if re.match(r"^[a-z][a-z0-9+.-]*://", low):
-        raise EdgetlError(f"source {uri!r}: unknown scheme", hint=f"use {URI_FORMS}")
+        raise EdgetlError(f"source {shown!r}: unknown scheme", hint=f"use {URI_FORMS}")
     path = Path(uri).expanduser()
     if path.is_dir():
         return _image_list(uri, list(path.rglob("*")))
@@ -274,7 +371,7 @@ def parse_source(uri: str | int) -> SourceSpec:
         if is_image_file(path):
             return _image_list(uri, [path])
         return SourceSpec(uri, "file", str(path))
-    raise EdgetlError(f"source {uri!r}: no such file or folder, and not a camera index or URI",
+    raise EdgetlError(f"source {shown!r}: no such file or folder, and not a camera index or URI",
                       hint=f"give {URI_FORMS}")
 
 
@@ -291,6 +388,7 @@ class Frame:
     t_capture: float
     tensor: np.ndarray | None = None  # the model input, when the capture thread prepared it
     prep_ms: float = 0.0
+    name: str | None = None  # the image file it came from (image-folder sources)
 
 
 class FrameSource:
@@ -330,12 +428,32 @@ class FrameSource:
         self.dropped = 0
         self.reconnects = 0
         self.end_reason = ""
+        self.unusable = 0  # image files skipped because the model input could not be made (e.g. the ROI)
+        self._unusable_list: List[Dict[str, str]] = []
+        self._lost_since: float | None = None  # monotonic time since which no frame came (None: frames flow)
+        self._opened = False  # the source was opened at least once
+        self._last_error: EdgetlError | None = None  # why the last opening failed
+        self._backoff = 0.1  # seconds before the next reopening
 
     # -- lifecycle
     def start(self) -> "FrameSource":
-        """Open the source (errors surface here, in the caller's thread) and start capturing."""
+        """Open the source (errors surface here, in the caller's thread) and start capturing.
+
+        A live source that does not open yet (a camera or stream not up when the device boots) is
+        retried on the capture thread for ``reconnect_timeout`` seconds, like a lost one; it then
+        fails with :class:`SourceLostError` from :meth:`get`."""
         if self._thread is None:
-            self._reader = self.spec.open(self._note, self.decode_threads)
+            try:
+                self._reader = self.spec.open(self._note, self.decode_threads)
+                self._opened = True
+            except EdgetlError as exc:
+                if not self.spec.live or self.reconnect_timeout <= 0:
+                    raise
+                self._reader = None
+                self._lost_since = time.monotonic()
+                self._last_error = exc
+                self._note(f"source {self.spec.uri!r} does not open yet ({exc.message}); retrying for up to "
+                           f"{self.reconnect_timeout:g} s")
             self._thread = threading.Thread(target=self._capture, name="edgetl-capture", daemon=True)
             self._thread.start()
         return self
@@ -367,6 +485,19 @@ class FrameSource:
     def skipped(self) -> int:
         """Image files that could not be decoded (image-folder sources)."""
         return getattr(self._reader, "skipped", 0)
+
+    @property
+    def skipped_list(self) -> List[Dict[str, str]]:
+        """The first ``MAX_LISTED`` skipped image files: ``{"file", "reason"}`` (undecodable or unusable)."""
+        return (list(getattr(self._reader, "skipped_list", [])) + self._unusable_list)[:MAX_LISTED]
+
+    def skip_image(self, frame: Frame, reason: str) -> None:
+        """An image of a folder the model cannot take (e.g. smaller than the ROI): count it, name it, go on."""
+        self.unusable += 1
+        if len(self._unusable_list) < MAX_LISTED:
+            self._unusable_list.append({"file": str(frame.name), "reason": reason})
+        self._note(f"skipped {frame.name}: {reason}")
+        self.release(frame)
 
     # -- consumer side
     def get(self, timeout: float | None = None) -> Frame | None:
@@ -412,7 +543,9 @@ class FrameSource:
         interval = 1.0 / self.fps if self.pace and self.fps else 0.0
         t0 = 0.0
         try:
-            while not self._stop.is_set():
+            if reader is None:  # a live source that did not open at start: retry until the deadline
+                reader = self._reader = self._reconnect()
+            while reader is not None and not self._stop.is_set():
                 if interval:  # like a camera: the frame "arrives" on its due time, then is decoded
                     if self.frames_read == 0:
                         t0 = time.perf_counter()
@@ -427,19 +560,25 @@ class FrameSource:
                         break
                     reader.close()
                     reader = self._reader = self._reconnect()
-                    if reader is None:
-                        break
                     continue
-                frame = Frame(self.frames_read, img, time.perf_counter())
+                self._lost_since, self._backoff = None, 0.1  # a frame came: the next loss starts a new deadline
+                frame = Frame(self.frames_read, img, time.perf_counter(), name=getattr(reader, "current", None))
                 if self.prepare is not None:
-                    frame.tensor = self.prepare(img)
+                    try:
+                        frame.tensor = self.prepare(img)
+                    except EdgetlError as exc:
+                        if frame.name is None:  # a camera/video: every frame would fail alike
+                            raise
+                        self.skip_image(frame, exc.message)
+                        continue
                     frame.prep_ms = (time.perf_counter() - frame.t_capture) * 1e3
                 self.frames_read += 1
                 self._publish(frame)
         except EdgetlError as exc:  # e.g. an ROI outside the frame, found while preparing it
             self.error = exc
         except Exception as exc:  # a bug or a backend crash: end the run with it rather than hang
-            self.error = EdgetlError(f"source {self.spec.uri!r}: capture failed ({type(exc).__name__}: {exc})")
+            self.error = EdgetlError(f"source {self.spec.uri!r}: capture failed ({type(exc).__name__}: "
+                                     f"{redact_uri(str(exc))})")
         finally:
             if self._stop.is_set() and not self.end_reason:
                 self.end_reason = "stopped"
@@ -450,32 +589,52 @@ class FrameSource:
                 self._cond.notify_all()
 
     def _reconnect(self) -> Reader | None:
-        """Reopen a lost live source with back-off; None (and ``self.error`` set) after the timeout."""
+        """Reopen a lost (or not yet up) live source with back-off; None (and ``self.error`` set) once
+        ``reconnect_timeout`` seconds passed since the last frame received (or since the start, when
+        none came): reopening a source that then sends nothing does not restart the deadline."""
         uri, limit = self.spec.uri, self.reconnect_timeout
-        self._note(f"source {uri!r}: no frame after {self.frames_read} frames; reconnecting for up to {limit:g} s")
-        deadline = time.monotonic() + limit
-        delay, attempts, last = 0.1, 0, ""
+        if self._lost_since is None:
+            self._lost_since = time.monotonic()
+            self._note(f"source {uri!r}: no frame after {self.frames_read} frames; reconnecting for up to {limit:g} s")
+        deadline = self._lost_since + limit
+        attempts = 0
+        last = self._last_error.message if self._last_error is not None else ""
         while not self._stop.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            if self._stop.wait(min(delay, remaining)):
+            if self._stop.wait(min(self._backoff, remaining)):
                 return None
-            delay = min(delay * 2, 2.0)
+            self._backoff = min(self._backoff * 2, 2.0)  # kept across reopenings until a frame comes
             attempts += 1
             try:
                 reader = self.spec.open(self._note, self.decode_threads)
             except EdgetlError as exc:
                 last = exc.message
                 continue
-            self.reconnects += 1
-            self._note(f"source {uri!r}: reconnected (attempt {attempts})")
+            if self._opened:
+                self.reconnects += 1
+                self._note(f"source {uri!r}: reconnected (attempt {attempts})")
+            else:
+                self._note(f"source {uri!r}: opened (attempt {attempts})")
+            self._opened = True
+            self._last_error = None
             return reader
         if self._stop.is_set():
             return None
         self.end_reason = "source lost"
-        self.error = SourceLostError(
-            f"source {uri!r} stopped delivering frames after {self.frames_read} frames and could not be reopened "
-            f"in {limit:g} s ({attempts} attempts{': ' + last if last else ''})",
-            hint="check the camera/stream and its network; pass a longer --reconnect-timeout to wait longer")
+        hint = "check the camera/stream and its network; pass a longer --reconnect-timeout to wait longer"
+        if not self._opened:
+            self.error = SourceLostError(
+                f"source {uri!r} did not open in {limit:g} s ({attempts + 1} attempts{': ' + last if last else ''})",
+                hint=f"{self.spec._open_hint()}; or pass a longer --reconnect-timeout to wait longer")
+        elif not last:  # it opens, then nothing comes (a camera that is there but sends no frame)
+            after = f"after {self.frames_read} frames, " if self.frames_read else ""
+            self.error = SourceLostError(
+                f"source {uri!r} opens but sent no frame for {limit:g} s ({after}reopened {self.reconnects} times)",
+                hint=hint)
+        else:
+            self.error = SourceLostError(
+                f"source {uri!r} stopped delivering frames after {self.frames_read} frames and could not be reopened "
+                f"in {limit:g} s ({attempts} attempts{': ' + last if last else ''})", hint=hint)
         return None

@@ -44,12 +44,14 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
                    "frames when inference is slower). Default for files: every frame, in order.")
 @click.option("--fps", default=None, type=float, help="Pace for --realtime (default: the file's FPS; 30 for images).")
 @click.option("--save", default=None, type=click.Path(path_type=Path), metavar="OUT.mp4",
-              help="Write the annotated video (.mp4/.mov: mp4v, .avi/.mkv: MJPG).")
+              help="Write the annotated video (.mp4/.mov: mp4v, .avi/.mkv: MJPG). It is written as OUT.partial.mp4 "
+                   "and renamed at the end; a partial file left by a killed run is removed at the next start.")
 @click.option("--max-frames", default=None, type=click.IntRange(min=1), help="Stop after this many results.")
 @click.option("--duration", default=None, type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Stop after this many seconds.")
 @click.option("--reconnect-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0),
-              metavar="SECONDS", help="How long to keep reopening a lost camera/stream before giving up (exit 3).")
+              metavar="SECONDS", help="How long to wait for a camera/stream that is lost, sends nothing, or is not "
+                                      "up yet at start, reopening it, before giving up (exit 3).")
 @click.option("--decode-threads", default=None, type=click.IntRange(min=0), metavar="N",
               help="FFmpeg decoding threads for files and streams (default: 1 when the model runs on the CPU, "
                    "leaving the other cores to inference; 0 = one per core).")
@@ -64,12 +66,15 @@ def run(artifact: Path, source: str, backend: str | None, options: tuple[str, ..
 
     Shows a window with label, score, FPS and latency when a display exists; otherwise (or with
     --headless) prints one JSON line per result: {"t", "frame", "label", "score", "top_k",
-    "latency_ms", "timings_ms": {wait, preprocess, infer, post}, "dropped"}. A summary (frames, FPS,
-    latency p50/p90, drops) goes to stderr at exit (stdout in window mode).
+    "latency_ms", "timings_ms": {wait, preprocess, infer, post}, "dropped"}, plus "file" for an
+    image folder. A summary (frames, FPS, latency p50/p90, drops, skipped images) goes to stderr at
+    exit (stdout in window mode). Images an --roi does not fit are skipped and listed there.
 
     Live sources keep only the newest frame (stale frames are dropped and counted) and are reopened
-    with back-off when lost; files are processed frame by frame unless --realtime. Ctrl-C / SIGTERM
-    stop cleanly and finalise --save. Exit codes: 0 done, 2 bad input, 3 source lost.
+    with back-off when lost, when they send nothing, or when not up yet at start; files are
+    processed frame by frame unless --realtime. Ctrl-C / SIGTERM stop cleanly and finalise --save.
+    Credentials in a URI (user:password@) are shown as user:***@. --option names are checked
+    against the backend's options. Exit codes: 0 done, 2 bad input, 3 source lost.
 
     \b
     Examples:

@@ -4,11 +4,65 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
 from ..errors import EdgetlError
+
+
+# ---- backend options: every runner names the options it knows; a wrong one is a one-line error ----
+
+def _option_hint(key: str, example: Any) -> str:
+    return f"e.g. {key}={example} (on the command line: --option {key}={example})"
+
+
+def int_option(backend: str, options: Mapping[str, Any], key: str, default: Optional[int], minimum: int = 0,
+               example: Any = 2) -> Optional[int]:
+    """``options[key]`` as a whole number >= ``minimum`` (a string of digits is accepted), or ``default``."""
+    if options.get(key) is None:
+        return default
+    value = options[key]
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise EdgetlError(f"{backend} option {key} = {value!r} is not a whole number", hint=_option_hint(key, example))
+    if value < minimum:
+        raise EdgetlError(f"{backend} option {key} = {value} is below {minimum}", hint=_option_hint(key, example))
+    return value
+
+
+def choice_option(backend: str, options: Mapping[str, Any], key: str, default: str, choices: Sequence[str],
+                  upper: bool = False) -> str:
+    """``options[key]`` as one of ``choices`` (case-folded to upper when ``upper``)."""
+    value = options.get(key, default)
+    text = str(value).upper() if upper and isinstance(value, str) else value
+    if text not in choices:
+        raise EdgetlError(f"{backend} option {key} = {value!r} is not valid",
+                          hint=f"use one of {', '.join(map(str, choices))}")
+    return text
+
+
+def bool_option(backend: str, options: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = options.get(key, default)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    if not isinstance(value, bool):
+        raise EdgetlError(f"{backend} option {key} = {value!r} is not true/false", hint=_option_hint(key, "true"))
+    return value
+
+
+def check_option_names(backend: str, options: Mapping[str, Any], known: Mapping[str, str]) -> Dict[str, Any]:
+    """Refuse an option this backend does not know (a typo would otherwise be ignored silently)."""
+    if not isinstance(options, Mapping):
+        raise EdgetlError(f"{backend} options must be a mapping of name -> value, not {type(options).__name__}")
+    unknown = sorted(str(k) for k in options if k not in known)
+    if unknown:
+        listed = "; ".join(f"{k} ({what})" for k, what in known.items())
+        raise EdgetlError(f"{backend} has no option {unknown[0]!r}"
+                          + (f" (nor {', '.join(map(repr, unknown[1:]))})" if len(unknown) > 1 else ""),
+                          hint=f"the {backend} options are: {listed}")
+    return dict(options)
 
 
 class Runner(abc.ABC):
@@ -22,14 +76,25 @@ class Runner(abc.ABC):
     """
 
     backend: str = ""
+    # the options this backend knows: name -> what it takes (an unknown name is refused, listing these)
+    OPTIONS: Mapping[str, str] = {}
 
     def __init__(self, model_path: Path, options: dict[str, Any]):
+        options = self.check_options(options)
         if not Path(model_path).exists():
             raise EdgetlError(f"{model_path}: model file not found",
                               hint="the artifact is incomplete, or the build for this backend was not run "
                                    "(run `edgetl build ARTIFACT` on this device)")
         self.model_path = Path(model_path)
         self.options = options
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any] | None) -> Dict[str, Any]:
+        """The options as a dict, refusing names this backend does not know (before anything loads)."""
+        options = {} if options is None else options
+        if not cls.OPTIONS:
+            return dict(options)
+        return check_option_names(cls.backend, options, cls.OPTIONS)
 
     @abc.abstractmethod
     def infer(self, batch: np.ndarray) -> np.ndarray: ...

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import EdgetlError, MissingDependencyError
-from .base import Runner
+from .base import Runner, choice_option, int_option
 
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
            "all": "ORT_ENABLE_ALL"}
@@ -21,6 +21,11 @@ _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended"
 
 class OrtRunner(Runner):
     backend = "onnxruntime"
+    OPTIONS = {"providers": "a list of execution providers, best first, e.g. [\"CPUExecutionProvider\"]",
+               "intra_op_threads": "a whole number, 0 = ONNX Runtime's default",
+               "inter_op_threads": "a whole number, 0 = ONNX Runtime's default",
+               "graph_optimization_level": "disable, basic, extended or all",
+               "execution_mode": "sequential or parallel"}
 
     def __init__(self, model_path: Path, options: dict[str, Any]):
         super().__init__(model_path, options)
@@ -29,18 +34,21 @@ class OrtRunner(Runner):
         except ImportError:
             raise MissingDependencyError("onnxruntime", None, "the ONNX Runtime backend") from None
         so = ort.SessionOptions()
-        level = options.get("graph_optimization_level", "all")
-        if level not in _LEVELS:
-            raise EdgetlError(f"onnxruntime.graph_optimization_level = {level!r} is not valid",
-                              hint=f"use one of {list(_LEVELS)}")
+        level = choice_option(self.backend, options, "graph_optimization_level", "all", list(_LEVELS))
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
-        so.intra_op_num_threads = int(options.get("intra_op_threads", 0))
-        so.inter_op_num_threads = int(options.get("inter_op_threads", 0))
-        if options.get("execution_mode", "sequential") == "parallel":
+        so.intra_op_num_threads = int_option(self.backend, options, "intra_op_threads", 0)
+        so.inter_op_num_threads = int_option(self.backend, options, "inter_op_threads", 0)
+        mode = choice_option(self.backend, options, "execution_mode", "sequential", ("sequential", "parallel"))
+        if mode == "parallel":
             so.execution_mode = ort.ExecutionMode.ORT_PARALLEL
         so.log_severity_level = 3
         available = ort.get_available_providers()
-        wanted = list(options.get("providers", ["CPUExecutionProvider"]))
+        wanted = options.get("providers", ["CPUExecutionProvider"])
+        wanted = [wanted] if isinstance(wanted, str) else wanted
+        if not isinstance(wanted, (list, tuple)) or not all(isinstance(p, str) for p in wanted):
+            raise EdgetlError(f"onnxruntime option providers = {wanted!r} is not a list of provider names",
+                              hint='e.g. providers=["CPUExecutionProvider"]')
+        wanted = list(wanted)
         providers = [p for p in wanted if p in available]
         if not providers:
             raise EdgetlError(f"none of the ONNX Runtime providers {wanted} is available here ({available})",

@@ -20,13 +20,17 @@ from typing import Any
 import numpy as np
 
 from ..errors import EdgetlError, MissingDependencyError
-from .base import Runner
+from .base import Runner, bool_option, check_option_names, choice_option, int_option
 
 _PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}
 # the layers whose int8 execution is what INT8 is for; data movement on a uint8 input (a folded
 # preprocessing's Transpose/Eltwise) is not counted as "running in int8"
 _COMPUTE_LAYERS = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul")
 _HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
+OPTIONS = {"device": "CPU, GPU, NPU, AUTO, …", "performance_hint": "LATENCY, THROUGHPUT or CUMULATIVE_THROUGHPUT",
+           "inference_precision": "f32, bf16, f16 or default", "num_streams": "a whole number >= 1, or AUTO",
+           "threads": "a whole number, 0 = OpenVINO's default", "batch": "a static batch size to reshape to",
+           "fold_preprocessing": "true/false (a build option: preprocessing folded into the IR)"}
 
 
 def import_openvino():
@@ -40,22 +44,20 @@ def import_openvino():
 def compile_config(options: dict[str, Any]) -> dict[str, Any]:
     """The OpenVINO properties for ``core.compile_model`` from the profile's options."""
     config: dict[str, Any] = {}
-    hint = str(options.get("performance_hint", "LATENCY")).upper()
-    if hint not in _HINTS:
-        raise EdgetlError(f"openvino.performance_hint = {hint!r} is not valid", hint=f"use one of {_HINTS}")
+    check_option_names("openvino", options, OPTIONS)
+    hint = choice_option("openvino", options, "performance_hint", "LATENCY", _HINTS, upper=True)
     config["PERFORMANCE_HINT"] = hint
-    prec = str(options.get("inference_precision", "default"))
+    prec = choice_option("openvino", options, "inference_precision", "default", list(_PRECISIONS) + ["default"])
     if prec != "default":
-        if prec not in _PRECISIONS:
-            raise EdgetlError(f"openvino.inference_precision = {prec!r} is not valid",
-                              hint=f"use one of {list(_PRECISIONS) + ['default']}")
         config["INFERENCE_PRECISION_HINT"] = _PRECISIONS[prec]
     streams = options.get("num_streams", "AUTO")
-    if streams not in (None, "AUTO"):
-        config["NUM_STREAMS"] = str(int(streams))
-    threads = int(options.get("threads", 0) or 0)
+    if streams not in (None, "AUTO", "auto"):
+        config["NUM_STREAMS"] = str(int_option("openvino", options, "num_streams", None, minimum=1, example="AUTO"))
+    threads = int_option("openvino", options, "threads", 0) or 0
     if threads > 0:
         config["INFERENCE_NUM_THREADS"] = threads
+    bool_option("openvino", options, "fold_preprocessing", False)
+    int_option("openvino", options, "batch", None, minimum=1, example=1)
     return config
 
 
@@ -67,6 +69,7 @@ def _type_name(value: Any) -> str:
 
 class OpenVINORunner(Runner):
     backend = "openvino"
+    OPTIONS = OPTIONS
 
     def __init__(self, model_path: Path, options: dict[str, Any]):
         super().__init__(model_path, options)
@@ -76,6 +79,8 @@ class OpenVINORunner(Runner):
         if self.model_path.suffix == ".xml" and not self.model_path.with_suffix(".bin").exists():
             raise EdgetlError(f"{self.model_path.with_suffix('.bin')}: the IR weights file is missing",
                               hint="copy the whole builds/openvino folder, or run `edgetl build ARTIFACT`")
+        config = compile_config(options)  # a wrong option is a one-line error before anything loads
+        batch = int_option(self.backend, options, "batch", None, minimum=1, example=1)
         core = ov.Core()
         device = str(options.get("device", "CPU"))
         if device.split(":")[0] not in ("AUTO", "MULTI", "HETERO") and device.split(".")[0] not in core.available_devices:
@@ -84,12 +89,11 @@ class OpenVINORunner(Runner):
                                    "target whose openvino.device is CPU")
         try:
             model = core.read_model(str(self.model_path))
-            batch = options.get("batch")
-            if isinstance(batch, int):
+            if batch is not None:
                 shape = model.input(0).get_partial_shape()
                 shape[0] = batch
                 model.reshape({model.input(0): shape})
-            self.compiled = core.compile_model(model, device, compile_config(options))
+            self.compiled = core.compile_model(model, device, config)
         except RuntimeError as exc:
             raise EdgetlError(f"{model_path}: OpenVINO cannot load or compile this model for {device} "
                               f"({str(exc).splitlines()[0]})") from None

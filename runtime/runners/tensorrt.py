@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import EdgetlError, MissingDependencyError
-from .base import Runner
+from .base import Runner, int_option
 
 BUILD_CONFIG = "build_config.json"
 KEY_FIELDS = ("tensorrt", "compute_capability", "gpu", "precision")
@@ -112,6 +112,9 @@ def check_engine_key(recorded: Mapping[str, Any], here: Mapping[str, Any], engin
 
 def recorded_key(engine: Path, options: Mapping[str, Any]) -> dict[str, Any]:
     if options.get("key"):
+        if not isinstance(options["key"], Mapping):
+            raise EdgetlError(f"tensorrt option key = {options['key']!r} is not a build record",
+                              hint="leave it out: it is read from build_config.json beside the engine")
         return dict(options["key"])
     cfg = engine.parent / BUILD_CONFIG
     if not cfg.is_file():
@@ -125,8 +128,15 @@ def recorded_key(engine: Path, options: Mapping[str, Any]) -> dict[str, Any]:
                           hint="run `edgetl build ARTIFACT` on this device") from None
 
 
+_BUILD_ONLY = "a build option (edgetl build), not used to run the engine"
+
+
 class TensorRTRunner(Runner):
     backend = "tensorrt"
+    OPTIONS = {"key": "the engine's build record {tensorrt, gpu, compute_capability, precision}",
+               "dla_core": "the DLA core the engine was built for, or none",
+               **{k: _BUILD_ONLY for k in ("workspace_mb", "gpu_fallback", "fp16_fallback", "builder_optimization_level",
+                                           "timing_cache", "max_batch", "min_version", "supported_versions")}}
 
     def __init__(self, model_path: Path, options: dict[str, Any]):
         super().__init__(model_path, options)
@@ -141,8 +151,9 @@ class TensorRTRunner(Runner):
         check_engine_key(self.key, self.here, self.model_path)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        if options.get("dla_core") is not None:
-            self._runtime.DLA_core = int(options["dla_core"])
+        dla_core = int_option(self.backend, options, "dla_core", None, example=0)
+        if dla_core is not None:
+            self._runtime.DLA_core = dla_core
         self.engine = self._runtime.deserialize_cuda_engine(self.model_path.read_bytes())
         if self.engine is None:
             raise EdgetlError(f"{model_path}: TensorRT could not deserialize this engine",
