@@ -30,7 +30,6 @@ import os
 import sys
 import shutil
 import time
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +37,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (requires-python >= 3.10): the same parser, as the tomli package (a core dependency there)
+    import tomli as tomllib
 
 from .augment import AugmentConfig
 from .backbones import PRETRAINED_CHOICES, build_classifier, get_backbone
