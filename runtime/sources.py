@@ -82,7 +82,7 @@ def stderr_note(msg: str) -> None:
 # ---- credentials and pipeline syntax ---------------------------------------------------------------
 
 # scheme://user:password@ anywhere in a text (a URI, or a gst: pipeline that holds one)
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@\"'!]*):[^@/\s\"'!]*@")
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*):[^/\s]*@")  # greedy: to the last @ of the authority
 # query parameters that carry secrets (?password=…&token=…)
 _SECRET_PARAMS = re.compile(r"(?i)([?&;](?:password|passwd|pwd|pass|token|access_token|api_key|apikey|key|secret|"
                             r"auth|signature|sig)=)[^&;#\s\"']*")

@@ -173,6 +173,9 @@ def test_credentials_never_reach_notes_errors_or_the_summary(tmp_path, artifact)
     assert redact_uri("rtsp://admin:s3cret@10.0.0.5:554/live") == "rtsp://admin:***@10.0.0.5:554/live"
     assert redact_uri("http://cam/x.mjpg?user=a&password=pw&token=t0k") == "http://cam/x.mjpg?user=a&password=***&token=***"
     assert redact_uri("rtsp://10.0.0.5/live") == "rtsp://10.0.0.5/live"
+    assert redact_uri("rtsp://u:p!s@s\"'@[fe80::1]:8554/x") == "rtsp://u:***@[fe80::1]:8554/x"  # to the last @
+    assert redact_uri("gst:rtspsrc location=rtsp://u:pw@h/x ! decodebin ! appsink") == \
+        "gst:rtspsrc location=rtsp://u:***@h/x ! decodebin ! appsink"
     spec = parse_source("rtsp://admin:s3cret@10.0.0.5:554/live")
     assert spec.uri == "rtsp://admin:***@10.0.0.5:554/live" and "s3cret" not in repr(spec)
     assert "s3cret" in str(spec.target)  # only what OpenCV opens holds it
