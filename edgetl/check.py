@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .runtime.errors import EdgetlError
-from .runtime.manifest import Manifest, hash_files, open_verified, write_manifest
+from .runtime.manifest import Manifest, atomic_write, open_verified, seal
 
 CHECKSET_NAME = "checkset.npz"
 REPORT_JSON = "report.json"
@@ -175,14 +174,19 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def paired_bootstrap_drop(correct_float: np.ndarray, correct_quant: np.ndarray, n_boot: int = 2000,
                           seed: int = 0) -> tuple[float, float]:
-    """95% CI of (float top-1 - quantized top-1) in points, resampling images (paired)."""
+    """95% CI of (float top-1 - quantized top-1) in points, resampling images (paired).
+
+    Each image's paired difference is -1, 0 or +1, so a resample of n images is fully described by
+    how many of each it draws: a multinomial draw per resample (the same distribution as resampling
+    indices, in O(n_boot) memory instead of n_boot x n)."""
     n = len(correct_float)
     rng = np.random.default_rng(seed)
-    diff = correct_float.astype(np.float64) - correct_quant.astype(np.float64)
+    diff = correct_float.astype(np.int64) - correct_quant.astype(np.int64)
     if n == 0 or not diff.any():
         return 0.0, 0.0
-    idx = rng.integers(0, n, size=(n_boot, n))
-    drops = 100.0 * diff[idx].mean(axis=1)
+    p = np.array([(diff == 1).sum(), (diff == -1).sum(), (diff == 0).sum()], dtype=np.float64) / n
+    counts = rng.multinomial(n, p, size=n_boot)
+    drops = 100.0 * (counts[:, 0] - counts[:, 1]) / n
     return float(np.percentile(drops, 2.5)), float(np.percentile(drops, 97.5))
 
 
@@ -600,23 +604,24 @@ def write_confusion_png(gate: GateResult | Mapping[str, Any], labels: Sequence[s
     h = max(ia.shape[0], ib.shape[0])
     pad = [cv2.copyMakeBorder(im, 0, h - im.shape[0], 0, 0, cv2.BORDER_CONSTANT, value=(255, 255, 255))
            for im in (ia, ib)]
-    tmp_out = path.with_name(path.name + ".tmp.png")
-    cv2.imwrite(str(tmp_out), cv2.hconcat(pad))
-    os.replace(tmp_out, path)
+    ok, png = cv2.imencode(".png", cv2.hconcat(pad))
+    if not ok:
+        return None
+    atomic_write(path, png.tobytes())
     return path
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 def write_report(folder: Path, report: Mapping[str, Any], labels: Sequence[str], gate: GateResult | None = None) -> list[str]:
     """report.json + report.md (+ confusion.png when ``gate`` is given). Returns the names written."""
+    from .report import keep_bench_section
+
     folder = Path(folder)
     _write_text(folder / REPORT_JSON, json.dumps(report, indent=2, default=_json_default) + "\n")
-    _write_text(folder / REPORT_MD, render_report_md(report))
+    _write_text(folder / REPORT_MD, keep_bench_section(folder / REPORT_MD, render_report_md(report)))
     names = [REPORT_JSON, REPORT_MD]
     if gate is not None:
         title = f"quantized ({(gate.runner or {}).get('backend', '?')})"
@@ -778,12 +783,8 @@ def record_gate(folder: Path, manifest: Manifest, backend: str, entry: Mapping[s
         report.setdefault("builds", {})[backend] = result.to_dict()
     new = with_verdict(manifest.replace(**changes))
     report["deployable"] = deployable(new)
-    written = write_report(folder, report, manifest.labels, result if backend == REFERENCE else None)
-    files = dict(manifest.files)
-    files.update(hash_files(folder, written))
-    new = new.replace(files=files)
-    write_manifest(new, folder)
-    return new
+    write_report(folder, report, manifest.labels, result if backend == REFERENCE else None)
+    return seal(folder, new)
 
 
 def decisive(manifest: Manifest) -> tuple[str, Mapping[str, Any] | None]:

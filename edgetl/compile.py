@@ -32,7 +32,7 @@ import numpy as np
 from .backends import BuildOutcome, build_artifact
 from .fsutil import atomic_output_dir, check_output_dir
 from .runtime.errors import EdgetlError
-from .runtime.manifest import Manifest, read_manifest, sha256_file, write_manifest
+from .runtime.manifest import Manifest, read_manifest, seal, sha256_file
 from .runtime.preprocess import PreprocessSpec
 from .targets import TargetProfile
 
@@ -188,7 +188,6 @@ def _name_report(folder: Path, name: str, origin: dict[str, Any] | None) -> None
     """report.json/md carry the artifact's name (not the temp folder's it was written in) and, for a
     model trained elsewhere (``origin``), name that model instead of the temporary run folder."""
     from .check import REPORT_JSON, write_report
-    from .runtime.manifest import hash_files
 
     manifest = read_manifest(folder)
     report = json.loads((folder / REPORT_JSON).read_text(encoding="utf-8"))
@@ -199,7 +198,7 @@ def _name_report(folder: Path, name: str, origin: dict[str, Any] | None) -> None
         report["run"] = None
         report["source_model"] = origin
     write_report(folder, report, manifest.labels)
-    write_manifest(manifest.replace(files=hash_files(folder)), folder)
+    seal(folder, manifest)
 
 
 def write_float_artifact(folder: Path, name: str, checkset: Any, source: Manifest,
@@ -207,16 +206,15 @@ def write_float_artifact(folder: Path, name: str, checkset: Any, source: Manifes
     """checkset.npz, report.json/md and manifest.json of a float artifact (``model_fp32.onnx`` is in
     ``folder`` already); labels, preprocessing, backbone and training come from ``source``."""
     from .check import CHECKSET_NAME, write_report
-    from .runtime.manifest import default_input, hash_files
+    from .runtime.manifest import default_input
 
     checkset.save(folder / CHECKSET_NAME)
     report = {"name": name, **report_extra, "deployable": True, "quantization": {"method": "none (float target)"}}
     write_report(folder, report, source.labels)
     manifest = Manifest(kind="artifact", labels=source.labels, preprocess=source.preprocess, task=source.task,
                         input=default_input(source.preprocess, "dynamic"), backbone=source.backbone,
-                        training=source.training, quantization=None, files=hash_files(folder))
-    write_manifest(manifest, folder)
-    return manifest
+                        training=source.training, quantization=None)
+    return seal(folder, manifest)
 
 
 def float_artifact(run: Any, folder: Path, name: str, progress: Progress = print, checkset_cap: int = 1000,
@@ -624,7 +622,6 @@ def materialise_run(model: Any, origin: dict[str, Any], labels: tuple[str, ...],
     ``test_cap``: the checkset) and ``train`` (calibration and QAT); ``val`` is empty (no model is
     selected here). backbone ``torchvision:NAME``/``timm:NAME``, training names the source file."""
     from .runs import SPLIT_FILE, save_weights
-    from .runtime.manifest import hash_files
 
     images = Path(images)
     root = images.resolve()
@@ -639,7 +636,7 @@ def materialise_run(model: Any, origin: dict[str, Any], labels: tuple[str, ...],
     (folder / SPLIT_FILE).write_text(json.dumps({"root": str(root), "seed": seed, "splits": splits}, indent=1) + "\n")
     counts = {name: {lab: sum(1 for r in part if r["label"] == lab) for lab in labels} for name, part in splits.items()}
     stand_in = external_source(origin, labels, spec, images, True, split_seed=seed, class_counts=counts)
-    write_manifest(stand_in.replace(files=hash_files(folder)), folder)
+    seal(folder, stand_in)
     return folder
 
 

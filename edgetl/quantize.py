@@ -44,7 +44,7 @@ from .check import (CHECKSET_NAME, FP32_ONNX, GATE_BACKEND, INT8_ONNX, Checkset,
 from .export import check_parity, export_onnx, torch_logits
 from .fsutil import atomic_output_dir, check_output_dir
 from .runtime.errors import EdgetlError, MissingDependencyError
-from .runtime.manifest import Manifest, default_input, hash_files, write_manifest
+from .runtime.manifest import Manifest, default_input, seal
 from .numerics import REFERENCE, REFERENCE_NOTE, Numerics, judge_for, reference
 from .repair import Candidate, Escalation, Material, Rendered, escalate, judge
 from .runtime.runners import open_runner
@@ -472,9 +472,7 @@ def finish_artifact(mat: Material, esc: Escalation, log: Log = print, *, timings
               "escalation": {"numerics": esc.numerics.to_dict(), "steps": esc.steps, "verdict": esc.verdict},
               "sensitivity": [x.to_dict() for x in (r.sensitivity or [])]}
     write_report(folder, report, mat.labels, gate)
-    manifest = manifest.replace(files=hash_files(folder))
-    write_manifest(manifest, folder)
-    return manifest, gate
+    return seal(folder, manifest), gate
 
 
 def _ort_build_gate(mat: Material, cfg: QuantizeConfig, stability: bool = True) -> GateResult:
@@ -600,7 +598,7 @@ def _artifact_manifest(run_manifest: Manifest, cfg: QuantizeConfig, quant: dict[
     return with_verdict(Manifest(kind="artifact", labels=run_manifest.labels, preprocess=run_manifest.preprocess,
                                  task=run_manifest.task, input=default_input(run_manifest.preprocess, batch),
                                  backbone=run_manifest.backbone, training=run_manifest.training, quantization=quant,
-                                 gate=gate_rec, builds=(build,), files=hash_files(folder)))
+                                 gate=gate_rec, builds=(build,)))
 
 
 __all__ = ["QuantizeConfig", "QuantizeOutcome", "default_judge", "finish_artifact", "quantize_run", "render_qdq",

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .runtime.cpu import describe
-from .runtime.manifest import read_manifest, sha256_file, write_manifest
+from .runtime.manifest import atomic_write, read_manifest, seal
 
 BENCH_BEGIN = "<!-- edgetl bench: begin -->"
 BENCH_END = "<!-- edgetl bench: end -->"
@@ -41,25 +41,35 @@ def bench_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def append_bench_section(artifact: Path, result: dict[str, Any]) -> None:
-    """Put (or replace) the benchmark section in report.md and keep the manifest's hashes true."""
-    report = artifact / "report.md"
-    text = report.read_text() if report.exists() else "# edgetl artifact report\n"
+def _bench_section(text: str) -> str | None:
     if BENCH_BEGIN in text and BENCH_END in text:
+        return BENCH_BEGIN + text.split(BENCH_BEGIN, 1)[1].split(BENCH_END, 1)[0] + BENCH_END + "\n"
+    return None
+
+
+def keep_bench_section(report: Path, text: str) -> str:
+    """``text`` (a new report.md) with the benchmark section of the current ``report`` carried over:
+    re-running the gate does not erase the last benchmark."""
+    try:
+        old = report.read_text(encoding="utf-8") if report.is_file() and not report.is_symlink() else ""
+    except (OSError, UnicodeDecodeError):
+        old = ""
+    section = _bench_section(old)
+    if section is None or _bench_section(text) is not None:
+        return text
+    return text.rstrip() + "\n\n" + section
+
+
+def append_bench_section(artifact: Path, result: dict[str, Any]) -> None:
+    """Put (or replace) the benchmark section in report.md and seal the folder (bench.json and
+    bench.png are listed in the manifest with report.md). Run inside ``edgetl.artifact.update``."""
+    report = artifact / "report.md"
+    text = report.read_text(encoding="utf-8") if report.is_file() else "# edgetl artifact report\n"
+    if _bench_section(text) is not None:
         head, rest = text.split(BENCH_BEGIN, 1)
         tail = rest.split(BENCH_END, 1)[1].lstrip("\n")
         text = head.rstrip() + "\n\n" + bench_markdown(result) + tail
     else:
         text = text.rstrip() + "\n\n" + bench_markdown(result)
-    tmp = report.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(report)
-    manifest = read_manifest(artifact)
-    files = dict(manifest.files)
-    changed = False
-    for name in ("report.md", "bench.json", "bench.png"):
-        if name in files:
-            files[name] = sha256_file(artifact / name)
-            changed = True
-    if changed:
-        write_manifest(manifest.replace(files=files), artifact)
+    atomic_write(report, text)
+    seal(artifact, read_manifest(artifact))

@@ -89,7 +89,7 @@ class TensorRTOptions:
     gpu_fallback: bool = True  # layers DLA cannot run fall back to the GPU
     fp16_fallback: bool = True  # int8 builds: allow FP16 for layers left in float
     builder_optimization_level: int = 3  # 0..5 (TensorRT >= 8.6; ignored on older versions)
-    timing_cache: str = "timing.cache"  # relative to builds/tensorrt/ of the artifact, or absolute
+    timing_cache: str = "timing.cache"  # a name inside builds/tensorrt/ of the artifact (EDGETL_TRT_TIMING_CACHE: a shared file)
     max_batch: int = 8  # upper bound of the optimization profile when batch = "dynamic"
     min_version: str = "8.5"
     supported_versions: tuple[str, ...] = ("8.5", "8.6", "10.3")
@@ -264,6 +264,16 @@ def _check_profile(p: TargetProfile) -> None:
 
     if p.backend not in BACKENDS:
         raise bad("backend", p.backend, BACKENDS)
+    from .runtime.errors import ManifestError
+    from .runtime.manifest import check_name
+
+    try:  # an artifact never chooses where edgetl writes: the cache is a file of builds/tensorrt/
+        check_name(p.tensorrt.timing_cache, "tensorrt.timing_cache")
+    except ManifestError:
+        raise TargetError(f"target {p.name!r}: tensorrt.timing_cache = {p.tensorrt.timing_cache!r} must be a file "
+                          "name inside the artifact's builds/tensorrt/",
+                          hint="use a plain name such as timing.cache; to share one cache file between artifacts "
+                               "on a device, set EDGETL_TRT_TIMING_CACHE=/path/to/file") from None
     if p.precision not in PRECISIONS:
         raise bad("precision", p.precision, PRECISIONS)
     if p.quantization.method not in METHODS:

@@ -50,7 +50,7 @@ from .fsutil import atomic_output_dir, check_output_dir
 from .runs import (CHECKPOINT_FILE, CONFIG_FILE, CONFUSION_PNG, CURVES_PNG, DATA_REPORT_FILE, METRICS_FILE,
                    SPLIT_FILE, load_run, partial_dir, save_weights)
 from .runtime.errors import EdgetlError
-from .runtime.manifest import Manifest, hash_files, write_manifest
+from .runtime.manifest import Manifest, seal
 from .runtime.preprocess import RESIZE_POLICIES, PreprocessSpec
 
 MODES = ("feature-extract", "fine-tune", "gradual-unfreeze")
@@ -654,32 +654,12 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = Fa
         return _run_training(cfg, resume, overwrite, callbacks, reporter)
 
 
-@contextlib.contextmanager
-def out_lock(out: str | Path) -> Iterator[None]:
-    """One ``edgetl train`` per --out at a time (a second one, e.g. ``--resume`` while the first
-    still runs, would write the same resumable state)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = out.parent / f".{out.name}.lock"
-    fh = open(lock, "a+")
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise EdgetlError(f"another edgetl train is writing {out} right now (lock {lock})",
-                              hint="wait for it to finish, or stop it (Ctrl-C) and use --resume") from None
-        try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)
-            fcntl.flock(fh, fcntl.LOCK_UN)
-    finally:
-        fh.close()
+def out_lock(out: str | Path):
+    """One command per --out at a time (a second ``edgetl train``, e.g. ``--resume`` while the first
+    still runs, would write the same resumable state): the folder lock of :mod:`edgetl.artifact`."""
+    from .artifact import folder_lock
+
+    return folder_lock(out)
 
 
 def _run_training(cfg: TrainConfig, resume: bool, overwrite: bool, callbacks: Sequence[EpochCallback],
@@ -895,7 +875,7 @@ def _run_training(cfg: TrainConfig, resume: bool, overwrite: bool, callbacks: Se
     model.to("cpu")
     if cl:
         model.to(memory_format=torch.contiguous_format)
-    with atomic_output_dir(out, overwrite=overwrite) as d:
+    with atomic_output_dir(out, overwrite=overwrite, locked=True) as d:
         from .plots import plot_confusion, plot_curves
 
         save_weights(model, d)
@@ -919,9 +899,8 @@ def _run_training(cfg: TrainConfig, resume: bool, overwrite: bool, callbacks: Se
                       "selection_metric": cfg.metric, "best_epoch": best["epoch"], "epochs_run": len(history),
                       "epochs": cfg.epochs, "augment": bool(aug), "balance": cfg.balance, "freeze_bn": cfg.freeze_bn,
                       "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-                      "amp": amp, "time_s": round(train_time, 2), "torch": torch.__version__, "config": CONFIG_FILE},
-            files=hash_files(d))
-        write_manifest(manifest, d)
+                      "amp": amp, "time_s": round(train_time, 2), "torch": torch.__version__, "config": CONFIG_FILE})
+        seal(d, manifest)
         load_run(d)  # the contract every later stage relies on
     shutil.rmtree(part, ignore_errors=True)
     rep.log(f"wrote {out} (best epoch {best['epoch']}, {'test' if 'test' in results else 'val'} accuracy "

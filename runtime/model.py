@@ -15,12 +15,12 @@ tensor comes from the manifest's preprocessing spec through the one ``preprocess
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Tuple
+from typing import Any, Dict, Mapping, Sequence, Tuple
 
 import numpy as np
 
-from .errors import EdgetlError, MissingDependencyError
-from .manifest import MANIFEST_NAME, Manifest, read_manifest, verify_files
+from .errors import EdgetlError, IntegrityError, MissingDependencyError
+from .manifest import MANIFEST_NAME, Manifest, read_manifest, read_verified, verify_files
 from .preprocess import build_input_spec, preprocess
 from .runners import RUNNERS, Runner, open_runner
 
@@ -35,14 +35,21 @@ def candidate_builds(manifest: Manifest, folder: Path) -> list[dict[str, Any]]:
     builds = [dict(b) for b in manifest.builds]
     if not any(b.get("backend") == "onnxruntime" for b in builds):
         for name, precision in IMPLICIT_ONNX:
-            if name in manifest.files or (folder / name).is_file():
+            if name in manifest.files:  # only a file the manifest lists (and verify_files checked) loads
                 builds.append({"backend": "onnxruntime", "model": name, "precision": precision, "options": {},
                                "implicit": True})
                 break
     return builds
 
 
+def _own_gate(build: Mapping[str, Any]) -> bool | None:
+    gate = build.get("gate")
+    return bool(gate.get("passed")) if isinstance(gate, Mapping) and "passed" in gate else None
+
+
 def select_build(manifest: Manifest, folder: Path, backend: str | None = None) -> dict[str, Any]:
+    """The build to run: the one for ``backend``, else the best listed (a build that failed its own
+    gate is never preferred over one that passed or was not gated)."""
     builds = candidate_builds(manifest, folder)
     where = folder / MANIFEST_NAME
     if not builds:
@@ -52,8 +59,9 @@ def select_build(manifest: Manifest, folder: Path, backend: str | None = None) -
         if "backend" not in b or "model" not in b:
             raise EdgetlError(f"{where}: a builds entry lacks 'backend' or 'model': {b}",
                               hint="the manifest is damaged: rebuild the artifact with edgetl")
-    if backend is None:
-        return builds[0]
+    if backend is None:  # a build whose own gate passed first, then one not gated, a failed one last
+        rank = {True: 0, None: 1, False: 2}
+        return min(builds, key=lambda b: rank[_own_gate(b)])
     for b in builds:
         if b["backend"] == backend:
             return b
@@ -161,6 +169,15 @@ class Model:
         self.close()
 
 
+def _verified_blobs(folder: Path, manifest: Manifest, model: str) -> Dict[str, bytes]:
+    """The model (and an IR's weights) read once through a confined descriptor and checked against
+    the manifest: the runner loads these bytes, not the file again (no time-of-check/time-of-use)."""
+    names = [model]
+    if model.endswith(".xml"):
+        names.append(model[:-4] + ".bin")
+    return {str(folder / n): read_verified(folder, n, manifest) for n in names if n in manifest.files or n == model}
+
+
 def load(artifact: str | Path, backend: str | None = None, options: Mapping[str, Any] | None = None,
          verify: bool = True) -> Model:
     """Load an artifact folder: check its manifest and files, open the runner of the chosen build.
@@ -169,6 +186,10 @@ def load(artifact: str | Path, backend: str | None = None, options: Mapping[str,
     backend options (e.g. ``{"intra_op_threads": 2}`` for onnxruntime).
     """
     folder = Path(artifact)
+    if not folder.exists() and folder.parent.is_dir() and any(
+            p.name.startswith((f".{folder.name}.old-", f".{folder.name}.ready-")) for p in folder.parent.iterdir()):
+        raise IntegrityError(f"{folder}: an edgetl update of this artifact was interrupted",
+                             hint=f"run `edgetl check {folder}` on the host to finish or undo it")
     manifest = read_manifest(folder)
     if folder.is_file():
         folder = folder.parent
@@ -183,11 +204,12 @@ def load(artifact: str | Path, backend: str | None = None, options: Mapping[str,
         verify_files(folder, manifest)
     build = select_build(manifest, folder, backend)
     name = build["backend"]
+    blobs = _verified_blobs(folder, manifest, build["model"]) if verify else None
     opts = {**dict(build.get("options") or {}), **dict(options or {})}
     others = sorted({b["backend"] for b in candidate_builds(manifest, folder)} - {name})
     also = f"; or run another build of this artifact with --backend {' / '.join(others)}" if others else ""
     try:
-        runner = open_runner(name, folder / build["model"], opts)
+        runner = open_runner(name, folder / build["model"], opts, blobs)
     except MissingDependencyError as exc:
         exc.hint = (exc.hint or "") + also
         raise

@@ -20,7 +20,7 @@ itself normalises (folded into the graph) and this function only does geometry a
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping, Sequence
 
 import cv2

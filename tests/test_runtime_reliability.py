@@ -127,7 +127,8 @@ def test_a_camera_that_opens_but_sends_nothing_is_given_up_after_the_timeout(fir
         got, elapsed, err = _run_until_lost(src)
     finally:
         src.close()
-    assert got == first and src.frames_read == first
+    assert src.frames_read == first  # a live source keeps the latest frame: a busy consumer may see fewer
+    assert (got >= 1) == bool(first) and got <= first
     assert 0.9 <= elapsed < 4.0, elapsed  # the deadline runs from the last frame received
     assert spec.opens[0] >= 3 and src.reconnects == spec.opens[0] - 1  # it kept reopening meanwhile, with back-off
     assert spec.opens[0] <= 8
@@ -505,7 +506,7 @@ def test_a_stream_that_is_not_up_yet_is_retried_until_the_timeout(artifact):
     elapsed = time.monotonic() - t0
     err = one_line_error(r, 3)
     assert elapsed >= 2.8, (elapsed, err)  # before: exit after 0.7 s
-    assert "does not open yet" in err and f"did not open in 3 s" in err and "--reconnect-timeout" in err
+    assert "does not open yet" in err and "did not open in 3 s" in err and "--reconnect-timeout" in err
 
 
 class _LateCamera(MjpegServer):

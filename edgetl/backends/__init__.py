@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..runtime.errors import EdgetlError
-from ..runtime.manifest import Manifest, hash_files, open_verified, read_manifest, write_manifest
+from ..runtime.manifest import Manifest, open_verified, read_manifest, seal
 from ..targets import TargetProfile
 
 BUILDERS: dict[str, str] = {
@@ -173,8 +173,7 @@ def build_artifact(folder: str | Path, profile: TargetProfile, backend: str | No
         target["build_config"] = str(config.relative_to(folder))
     from ..check import with_verdict
 
-    write_manifest(with_verdict(manifest.replace(builds=tuple(builds), target=target, files=hash_files(folder))),
-                   folder)
+    seal(folder, with_verdict(manifest.replace(builds=tuple(builds), target=target)))
     if entry is not None and gate:
         from ..check import check_artifact
 

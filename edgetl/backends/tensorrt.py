@@ -23,6 +23,7 @@ batch is gone in 10), ``set_memory_pool_limit`` (``max_workspace_size`` before 8
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -217,8 +218,15 @@ def check_version(version: str, config: dict[str, Any]) -> list[str]:
 
 
 def timing_cache_path(config: dict[str, Any], build_dir: Path) -> Path:
-    p = Path(config["timing_cache"]).expanduser()
-    return p if p.is_absolute() else build_dir / p
+    """The timing cache: a name inside the artifact's builds/tensorrt/ (an artifact never chooses
+    where edgetl writes), or the file the user names in EDGETL_TRT_TIMING_CACHE (shared between
+    artifacts on one device)."""
+    shared = os.environ.get("EDGETL_TRT_TIMING_CACHE")
+    if shared:
+        return Path(shared).expanduser()
+    from ..runtime.manifest import check_name
+
+    return build_dir / check_name(config["timing_cache"], "tensorrt.timing_cache")
 
 
 def build_engine(onnx_path: Path, config: dict[str, Any], dest: Path, old_dir: Path,

@@ -56,13 +56,38 @@ def bench(artifact: Path, run_dir: Path | None, backends: str | None, threads: i
     """
     from rich.console import Console
 
-    from ..bench import render_table, run_bench, write_chart
+    from ..bench import run_bench
     from ..report import append_bench_section
 
     console = Console(stderr=True)
-    with console.status("benchmarking") as status:
-        result = run_bench(artifact, run=run_dir, rows=_rows(backends), threads=threads, reps=reps,
-                           rounds=rounds, frame_size=_size(frame_size), progress=lambda s: status.update(s))
+    rows = _rows(backends)
+    if out_dir is not None:  # the artifact is only read
+        with console.status("benchmarking") as status:
+            result = run_bench(artifact, run=run_dir, rows=rows, threads=threads, reps=reps, rounds=rounds,
+                               frame_size=_size(frame_size), progress=lambda s: status.update(s))
+        _report(result)
+        _write(result, out_dir)
+        click.echo(f"wrote {out_dir / 'bench.json'} and {out_dir / 'bench.png'}")
+        return
+    from ..artifact import update
+
+    # one transaction: bench.json, bench.png and report.md join the artifact (listed and hashed) or nothing does
+    with update(artifact, "artifact", hint="pass the --out folder of `edgetl compile` or `edgetl quantize`") as job:
+        with console.status("benchmarking") as status:
+            result = run_bench(job.path, run=run_dir, rows=rows, threads=threads, reps=reps, rounds=rounds,
+                               frame_size=_size(frame_size), progress=lambda s: status.update(s))
+        result["artifact"] = str(artifact)  # measured on the private copy: name the artifact itself
+        _report(result)
+        _write(result, job.path)
+        append_bench_section(job.path, result)
+    click.echo(f"wrote {artifact / 'bench.json'} and {artifact / 'bench.png'}")
+
+
+def _report(result: dict) -> None:
+    from rich.console import Console
+
+    from ..bench import render_table
+
     Console(width=max(140, Console().width)).print(render_table(result))
     if result.get("busy_warning"):
         click.secho("warning: " + result["busy_warning"], fg="yellow", err=True)
@@ -70,10 +95,12 @@ def bench(artifact: Path, run_dir: Path | None, backends: str | None, threads: i
     if sp:
         click.echo("speed-ups (p50, same run): " + ", ".join(
             f"{k} {v:.2f}x" for k, v in sp.items() if isinstance(v, float)))
-    out = out_dir or artifact
+
+
+def _write(result: dict, out: Path) -> None:
+    from ..bench import write_chart
+    from ..runtime.manifest import atomic_write
+
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write(out / "bench.json", json.dumps(result, indent=2) + "\n")
     write_chart(result, out / "bench.png")
-    if out_dir is None:
-        append_bench_section(artifact, result)
-    click.echo(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")

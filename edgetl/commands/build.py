@@ -90,8 +90,12 @@ def build(artifact: Path, target: str | None, backend: str | None, precision: st
     profile = resolve_profile(artifact, target, backend, precision, sets)
     console.print(f"[bold]edgetl build[/] {artifact} for [cyan]{profile.name}[/] "
                   f"({profile.backend}, {profile.precision})", soft_wrap=True)
-    outcome = build_artifact(artifact, profile, gate=not no_gate, speed_check=not no_speed_check,
-                             progress=lambda msg: console.print(f"  [dim]·[/] {msg}", soft_wrap=True))
+    from ..artifact import update
+
+    with update(artifact, "artifact",
+                hint="compile the run first: edgetl compile RUN --target T --out artifacts/NAME") as job:
+        outcome = build_artifact(job.path, profile, gate=not no_gate, speed_check=not no_speed_check,
+                                 progress=lambda msg: console.print(f"  [dim]·[/] {msg}", soft_wrap=True))
     for note in outcome.notes:
         console.print(f"  note: {note}", soft_wrap=True, markup=False, style="yellow")
     if outcome.entry is not None:

@@ -39,6 +39,10 @@ def thresholds_from(opts: Mapping[str, Any], base: Any = None):
     return Thresholds.coerce({**th.to_dict(), **given})
 
 
+CHECK_HINT = ("pass the --out folder of `edgetl quantize` or `edgetl compile` (a run is quantized first: "
+              "edgetl quantize RUN --out artifacts/NAME)")
+
+
 @click.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(["reference", "onnxruntime", "openvino", "tensorrt"]), default=None,
@@ -68,7 +72,15 @@ def check(artifact: Path, backend: str | None, no_update: bool, **gate: Any) -> 
     if (artifact / "manifest.json").is_file():
         stored = (read_manifest(artifact).gate or {}).get("thresholds")
     th = thresholds_from(gate, stored)
-    result = check_artifact(artifact, backend=backend, thresholds=th, update=not no_update, log=click.echo)
+    if no_update:
+        result = check_artifact(artifact, backend=backend, thresholds=th, update=False, log=click.echo)
+    else:  # one transaction: the artifact is the old one or the new one, verified, whatever happens
+        from ..artifact import update
+
+        with update(artifact, "artifact", hint=CHECK_HINT) as job:
+            for note in job.notes:
+                click.echo(f"note: {note}")
+            result = check_artifact(job.path, backend=backend, thresholds=th, update=True, log=click.echo)
     g = result
     from ..runtime.cpu import describe
 

@@ -34,8 +34,9 @@ from .check import gate_options, thresholds_from
 @click.option("--calib-dir", type=click.Path(path_type=Path), default=None,
               help="Calibrate on this folder of images instead of the train split (must not hold test images).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration/checkset selection.")
-@click.option("--checkset-cap", type=int, default=1000, show_default=True,
-              help="At most this many held-out test images in checkset.npz.")
+@click.option("--checkset-cap", type=click.IntRange(1, 5000), default=1000, show_default=True,
+              help="At most this many held-out test images in checkset.npz (at most 5000: the checkset holds "
+                   "float tensors, ~0.6 MB an image at 224 px).")
 @click.option("--static-batch", type=int, default=None, help="Export with this fixed batch (default: dynamic batch).")
 @click.option("--max-fallback-rounds", type=int, default=3, show_default=True,
               help="Mixed-precision rounds: each keeps the next most sensitive layer(s) in float.")

@@ -32,9 +32,13 @@ def runner_class(backend: str) -> type[Runner]:
     return getattr(importlib.import_module(module), cls)
 
 
-def open_runner(backend: str, model_path: str | Path, options: Mapping[str, Any] | None = None) -> Runner:
-    """Load ``model_path`` with ``backend`` configured by ``options`` (the target's backend options)."""
-    return runner_class(backend)(Path(model_path), dict(options or {}))
+def open_runner(backend: str, model_path: str | Path, options: Mapping[str, Any] | None = None,
+                blobs: Mapping[str, bytes] | None = None) -> Runner:
+    """Load ``model_path`` with ``backend`` configured by ``options`` (the target's backend options).
+
+    ``blobs``: verified bytes by path (the model and its companion files) to load from instead of
+    opening the files again."""
+    return runner_class(backend)(Path(model_path), dict(options or {}), blobs)
 
 
 __all__ = ["RUNNERS", "Runner", "open_runner", "runner_class"]

@@ -79,14 +79,21 @@ class Runner(abc.ABC):
     # the options this backend knows: name -> what it takes (an unknown name is refused, listing these)
     OPTIONS: Mapping[str, str] = {}
 
-    def __init__(self, model_path: Path, options: dict[str, Any]):
+    def __init__(self, model_path: Path, options: dict[str, Any], blobs: Optional[Mapping[str, bytes]] = None):
         options = self.check_options(options)
-        if not Path(model_path).exists():
+        self.blobs = dict(blobs or {})  # verified bytes by path: what is loaded is what was hashed
+        if str(model_path) not in self.blobs and not Path(model_path).exists():
             raise EdgetlError(f"{model_path}: model file not found",
                               hint="the artifact is incomplete, or the build for this backend was not run "
                                    "(run `edgetl build ARTIFACT` on this device)")
         self.model_path = Path(model_path)
         self.options = options
+
+    def read(self, path: Path) -> bytes:
+        """The bytes of ``path``: the verified copy handed to the runner when there is one (see
+        ``edgetl.runtime.model.load``), else the file."""
+        blob = self.blobs.get(str(path))
+        return blob if blob is not None else Path(path).read_bytes()
 
     @classmethod
     def check_options(cls, options: Mapping[str, Any] | None) -> Dict[str, Any]:

@@ -8,7 +8,7 @@ Options (``[onnxruntime]`` in a target profile): ``providers`` (list, default CP
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -27,8 +27,8 @@ class OrtRunner(Runner):
                "graph_optimization_level": "disable, basic, extended or all",
                "execution_mode": "sequential or parallel"}
 
-    def __init__(self, model_path: Path, options: dict[str, Any]):
-        super().__init__(model_path, options)
+    def __init__(self, model_path: Path, options: dict[str, Any], blobs: Mapping[str, bytes] | None = None):
+        super().__init__(model_path, options, blobs)
         try:
             import onnxruntime as ort
         except ImportError:
@@ -55,7 +55,8 @@ class OrtRunner(Runner):
                               hint="install the onnxruntime build for this device (e.g. onnxruntime-gpu), "
                                    "or list CPUExecutionProvider in the target's onnxruntime.providers")
         try:
-            self.session = ort.InferenceSession(str(model_path), sess_options=so, providers=providers)
+            model_bytes = self.read(self.model_path)
+            self.session = ort.InferenceSession(model_bytes, sess_options=so, providers=providers)
         except Exception as exc:  # ORT raises its own exception types
             raise EdgetlError(f"{model_path}: ONNX Runtime cannot load this model ({exc})") from None
         inp = self.session.get_inputs()[0]
@@ -66,7 +67,7 @@ class OrtRunner(Runner):
         self._providers = self.session.get_providers()
         # QDQ graphs store their op types as plain strings in the protobuf: enough to tell int8 from float
         # without the onnx package (not installed on devices).
-        self._precision = "int8 (QDQ)" if b"DequantizeLinear" in Path(model_path).read_bytes() else "fp32"
+        self._precision = "int8 (QDQ)" if b"DequantizeLinear" in model_bytes else "fp32"
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         out = self.session.run([self.output_name], {self.input_name: batch})[0]

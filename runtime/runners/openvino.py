@@ -15,7 +15,7 @@ MatMul) that run in i8/u8.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -71,12 +71,13 @@ class OpenVINORunner(Runner):
     backend = "openvino"
     OPTIONS = OPTIONS
 
-    def __init__(self, model_path: Path, options: dict[str, Any]):
-        super().__init__(model_path, options)
+    def __init__(self, model_path: Path, options: dict[str, Any], blobs: Mapping[str, bytes] | None = None):
+        super().__init__(model_path, options, blobs)
         ov = import_openvino()
         if self.model_path.suffix not in (".xml", ".onnx"):
             raise EdgetlError(f"{model_path}: OpenVINO loads an IR (.xml + .bin) or an .onnx file")
-        if self.model_path.suffix == ".xml" and not self.model_path.with_suffix(".bin").exists():
+        weights = self.model_path.with_suffix(".bin")
+        if self.model_path.suffix == ".xml" and str(weights) not in self.blobs and not weights.exists():
             raise EdgetlError(f"{self.model_path.with_suffix('.bin')}: the IR weights file is missing",
                               hint="copy the whole builds/openvino folder, or run `edgetl build ARTIFACT`")
         config = compile_config(options)  # a wrong option is a one-line error before anything loads
@@ -88,7 +89,13 @@ class OpenVINORunner(Runner):
                               hint="install the device's driver (e.g. the Intel GPU compute runtime), or use a "
                                    "target whose openvino.device is CPU")
         try:
-            model = core.read_model(str(self.model_path))
+            if self.model_path.suffix == ".xml":  # IR from bytes: the weights as a u8 tensor
+                import numpy as np
+
+                model = core.read_model(model=self.read(self.model_path),
+                                        weights=ov.Tensor(np.frombuffer(self.read(weights), np.uint8).copy()))
+            else:
+                model = core.read_model(self.read(self.model_path))
             if batch is not None:
                 shape = model.input(0).get_partial_shape()
                 shape[0] = batch

@@ -138,8 +138,8 @@ class TensorRTRunner(Runner):
                **{k: _BUILD_ONLY for k in ("workspace_mb", "gpu_fallback", "fp16_fallback", "builder_optimization_level",
                                            "timing_cache", "max_batch", "min_version", "supported_versions")}}
 
-    def __init__(self, model_path: Path, options: dict[str, Any]):
-        super().__init__(model_path, options)
+    def __init__(self, model_path: Path, options: dict[str, Any], blobs: Mapping[str, bytes] | None = None):
+        super().__init__(model_path, options, blobs)
         trt = import_tensorrt()
         cudart = import_cudart()
         if self.model_path.suffix not in (".engine", ".plan"):
@@ -154,7 +154,7 @@ class TensorRTRunner(Runner):
         dla_core = int_option(self.backend, options, "dla_core", None, example=0)
         if dla_core is not None:
             self._runtime.DLA_core = dla_core
-        self.engine = self._runtime.deserialize_cuda_engine(self.model_path.read_bytes())
+        self.engine = self._runtime.deserialize_cuda_engine(self.read(self.model_path))
         if self.engine is None:
             raise EdgetlError(f"{model_path}: TensorRT could not deserialize this engine",
                               hint="run `edgetl build ARTIFACT` on this device")
