@@ -650,8 +650,30 @@ def _log_data(rep: Reporter, data: LabelledData, cfg: TrainConfig) -> None:
 def run_training(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                  callbacks: Sequence[EpochCallback] = (), reporter: Reporter | None = None) -> TrainResult:
     """Train per ``cfg`` (already resolved) and write the run folder ``cfg.out``."""
-    with out_lock(cfg.out), single_threaded_cv2(cfg.workers > 0):
+    with out_lock(cfg.out), single_threaded_cv2(cfg.workers > 0), sigchld_restored():
         return _run_training(cfg, resume, overwrite, callbacks, reporter)
+
+
+@contextlib.contextmanager
+def sigchld_restored() -> Iterator[None]:
+    """Put back the SIGCHLD handler that was there before training.
+
+    A DataLoader with worker processes installs a SIGCHLD handler that checks its workers and
+    never removes it; after the loader is gone, the next child process that exits (a subprocess a
+    script or a test starts later) runs it, and it crashed the Python process (SIGSEGV; seen in the
+    test suite: training with --num-workers 2, then a killed subprocess)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGCHLD"):
+        yield
+        return
+    previous = signal.getsignal(signal.SIGCHLD)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGCHLD, previous)
 
 
 def out_lock(out: str | Path):
@@ -983,7 +1005,8 @@ def evaluate_run(run_path: str | Path, data: str | Path | None = None, *, split:
         report, where = {"usable": len(samples), "skipped": []}, f"{run_path} ({split} split)"
         if not samples:
             raise EdgetlError(f"{run_path}: the {split} split is empty", hint="pass a labelled DATA folder to evaluate on")
-    logits = run_logits(run, samples, device=device, batch_size=batch_size, workers=workers, reporter=reporter)
+    with sigchld_restored():
+        logits = run_logits(run, samples, device=device, batch_size=batch_size, workers=workers, reporter=reporter)
     m = classification_metrics([y for _, y in samples], logits.argmax(1), labels)
     return {"run": str(run_path), "data": where, "metrics": m, "data_report": report}
 

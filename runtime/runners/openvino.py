@@ -89,11 +89,14 @@ class OpenVINORunner(Runner):
                               hint="install the device's driver (e.g. the Intel GPU compute runtime), or use a "
                                    "target whose openvino.device is CPU")
         try:
-            if self.model_path.suffix == ".xml":  # IR from bytes: the weights as a u8 tensor
-                import numpy as np
+            if str(self.model_path) not in self.blobs:  # no verified copy handed over: OpenVINO reads the file
+                model = core.read_model(str(self.model_path))
+            elif self.model_path.suffix == ".xml":  # an IR from verified bytes: OpenVINO owns a copy of
+                import numpy as np  # the weights (shared_memory=False), so no constant points into our buffer
 
+                data = np.frombuffer(self.read(weights), np.uint8)
                 model = core.read_model(model=self.read(self.model_path),
-                                        weights=ov.Tensor(np.frombuffer(self.read(weights), np.uint8).copy()))
+                                        weights=ov.Tensor(data, shared_memory=False))
             else:
                 model = core.read_model(self.read(self.model_path))
             if batch is not None:
