@@ -54,11 +54,16 @@ def test_each_mode_learns_a_separable_set(folder, tmp_path, case):
 
 
 def test_cli_train_writes_a_run_that_loads_and_evaluates(folder, tmp_path, capsys):
+    import signal
+
     out = tmp_path / "runs" / "cli"
+    sigchld = signal.getsignal(signal.SIGCHLD)
     rc = main(["train", str(folder), "--backbone", "tiny_cnn", "--pretrained", "none", "--mode", "fine-tune",
                "--epochs", "2", "--batch-size", "8", "--lr", "0.01", "--num-workers", "2", "--out", str(out)])
     log = capsys.readouterr().out
     assert rc == 0, log
+    # the DataLoader's workers installed a SIGCHLD handler; a later child's exit ran it and crashed us
+    assert signal.getsignal(signal.SIGCHLD) == sigchld
     assert "disc" in log and "epoch   2/2" in log and "img/s" in log  # class counts, epoch lines
     names = {p.name for p in out.iterdir()}
     assert names == {"model.safetensors", "manifest.json", "metrics.json", "confusion.png", "curves.png",

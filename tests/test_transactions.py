@@ -31,14 +31,6 @@ COMMANDS = {
 KILLED = (-signal.SIGKILL, 143)
 
 
-@pytest.fixture(autouse=True)
-def _fork_not_vfork(monkeypatch):
-    """Start the children with fork, not vfork: in the full suite (torch, OpenVINO and ONNX Runtime
-    threads alive in this process) a vfork here crashed the test process itself (SIGSEGV in the
-    parent right after "Detaching after vfork", seen twice under gdb); fork has no shared window."""
-    monkeypatch.setattr(subprocess, "_USE_VFORK", False, raising=False)
-
-
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     return make_qdq_artifact(tmp_path_factory.mktemp("txn") / "art")
