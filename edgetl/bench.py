@@ -326,8 +326,9 @@ def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[s
     others = _other_busy_cpus(cpu0, _cpu_sample())
     results = {c.name: c.result for c in live}
     summary = _speedups(results)
+    verdict = mark_gates(results, manifest)
     return {
-        "artifact": str(artifact), "labels": list(manifest.labels),
+        "artifact": str(artifact), "labels": list(manifest.labels), "deployable": verdict,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu": host_cpu().to_dict(), "cpu_class": host_cpu().isa_class,
                     "cpus": os.cpu_count(), "loadavg_start": load_start,
@@ -337,6 +338,23 @@ def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[s
         "threads": threads, "frames": frames_source, "input_size": list(spec.input_size),
         "reps": reps, "rounds": rounds, "rows": results, "skipped": skipped, "speedups": summary,
     }
+
+
+INT8_ROW_BACKEND = {"ort-int8": "onnxruntime", "ov-int8": "openvino", "tensorrt": "tensorrt"}
+
+
+def mark_gates(rows: dict[str, dict[str, Any]], manifest: Manifest) -> bool:
+    """Give each INT8 row the gate of its backend's build (``gate``: passed / FAILED / not gated)
+    and return the artifact's verdict, so a table or chart never shows a build that failed its
+    gate like a deployable one."""
+    from .check import deployable
+
+    builds = {b.get("backend"): b for b in manifest.builds}
+    for name, backend in INT8_ROW_BACKEND.items():
+        if name in rows:
+            g = (builds.get(backend) or {}).get("gate")
+            rows[name]["gate"] = ("passed" if g.get("passed") else "FAILED") if isinstance(g, dict) else "not gated"
+    return deployable(manifest)
 
 
 def _cpu_sample() -> tuple[float, float, float] | None:
@@ -411,7 +429,8 @@ def render_table(result: dict[str, Any]):
         t.add_column(col, justify="right" if col != "row" else "left")
     for name, r in result["rows"].items():
         thr = next((v for k, v in r.items() if k.startswith("throughput_")), None)
-        t.add_row(name, str(r["precision"]), f"{r['latency_p50_ms']:.2f}", f"{r['latency_p90_ms']:.2f}",
+        gate = {"FAILED": " [red]gate FAILED[/]", "passed": " gate passed"}.get(r.get("gate", ""), "")
+        t.add_row(name, str(r["precision"]) + gate, f"{r['latency_p50_ms']:.2f}", f"{r['latency_p90_ms']:.2f}",
                   f"{r['preprocess_p50_ms']:.2f}", f"{thr:.0f}" if thr else "-", f"{100 * r['top1']:.2f}",
                   f"{100 * r['agreement']:.2f}", f"{r['size_mb']:.2f}",
                   f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else "-")
@@ -449,15 +468,18 @@ def write_chart(result: dict[str, Any], path: Path) -> None:
     base_row = result["rows"].get(base_name) if base_name else None
     base = base_row["latency_p50_ms"] if base_row else worst
     base_label = "eager " + ("channels_last" if "channels-last" in base_name else "NCHW") if base_row else "slowest"
-    bars = ax.barh(names, vals, color=["#2a7" if "INT8" in r["label"] or r["label"] == "TensorRT" else "#89a"
-                                       for r in rows])
-    for b, v, r in zip(bars, vals, rows):
-        ax.text(v, b.get_y() + b.get_height() / 2, f" {v:.2f} ms  ({base / v:.1f}x)  top-1 {100 * r['top1']:.1f}%",
-                va="center", fontsize=8)
+    failed = [r.get("gate") == "FAILED" for r in rows]  # an INT8 build that missed its gate: red, hatched, said
+    bars = ax.barh(names, vals, color=["#c44" if f else "#2a7" if "INT8" in r["label"] or r["label"] == "TensorRT"
+                                       else "#89a" for r, f in zip(rows, failed)],
+                   hatch=["//" if f else "" for f in failed])
+    for b, v, r, f in zip(bars, vals, rows, failed):
+        ax.text(v, b.get_y() + b.get_height() / 2, f" {v:.2f} ms  ({base / v:.1f}x)  top-1 {100 * r['top1']:.1f}%"
+                + ("  FAILED its gate: not deployable" if f else ""), va="center", fontsize=8)
     ax.set_xlabel("batch-1 latency p50, decoded frame -> label (ms)")
     ax.set_xlim(0, worst * 1.75)
-    ax.set_title(f"{Path(result['artifact']).name}: threads={result['threads']}\n(Nx) = speed-up over {base_label}",
-                 fontsize=10)
+    verdict = {True: "deployable", False: "NOT deployable (see report.md)"}.get(result.get("deployable"), "")
+    ax.set_title(f"{Path(result['artifact']).name}{': ' + verdict if verdict else ''}: threads={result['threads']}\n"
+                 f"(Nx) = speed-up over {base_label}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -28,7 +28,8 @@ def bench_markdown(result: dict[str, Any]) -> str:
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"].values():
         thr = next((v for k, v in r.items() if k.startswith("throughput_")), None)
-        lines.append(f"| {r['label']} | {r['precision']} | {r['latency_p50_ms']:.2f} | {r['latency_p90_ms']:.2f} | "
+        failed = " (**gate FAILED: not deployable**)" if r.get("gate") == "FAILED" else ""
+        lines.append(f"| {r['label']} | {r['precision']}{failed} | {r['latency_p50_ms']:.2f} | {r['latency_p90_ms']:.2f} | "
                      f"{r['preprocess_p50_ms']:.2f} | {thr:.0f} | {100 * r['top1']:.2f} | {100 * r['agreement']:.2f} | "
                      f"{r['size_mb']:.1f} | {r['peak_rss_mb'] or 0:.0f} |")
     if result["skipped"]:

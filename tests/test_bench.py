@@ -94,3 +94,35 @@ def test_busy_measure_counts_other_processes_not_the_bench_itself():
     other = _other_busy_cpus(a, _cpu_sample())
     assert own is not None and other is not None
     assert other > own + 0.4, (own, other)  # a spinning neighbour shows up as ~1 busy CPU
+
+
+def test_a_build_that_failed_its_gate_is_marked_everywhere(tmp_path):
+    """Issue 18: the bench chart, table and report never show a failed INT8 build like a deployable one."""
+    from rich.console import Console
+
+    from _tinyqdq import make_qdq_artifact
+    from edgetl.bench import mark_gates, render_table, write_chart
+    from edgetl.report import bench_markdown
+    from edgetl.runtime.manifest import read_manifest, write_manifest
+
+    art = make_qdq_artifact(tmp_path / "art")
+    m = read_manifest(art)
+    gate = {"passed": True, "agreement": 0.99, "drop": 0.1}
+    write_manifest(m.replace(gate=gate, target={"backend": "onnxruntime"},
+                             builds=({"backend": "onnxruntime", "model": "model_int8.onnx", "gate": {"passed": False}},
+                                     {"backend": "openvino", "model": "model_int8.onnx", "gate": {"passed": True}})), art)
+    row = {"label": "x", "precision": "int8", "latency_p50_ms": 2.0, "latency_p90_ms": 3.0, "preprocess_p50_ms": 0.1,
+           "top1": 0.9, "agreement": 0.95, "size_mb": 1.0, "peak_rss_mb": 10, "throughput_b8_img_s": 100.0}
+    rows = {"ort-int8": {**row, "label": "ONNX Runtime INT8"}, "ov-int8": {**row, "label": "OpenVINO INT8"},
+            "ort-fp32": {**row, "label": "ONNX Runtime FP32", "precision": "fp32", "latency_p50_ms": 4.0}}
+    assert mark_gates(rows, read_manifest(art)) is False  # the target's (onnxruntime) build decides
+    assert rows["ort-int8"]["gate"] == "FAILED" and rows["ov-int8"]["gate"] == "passed" and "gate" not in rows["ort-fp32"]
+    result = {"artifact": str(art), "deployable": False, "threads": 2, "frames": "test", "rows": rows, "skipped": {},
+              "speedups": {}, "reps": 2, "rounds": 1, "machine": {"processor": "x", "cpus": 2}}
+    console = Console(record=True, width=200)
+    console.print(render_table(result))
+    text = console.export_text()
+    assert text.count("gate FAILED") == 1 and "gate passed" in text
+    assert "gate FAILED: not deployable" in bench_markdown(result)
+    write_chart(result, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").stat().st_size > 1000
