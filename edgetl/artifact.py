@@ -252,6 +252,7 @@ class Update:
     folder: Path
     path: Path
     manifest: Manifest
+    notes: list[str]  # what recover() finished or undid before this update
 
 
 @contextlib.contextmanager
@@ -274,12 +275,9 @@ def update(folder: str | Path, kind: str = "artifact", hint: str = "") -> Iterat
             shutil.copytree(folder, stage, symlinks=True)
             verify_files(stage, manifest)  # what we work on is what was verified
             fault("update:staged")
-            job = Update(folder, stage, manifest)
-            job.notes = notes  # type: ignore[attr-defined]
-            yield job
+            yield Update(folder, stage, manifest, notes)
             fault("update:work")
-            sealed = seal(stage, read_manifest(stage))
-            verify_files(stage, sealed)
+            seal(stage, read_manifest(stage))  # scans (no links, no specials) and hashes every file
             fault("update:sealed")
             ready = folder.parent / f".{folder.name}.ready-{os.getpid()}-{os.urandom(3).hex()}"
             with _signals_deferred():

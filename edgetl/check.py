@@ -611,17 +611,13 @@ def write_confusion_png(gate: GateResult | Mapping[str, Any], labels: Sequence[s
     return path
 
 
-def _write_text(path: Path, text: str) -> None:
-    atomic_write(path, text)
-
-
 def write_report(folder: Path, report: Mapping[str, Any], labels: Sequence[str], gate: GateResult | None = None) -> list[str]:
     """report.json + report.md (+ confusion.png when ``gate`` is given). Returns the names written."""
     from .report import keep_bench_section
 
     folder = Path(folder)
-    _write_text(folder / REPORT_JSON, json.dumps(report, indent=2, default=_json_default) + "\n")
-    _write_text(folder / REPORT_MD, keep_bench_section(folder / REPORT_MD, render_report_md(report)))
+    atomic_write(folder / REPORT_JSON, json.dumps(report, indent=2, default=_json_default) + "\n")
+    atomic_write(folder / REPORT_MD, keep_bench_section(folder / REPORT_MD, render_report_md(report)))
     names = [REPORT_JSON, REPORT_MD]
     if gate is not None:
         title = f"quantized ({(gate.runner or {}).get('backend', '?')})"

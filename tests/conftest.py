@@ -52,6 +52,18 @@ def write_image_folder(root: Path, n_per_class: int = 12, classes=("disc", "stri
     return root
 
 
+def png_bomb(path: Path, w: int = 40000, h: int = 40000) -> Path:
+    """A 100-byte PNG whose header declares w x h pixels (decoding it would allocate w*h*3 bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "images")

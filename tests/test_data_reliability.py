@@ -6,15 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from conftest import make_class_image, write_image_folder
+from conftest import make_class_image, png_bomb, write_image_folder
 from edgetl.data import fingerprint, load_data, load_eval_items
 from edgetl.runtime.errors import EdgetlError
 
@@ -31,14 +29,6 @@ def _bytes_name_file(folder: Path, name: bytes, img: np.ndarray) -> str:
         pytest.skip(f"this filesystem refuses non-UTF-8 file names ({exc})")
     return os.fsdecode(path)
 
-
-def png_bomb(path: Path, w: int = 40000, h: int = 40000) -> Path:
-    """A 100-byte PNG whose header declares w x h pixels (decoding it would allocate w*h*3 bytes)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
-    return path
 
 
 # ---- finding 12: names that are not valid UTF-8 -------------------------------------------------------

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from _tinyartifact import MjpegServer, frame_at, make_tiny_artifact, write_video
+from conftest import png_bomb
 from edgetl import runtime as rt
 from edgetl.runtime import sources
 from edgetl.runtime.app import STAGES, AppOptions, FrameStats, StreamOptions, VideoSaver, partial_path, run_app
@@ -60,16 +61,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def png_bomb(path: Path, w: int = 40000, h: int = 40000) -> Path:
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
-    return path
 
 
 # ---- finding 7: a camera that opens but sends nothing; bounded statistics ------------------------------

@@ -55,7 +55,7 @@ class OrtRunner(Runner):
                               hint="install the onnxruntime build for this device (e.g. onnxruntime-gpu), "
                                    "or list CPUExecutionProvider in the target's onnxruntime.providers")
         try:
-            model_bytes = self._model_bytes = self.read(self.model_path)  # kept: the session may refer to it
+            model_bytes = self.read(self.model_path)
             self.session = ort.InferenceSession(model_bytes, sess_options=so, providers=providers)
         except Exception as exc:  # ORT raises its own exception types
             raise EdgetlError(f"{model_path}: ONNX Runtime cannot load this model ({exc})") from None
