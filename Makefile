@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade "pip>=24" "setuptools>=68" wheel
 	$(PY) -m pip install -e ".[$(EXTRAS)]"
+	# deepforest's wheel ships the NEON tree-crown images + Pascal VOC boxes `edgetl data trees` reads;
+	# only its data is used, so not its ~25 dependencies (lightning, geopandas, rasterio, ...)
+	$(PY) -m pip install --no-deps "deepforest==2.1.0"
 	touch $(STAMP)
 
 install: $(STAMP)

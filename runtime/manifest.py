@@ -38,7 +38,12 @@ from typing import Any, Dict, Iterator, Mapping, Tuple
 from .errors import IntegrityError, ManifestError
 from .preprocess import PreprocessSpec
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.1"  # classification (kept at 1.x: device runtimes of 1.x keep running new classification artifacts)
+# The schema a manifest is written in follows its task: a task an older runtime cannot run bumps the
+# MAJOR version, so that runtime refuses the folder with a clear error instead of misreading it.
+SCHEMA_BY_TASK = {"classification": "1.1", "detection": "2.0"}
+TASKS = tuple(SCHEMA_BY_TASK)
+READ_MAJORS = ("1", "2")
 MANIFEST_NAME = "manifest.json"
 KINDS = ("run", "artifact")
 REQUIRED_KEYS = ("schema_version", "kind", "task", "labels", "input", "preprocess", "files")
@@ -113,7 +118,7 @@ def _check_types(data: Mapping[str, Any], source: str) -> None:
         _mapping(data, key, source)
     for key in ("backbone", "training"):
         _mapping(data, key, source, optional=True)
-    for key in ("quantization", "gate", "target"):
+    for key in ("quantization", "gate", "target", "postprocess"):
         _mapping(data, key, source, optional=True)
     for name, digest in data["files"].items():
         check_name(name, f"{source} key 'files'")
@@ -146,6 +151,9 @@ class Manifest:
     gate: Mapping[str, Any] | None = None  # {passed, float_top1, quant_top1, drop, agreement, ...}
     target: Mapping[str, Any] | None = None  # the resolved target profile
     builds: Tuple[Mapping[str, Any], ...] = ()  # [{backend, file, precision, version, device, ...}]
+    # detection: how raw outputs become boxes on the device ({"kind": "ssd", "anchors": file, ...});
+    # see edgetl.runtime.detect. None for classification.
+    postprocess: Mapping[str, Any] | None = None
     files: Mapping[str, str] = field(default_factory=dict)  # {relative path: sha256}
     created: str = ""
     edgetl_version: str = ""
@@ -154,6 +162,12 @@ class Manifest:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ManifestError(f"manifest key 'kind' = {self.kind!r} is not valid", hint=f"use one of {KINDS}")
+        if self.task not in SCHEMA_BY_TASK:
+            raise ManifestError(f"manifest key 'task' = {self.task!r} is not a task this edgetl knows",
+                                hint=f"tasks: {', '.join(TASKS)}; a newer edgetl may have written it")
+        if self.task == "detection" and not self.postprocess:
+            raise ManifestError("manifest key 'postprocess' is missing: a detection model needs it",
+                                hint="the folder is damaged or was not written by edgetl: rebuild it")
         labels = tuple(str(x) for x in self.labels)
         if len(labels) < 2 or len(set(labels)) != len(labels):
             raise ManifestError("manifest key 'labels' needs at least two distinct labels")
@@ -182,8 +196,8 @@ class Manifest:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {
-            "schema_version": self.schema_version,
+        data: Dict[str, Any] = {
+            "schema_version": SCHEMA_BY_TASK[self.task],
             "kind": self.kind,
             "task": self.task,
             "labels": list(self.labels),
@@ -199,6 +213,9 @@ class Manifest:
             "created": self.created,
             "edgetl_version": self.edgetl_version,
         }
+        if self.postprocess is not None:  # absent for classification: its manifests stay as 1.x wrote them
+            data["postprocess"] = dict(self.postprocess)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "manifest") -> "Manifest":
@@ -209,10 +226,15 @@ class Manifest:
             raise ManifestError(f"{source}: missing key 'schema_version'",
                                 hint="this file was not written by edgetl, or is damaged")
         major = version.split(".")[0]
-        if major != SCHEMA_VERSION.split(".")[0]:
+        if major not in READ_MAJORS:
             raise ManifestError(
-                f"{source}: schema_version {version!r} is not supported (this edgetl reads {SCHEMA_VERSION})",
+                f"{source}: schema_version {version!r} is not supported (this edgetl reads "
+                f"{', '.join(m + '.x' for m in READ_MAJORS)})",
                 hint="use the edgetl version that wrote it, or re-create the run/artifact with this one")
+        task = data.get("task")
+        if isinstance(task, str) and task in SCHEMA_BY_TASK and SCHEMA_BY_TASK[task].split(".")[0] != major:
+            raise ManifestError(f"{source}: task {task!r} is written in schema {SCHEMA_BY_TASK[task]}, "
+                                f"not {version!r}", hint="the manifest was altered: rebuild the folder with edgetl")
         for key in REQUIRED_KEYS:
             if key not in data:
                 raise ManifestError(f"{source}: missing key {key!r}")
@@ -222,7 +244,7 @@ class Manifest:
         for key in ("backbone", "training"):
             if kwargs.get(key) is None:
                 kwargs.pop(key, None)
-        kwargs["schema_version"] = SCHEMA_VERSION  # written back in this version's form
+        kwargs["schema_version"] = SCHEMA_BY_TASK.get(str(data.get("task")), SCHEMA_VERSION)  # written back in this version's form
         try:
             kwargs["preprocess"] = PreprocessSpec.from_dict(data["preprocess"])
         except ManifestError as exc:

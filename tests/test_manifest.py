@@ -28,10 +28,34 @@ def test_round_trip(tmp_path):
 def test_unknown_major_version_refused(tmp_path):
     write_manifest(_manifest(), tmp_path)
     data = json.loads((tmp_path / "manifest.json").read_text())
+    data["schema_version"] = "3.0"
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="schema_version '3.0' is not supported"):
+        read_manifest(tmp_path)
+
+
+def test_task_and_schema_major_must_agree(tmp_path):
+    """A classification manifest claiming 2.0 (or a detection one claiming 1.x) was altered."""
+    write_manifest(_manifest(), tmp_path)
+    data = json.loads((tmp_path / "manifest.json").read_text())
     data["schema_version"] = "2.0"
     (tmp_path / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(ManifestError, match="schema_version '2.0' is not supported"):
+    with pytest.raises(ManifestError, match="task 'classification' is written in schema 1.1"):
         read_manifest(tmp_path)
+
+
+def test_detection_manifest_is_schema_2_and_needs_postprocess(tmp_path):
+    m = _manifest().replace(task="detection", postprocess={"kind": "ssd", "anchors": "anchors.npy"})
+    write_manifest(m, tmp_path)
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert data["schema_version"] == "2.0" and data["postprocess"]["kind"] == "ssd"
+    assert read_manifest(tmp_path).postprocess["anchors"] == "anchors.npy"
+    classification = _manifest().to_dict()
+    assert classification["schema_version"] == "1.1" and "postprocess" not in classification
+    with pytest.raises(ManifestError, match="'postprocess' is missing"):
+        _manifest().replace(task="detection")
+    with pytest.raises(ManifestError, match="'segmentation' is not a task"):
+        _manifest().replace(task="segmentation")
 
 
 @pytest.mark.parametrize("key", ["labels", "preprocess", "files", "kind", "schema_version"])
