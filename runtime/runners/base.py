@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -68,8 +68,10 @@ def check_option_names(backend: str, options: Mapping[str, Any], known: Mapping[
 class Runner(abc.ABC):
     """A loaded model on one backend.
 
-    ``infer(batch)`` takes a preprocessed batch (the manifest's input layout/dtype, leading batch
-    axis) and returns float32 logits ``(N, num_classes)``. ``info`` says what actually runs:
+    ``infer_all(batch)`` takes a preprocessed batch (the manifest's input layout/dtype, leading batch
+    axis) and returns every model output, float32, in the model's output order (a detector has two:
+    box regressions and class scores). ``infer(batch)`` is the first output: a classifier's logits
+    ``(N, num_classes)``. ``info`` says what actually runs:
     ``{"backend", "version", "device", "precision", "options"}``; ``precision`` is the precision
     the backend really executes in (e.g. OpenVINO's resolved inference precision), never the
     requested one.
@@ -104,26 +106,36 @@ class Runner(abc.ABC):
         return check_option_names(cls.backend, options, cls.OPTIONS)
 
     @abc.abstractmethod
-    def infer(self, batch: np.ndarray) -> np.ndarray: ...
+    def infer_all(self, batch: np.ndarray) -> List[np.ndarray]: ...
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """The first output (a classifier's logits)."""
+        return self.infer_all(batch)[0]
 
     @property
     @abc.abstractmethod
     def info(self) -> dict[str, Any]: ...
 
     def infer_many(self, inputs: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """Run a large array in chunks (keeps memory bounded); returns stacked logits."""
+        """Run a large array in chunks (keeps memory bounded); returns the stacked first output."""
+        return self.infer_many_all(inputs, batch_size)[0]
+
+    def infer_many_all(self, inputs: np.ndarray, batch_size: int = 32) -> List[np.ndarray]:
+        """Every output of a large array run in chunks, each stacked along the batch axis."""
         if self.fixed_batch is not None:
             batch_size = self.fixed_batch
-        outs = []
+        outs: List[List[np.ndarray]] = []
         for i in range(0, len(inputs), batch_size):
             chunk = inputs[i:i + batch_size]
             n = len(chunk)
             if self.fixed_batch is not None and n < self.fixed_batch:  # pad a static-batch model
                 pad = np.repeat(chunk[-1:], self.fixed_batch - n, axis=0)
-                outs.append(self.infer(np.concatenate([chunk, pad]))[:n])
+                outs.append([o[:n] for o in self.infer_all(np.concatenate([chunk, pad]))])
             else:
-                outs.append(self.infer(chunk))
-        return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+                outs.append(self.infer_all(chunk))
+        if not outs:
+            return [np.zeros((0, 0), np.float32)]
+        return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
 
     @property
     def fixed_batch(self) -> int | None:

@@ -8,7 +8,7 @@ Options (``[onnxruntime]`` in a target profile): ``providers`` (list, default CP
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, List, Mapping
 
 import numpy as np
 
@@ -61,7 +61,7 @@ class OrtRunner(Runner):
             raise EdgetlError(f"{model_path}: ONNX Runtime cannot load this model ({exc})") from None
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
-        self.output_name = self.session.get_outputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
         self._batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
         self._version = ort.__version__
         self._providers = self.session.get_providers()
@@ -69,9 +69,9 @@ class OrtRunner(Runner):
         # without the onnx package (not installed on devices).
         self._precision = "int8 (QDQ)" if b"DequantizeLinear" in model_bytes else "fp32"
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        out = self.session.run([self.output_name], {self.input_name: batch})[0]
-        return np.asarray(out, dtype=np.float32)
+    def infer_all(self, batch: np.ndarray) -> List[np.ndarray]:
+        outs = self.session.run(self.output_names, {self.input_name: batch})
+        return [np.asarray(o, dtype=np.float32) for o in outs]
 
     @property
     def fixed_batch(self) -> int | None:

@@ -15,7 +15,7 @@ MatMul) that run in i8/u8.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, List, Mapping
 
 import numpy as np
 
@@ -133,9 +133,9 @@ class OpenVINORunner(Runner):
                     n += 1
         return n
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    def infer_all(self, batch: np.ndarray) -> List[np.ndarray]:
         res = self._request.infer({0: np.ascontiguousarray(batch)})
-        return np.asarray(res[self.compiled.output(0)], dtype=np.float32)
+        return [np.asarray(res[out], dtype=np.float32) for out in self.compiled.outputs]
 
     @property
     def fixed_batch(self) -> int | None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, List, Mapping
 
 import numpy as np
 
@@ -172,8 +172,9 @@ class TensorRTRunner(Runner):
             self.inputs = [n for i, n in enumerate(names) if self.engine.binding_is_input(i)]
             self.outputs = [n for n in names if n not in self.inputs]
             shape = tuple(self.engine.get_binding_shape(0))
-        if len(self.inputs) != 1 or len(self.outputs) != 1:
-            raise EdgetlError(f"{model_path}: expected one input and one output, found {self.inputs} -> {self.outputs}")
+        if len(self.inputs) != 1 or not self.outputs:
+            raise EdgetlError(f"{model_path}: expected one input and at least one output, "
+                              f"found {self.inputs} -> {self.outputs}")
         self._batch = shape[0] if shape and shape[0] > 0 else None
 
     # ---- memory --------------------------------------------------------------------------
@@ -192,36 +193,46 @@ class TensorRTRunner(Runner):
         return np.dtype(self.trt.nptype(self.engine.get_binding_dtype(self.engine.get_binding_index(name))))
 
     # ---- inference -----------------------------------------------------------------------
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    def _output_shape(self, name: str) -> tuple:
+        if self._tensor_api:
+            return tuple(self.context.get_tensor_shape(name))
+        return tuple(self.context.get_binding_shape(self.engine.get_binding_index(name)))
+
+    def infer_all(self, batch: np.ndarray) -> List[np.ndarray]:
+        """Every output, in the engine's order (a classifier has one: (N, K); a detector two)."""
         cudart, engine, ctx = self.cudart, self.engine, self.context
-        inp, out = self.inputs[0], self.outputs[0]
+        inp = self.inputs[0]
         x = np.ascontiguousarray(batch, dtype=self._dtype(inp))
         h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         d_in = self._device_buffer(inp, x.nbytes)
         if self._tensor_api:
             ctx.set_input_shape(inp, x.shape)
-            out_shape = tuple(ctx.get_tensor_shape(out))
         else:
-            in_idx, out_idx = engine.get_binding_index(inp), engine.get_binding_index(out)
-            ctx.set_binding_shape(in_idx, x.shape)
-            out_shape = tuple(ctx.get_binding_shape(out_idx))
-        y = np.empty(out_shape, dtype=self._dtype(out))
-        d_out = self._device_buffer(out, y.nbytes)
+            ctx.set_binding_shape(engine.get_binding_index(inp), x.shape)
+        ys = [np.empty(self._output_shape(out), dtype=self._dtype(out)) for out in self.outputs]
+        d_outs = [self._device_buffer(out, y.nbytes) for out, y in zip(self.outputs, ys)]
         _cuda(cudart.cudaMemcpyAsync(d_in, x.ctypes.data, x.nbytes, h2d, self.stream))
         if self._tensor_api:
             ctx.set_tensor_address(inp, d_in)
-            ctx.set_tensor_address(out, d_out)
+            for out, d_out in zip(self.outputs, d_outs):
+                ctx.set_tensor_address(out, d_out)
             ok = ctx.execute_async_v3(self.stream)
         else:
             bindings = [0] * engine.num_bindings
-            bindings[in_idx], bindings[out_idx] = d_in, d_out
+            bindings[engine.get_binding_index(inp)] = d_in
+            for out, d_out in zip(self.outputs, d_outs):
+                bindings[engine.get_binding_index(out)] = d_out
             ok = ctx.execute_async_v2(bindings, self.stream)
         if not ok:
             raise EdgetlError(f"{self.model_path}: TensorRT execution failed")
-        _cuda(cudart.cudaMemcpyAsync(y.ctypes.data, d_out, y.nbytes, d2h, self.stream))
+        for y, d_out in zip(ys, d_outs):
+            _cuda(cudart.cudaMemcpyAsync(y.ctypes.data, d_out, y.nbytes, d2h, self.stream))
         _cuda(cudart.cudaStreamSynchronize(self.stream))
-        return y.astype(np.float32, copy=False).reshape(len(x), -1)
+        outs = [y.astype(np.float32, copy=False) for y in ys]
+        if len(outs) == 1:  # a classifier: (N, K) whatever trailing axes the engine kept
+            outs[0] = outs[0].reshape(len(x), -1)
+        return outs
 
     @property
     def fixed_batch(self) -> int | None:
