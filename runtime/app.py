@@ -29,19 +29,18 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Dict, Iterator, Optional
+from typing import IO, Any, Dict, Iterator, List, Optional, Tuple
 
 import cv2
 import numpy as np
 
 from .errors import EdgetlError
-from .model import Model, Roi, parse_roi, softmax
-from .overlay import draw_overlay
+from .heads import UNKNOWN, head_for
+from .model import Model, Roi, parse_roi
 from .sources import FrameSource, Note, SourceLostError, stderr_note
 
-UNKNOWN = "unknown"
 STAGES = ("wait", "preprocess", "infer", "post")
 STATS_SAMPLE = 8192  # frames kept for the percentiles (reservoir)
 
@@ -97,6 +96,8 @@ class StreamOptions:
     max_frames: int | None = None
     duration: float | None = None
     decode_threads: int | None = None
+    track: bool = False  # detection: follow objects across frames (ids, entries, exits)
+    count_line: str | Tuple[int, int, int, int] | None = None  # detection: count tracks crossing x1,y1,x2,y2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "roi", parse_roi(self.roi))
@@ -129,6 +130,14 @@ class Result:
     dropped: int
     time: float  # wall clock (time.time()) when the result was ready
     file: Optional[str] = None  # the image file of the frame (image-folder sources)
+    # detection (edgetl.runtime.heads.DetectHead): boxes in frame pixels, per-class counts, tracks, events
+    detections: Any = None
+    counts: Optional[Dict[str, int]] = None
+    tracks: Optional[List[Any]] = None
+    events: List[Dict[str, Any]] = field(default_factory=list)
+
+
+_RESULT_EXTRA = ("detections", "counts", "tracks", "events")
 
 
 class Stream:
@@ -145,16 +154,15 @@ class Stream:
         self.source = FrameSource(source, realtime=o.realtime, fps=o.fps, reconnect_timeout=o.reconnect_timeout,
                                   queue_size=o.queue_size, note=note, decode_threads=decode_threads,
                                   prepare=lambda img: model.input_tensor(img, roi))
+        self.head = head_for(model, self.options)  # the task's post-processing, drawing and JSON
         self.stop_reason = ""
         self.frames = 0
         self._t_start = self._t_last = 0.0
         self.stats = FrameStats()
 
     def __iter__(self) -> Iterator[Result]:
-        o, model, src, stop = self.options, self.model, self.source, self.stop
-        alpha = 2.0 / (o.smooth + 1.0) if o.smooth > 1 else 1.0
-        k, thr, roi = int(o.top_k), float(o.threshold), o.roi
-        ema: np.ndarray | None = None
+        o, model, src, stop, head = self.options, self.model, self.source, self.stop, self.head
+        roi = o.roi
         clock = time.perf_counter
         src.start()
         self._t_start = self._t_last = clock()
@@ -191,20 +199,9 @@ class Stream:
                     prep = (t2 - t1) * 1e3
                 else:  # prepared on the capture thread, overlapping the previous inference
                     x, t2, prep = frame.tensor, t1, frame.prep_ms
-                logits = model.logits(x)
+                outputs = model.outputs(x)
                 t3 = clock()
-                probs = softmax(logits[0])
-                if alpha < 1.0:
-                    if ema is None:
-                        ema = probs.copy()
-                    else:
-                        ema *= 1.0 - alpha
-                        ema += alpha * probs
-                    probs = ema
-                top = model.top_k(probs, k)
-                label, score = top[0]
-                if score < thr:
-                    label = UNKNOWN
+                fields = head.step(outputs, frame)
                 t4 = clock()
                 timings = {"wait": (t1 - t0) * 1e3, "preprocess": prep, "infer": (t3 - t2) * 1e3,
                            "post": (t4 - t3) * 1e3}
@@ -212,8 +209,9 @@ class Stream:
                 stats.add(latency, timings)
                 self.frames += 1
                 self._t_last = t4
-                yield Result(frame.index, frame.image, label, score, top, probs, timings, latency, src.dropped,
-                             time.time(), frame.name)
+                yield Result(frame.index, frame.image, fields.pop("label"), fields.pop("score"), fields.pop("top_k"),
+                             fields.pop("probs"), timings, latency, src.dropped, time.time(), frame.name,
+                             **{k: v for k, v in fields.items() if k in _RESULT_EXTRA})
                 src.release(frame)
         finally:
             if self.frames == 0:
@@ -232,6 +230,7 @@ class Stream:
             "elapsed_s": round(elapsed, 3), "fps": round(self.frames / elapsed, 2) if self.frames else 0.0,
             "latency_ms": self.stats.column("latency"), "stages_ms": {s: self.stats.column(s) for s in STAGES},
             "stop_reason": self.stop_reason or src.end_reason, "model": self.model.info,
+            "task": self.model.manifest.task, **self.head.summary(),
         }
 
 
@@ -375,14 +374,14 @@ def stop_on_signals(stop: threading.Event) -> Iterator[list[str]]:
             signal.signal(s, h)
 
 
-def _json_line(r: Result, lj: dict[str, str]) -> str:
-    """One result as a JSON line (hand-formatted: label strings are JSON-escaped once, up front).
-    Results from an image folder also carry ``"file"``: the image's path."""
+def _json_line(r: Result, head: Any) -> str:
+    """One result as a JSON line (hand-formatted; the task's fields from its head: a classifier's
+    label/score/top_k, a detector's detections/counts/events). Results from an image folder also
+    carry ``"file"``: the image's path."""
     t = r.timings_ms
-    top = ",".join(f"[{lj[lab]},{s:.6f}]" for lab, s in r.top_k)
     file = f',"file":{json.dumps(r.file)}' if r.file is not None else ""
-    return (f'{{"t":{r.time:.3f},"frame":{r.frame_index},"label":{lj[r.label]},"score":{r.score:.6f},'
-            f'"top_k":[{top}],"latency_ms":{r.latency_ms:.3f},"timings_ms":{{"wait":{t["wait"]:.3f},'
+    return (f'{{"t":{r.time:.3f},"frame":{r.frame_index},{head.json_fields(r)},'
+            f'"latency_ms":{r.latency_ms:.3f},"timings_ms":{{"wait":{t["wait"]:.3f},'
             f'"preprocess":{t["preprocess"]:.3f},"infer":{t["infer"]:.3f},"post":{t["post"]:.3f}}},'
             f'"dropped":{r.dropped}{file}}}\n')
 
@@ -439,17 +438,16 @@ def run_app(model: Model, source: Any, options: StreamOptions, app: AppOptions,
         _writable_file(Path(app.summary_json), "--summary-json")  # before the run, not after it
     if app.save is not None:
         saver = VideoSaver(app.save, note=note)  # checks type, folder and permissions before anything starts
-    lj = {lab: json.dumps(lab) for lab in (*model.labels, UNKNOWN)}
     roi = options.roi
-    last_label: str | None = None
+    head = stream.head
     fps_ema, t_prev = 0.0, 0.0
     error: EdgetlError | None = None
     with stop_on_signals(stop) as signals:
         try:
             for r in stream:
-                if json_out and (not app.events or r.label != last_label):
+                if json_out and (head.wanted(r) or not app.events):
                     try:
-                        out.write(_json_line(r, lj))
+                        out.write(_json_line(r, head))
                         out.flush()
                     except BrokenPipeError:  # e.g. `edgetl run ... | head`: stop quietly
                         json_out = False
@@ -457,13 +455,12 @@ def run_app(model: Model, source: Any, options: StreamOptions, app: AppOptions,
                             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
                         stream.stop_reason = "stdout closed"
                         stop.set()
-                last_label = r.label
                 if saver is not None or not headless:
                     now = time.perf_counter()
                     if t_prev:
                         fps_ema = 0.9 * fps_ema + 0.1 / max(now - t_prev, 1e-6) if fps_ema else 1.0 / max(now - t_prev, 1e-6)
                     t_prev = now
-                    draw_overlay(r.image, r.label, r.score, fps_ema, r.latency_ms, roi, r.label != UNKNOWN)
+                    head.draw(r.image, r, fps_ema, roi)
                     if saver is not None:
                         saver.fps = saver.fps or stream.source.fps  # the source is open now
                         saver.write(r.image)

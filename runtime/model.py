@@ -15,7 +15,7 @@ tensor comes from the manifest's preprocessing spec through the one ``preprocess
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
@@ -105,8 +105,10 @@ def crop_roi(frame: np.ndarray, roi: Roi | None) -> np.ndarray:
 class Model:
     """A loaded artifact: manifest, preprocessing spec, and the runner of one build."""
 
-    def __init__(self, folder: Path, manifest: Manifest, build: Mapping[str, Any], runner: Runner):
+    def __init__(self, folder: Path, manifest: Manifest, build: Mapping[str, Any], runner: Runner,
+                 postprocess: Any = None):
         self.folder = folder
+        self.postprocess = postprocess  # detection: edgetl.runtime.detect.PostprocessSpec
         self.manifest = manifest
         self.build = dict(build)
         self.runner = runner
@@ -139,6 +141,24 @@ class Model:
         if self._batched:
             return self.runner.infer_many(batch)
         return self.runner.infer(batch)
+
+    def outputs(self, batch: np.ndarray) -> List[np.ndarray]:
+        """Every raw output for a preprocessed batch (a detector: box regressions, class scores)."""
+        if self._batched:
+            return self.runner.infer_many_all(batch)
+        return self.runner.infer_all(batch)
+
+    def detect(self, frame_bgr: np.ndarray, roi: Roi | None = None, score_threshold: float | None = None):
+        """A detection artifact's boxes on one BGR uint8 frame, in the frame's pixels:
+        :class:`edgetl.runtime.detect.Detections` (boxes xyxy, scores, 0-based classes)."""
+        from .detect import postprocess, to_frame
+        if self.postprocess is None:
+            raise EdgetlError(f"{self.folder}: a {self.manifest.task} artifact has no boxes",
+                              hint="use predict() for a classification artifact")
+        boxes, scores = self.outputs(self.input_tensor(frame_bgr, roi))[:2]
+        dets = postprocess(boxes[0], scores[0], self.postprocess, score_threshold=score_threshold)
+        crop = crop_roi(frame_bgr, roi)
+        return to_frame(dets, self.spec, crop.shape[:2], (roi[0], roi[1]) if roi else (0, 0))
 
     def probabilities(self, frame_bgr: np.ndarray, roi: Roi | None = None) -> np.ndarray:
         """Class probabilities ``(K,)`` (softmax of the logits) for one frame."""
@@ -197,11 +217,9 @@ def load(artifact: str | Path, backend: str | None = None, options: Mapping[str,
         raise EdgetlError(f"{folder} is a training run, not an artifact",
                           hint=f"quantize/compile it first, e.g. `edgetl compile {folder} --target <target> "
                                f"--out artifacts/NAME`, then run the artifact")
-    if manifest.task != "classification":
-        raise EdgetlError(f"{folder / MANIFEST_NAME}: task {manifest.task!r} is not supported by edgetl run",
-                          hint="edgetl run handles classification artifacts")
     if verify:
         verify_files(folder, manifest)
+    post = _postprocess_spec(folder, manifest, verify)
     build = select_build(manifest, folder, backend)
     name = build["backend"]
     blobs = _verified_blobs(folder, manifest, build["model"]) if verify else None
@@ -218,4 +236,18 @@ def load(artifact: str | Path, backend: str | None = None, options: Mapping[str,
         err = MissingDependencyError(exc.name or name, extra, f"the {name} build of {folder}")
         err.hint = (err.hint or "") + also
         raise err from None
-    return Model(folder, manifest, build, runner)
+    return Model(folder, manifest, build, runner, post)
+
+
+def _postprocess_spec(folder: Path, manifest: Manifest, verify: bool) -> Any:
+    """A detection artifact's post-processing (anchors read through the verified path), else None."""
+    if manifest.task != "detection":
+        return None
+    from .detect import PostprocessSpec, load_anchors
+    section = dict(manifest.postprocess or {})
+    name = section.get("anchors")
+    if not isinstance(name, str) or name not in manifest.files:
+        raise EdgetlError(f"{folder / MANIFEST_NAME}: postprocess.anchors names no file of the artifact",
+                          hint="the artifact is damaged or was not made by edgetl: rebuild it")
+    data = read_verified(folder, name, manifest) if verify else (folder / name).read_bytes()
+    return PostprocessSpec.from_manifest(section, load_anchors(data, str(folder / name)))

@@ -148,9 +148,9 @@ def test_no_display_falls_back_to_json_with_a_note(tmp_path, artifact):
 class SlowRunner(OrtRunner):
     """The real ONNX Runtime runner, 40 ms slower per call: inference slower than the source."""
 
-    def infer(self, batch):
+    def infer_all(self, batch):
         time.sleep(0.04)
-        return super().infer(batch)
+        return super().infer_all(batch)
 
 
 def test_latest_frame_policy_drops_frames_when_inference_is_slow(tmp_path, artifact):

@@ -1,4 +1,4 @@
-"""``edgetl run``: classify a camera, stream, video or image folder with an artifact (torch-free)."""
+"""``edgetl run``: classify or detect on a camera, stream, video or image folder with an artifact (torch-free)."""
 
 from __future__ import annotations
 
@@ -32,13 +32,20 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Override a backend option of the build (repeatable), e.g. intra_op_threads=2.")
 @click.option("--headless", is_flag=True, help="No window: one JSON line per result on stdout.")
-@click.option("--events", is_flag=True, help="Print a JSON line only when the label changes.")
+@click.option("--events", is_flag=True, help="Print a JSON line only when the label changes (detection: only "
+                                            "frames where an object entered, left or crossed the count line).")
 @click.option("--top-k", default=1, show_default=True, type=int, help="How many classes per result.")
 @click.option("--roi", default=None, metavar="X,Y,W,H", help="Classify only this region of the frame (pixels).")
 @click.option("--smooth", default=0.0, show_default=True, type=float, metavar="FRAMES",
               help="Temporal smoothing: EMA of the scores over about this many frames (0 = off).")
 @click.option("--threshold", default=0.0, show_default=True, type=float,
-              help="Below this top-1 score the label is 'unknown'.")
+              help="Classification: below this top-1 score the label is 'unknown'. Detection: the minimum box "
+                   "score (0 = the score threshold the artifact was gated at).")
+@click.option("--track", is_flag=True,
+              help="Detection: follow objects across frames (ids; --events prints entries and exits).")
+@click.option("--count-line", default=None, metavar="X1,Y1,X2,Y2",
+              help="Detection: count tracked objects crossing this segment (frame pixels), per class and "
+                   "direction; implies --track.")
 @click.option("--realtime", is_flag=True,
               help="Play a file/image folder like a camera: paced at its FPS, latest-frame policy (drops "
                    "frames when inference is slower). Default for files: every frame, in order.")
@@ -59,7 +66,8 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
               help="Also write the end-of-run summary as JSON.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifact's files at start.")
 def run(artifact: Path, source: str, backend: str | None, options: tuple[str, ...], headless: bool, events: bool,
-        top_k: int, roi: str | None, smooth: float, threshold: float, realtime: bool, fps: float | None,
+        top_k: int, roi: str | None, smooth: float, threshold: float, track: bool, count_line: str | None,
+        realtime: bool, fps: float | None,
         save: Path | None, max_frames: int | None, duration: float | None, reconnect_timeout: float,
         decode_threads: int | None, summary_json: Path | None, no_verify: bool) -> int:
     """Run an artifact on a camera, stream, video file or image folder (no torch needed).
@@ -67,8 +75,10 @@ def run(artifact: Path, source: str, backend: str | None, options: tuple[str, ..
     Shows a window with label, score, FPS and latency when a display exists; otherwise (or with
     --headless) prints one JSON line per result: {"t", "frame", "label", "score", "top_k",
     "latency_ms", "timings_ms": {wait, preprocess, infer, post}, "dropped"}, plus "file" for an
-    image folder. A summary (frames, FPS, latency p50/p90, drops, skipped images) goes to stderr at
-    exit (stdout in window mode). Images an --roi does not fit are skipped and listed there.
+    image folder. A detection artifact prints {"detections": [{"label", "class", "score", "box":
+    [x1, y1, x2, y2]} (+ "id" with --track)], "counts": {label: n}} instead of label/score/top_k,
+    and "events"/"line_counts" with --track/--count-line. A summary (frames, FPS, latency p50/p90,
+    drops, skipped images; detections and line counts) goes to stderr at exit (stdout in window mode). Images an --roi does not fit are skipped and listed there.
 
     Live sources keep only the newest frame (stale frames are dropped and counted) and are reopened
     with back-off when lost, when they send nothing, or when not up yet at start; files are
@@ -84,13 +94,15 @@ def run(artifact: Path, source: str, backend: str | None, options: tuple[str, ..
       edgetl run artifacts/elpv --source line.mp4 --headless --save annotated.mp4 --summary-json s.json
       edgetl run artifacts/elpv --source line.mp4 --realtime --headless --duration 30
       edgetl run artifacts/elpv --source 'shots/*.png' --headless --top-k 2 --backend openvino
+      edgetl run artifacts/cells-det --source belt.mp4 --headless --count-line 640,0,640,720 --events
     """
     from ..runtime.app import AppOptions, StreamOptions, run_app
     from ..runtime.model import load
 
     stream_opts = StreamOptions(top_k=top_k, roi=roi, smooth=smooth, threshold=threshold,
                                 realtime=True if realtime else None, fps=fps, reconnect_timeout=reconnect_timeout,
-                                max_frames=max_frames, duration=duration, decode_threads=decode_threads)
+                                max_frames=max_frames, duration=duration, decode_threads=decode_threads,
+                                track=track or bool(count_line), count_line=count_line)
     app_opts = AppOptions(headless=headless, events=events, save=save, summary_json=summary_json)
     model = load(artifact, backend=backend, options=_parse_options(options), verify=not no_verify)
     try:
