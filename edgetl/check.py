@@ -697,6 +697,14 @@ def check_artifact(folder: str | Path, backend: str | None = None, thresholds: A
     manifest = open_verified(folder, "artifact", hint="pass the --out folder of `edgetl quantize` or `edgetl "
                                                       "compile` (a run is quantized first: edgetl quantize RUN --out "
                                                       "artifacts/NAME)")
+    if manifest.task == "detection":
+        from .detect.compile import check_detection
+        from .detect.gate import DetThresholds
+
+        backend, entry = _resolve_entry(folder, manifest, backend)
+        th = DetThresholds.coerce(thresholds if thresholds is not None else (manifest.gate or {}).get("thresholds"))
+        opts = {**dict(entry.get("options") or {}), **dict(options or {})}
+        return check_detection(folder, manifest, backend, entry, opts, th, update, log)
     th = Thresholds.coerce(thresholds if thresholds is not None else (manifest.gate or {}).get("thresholds"))
     backend, entry = _resolve_entry(folder, manifest, backend)
     if backend == REFERENCE:

@@ -152,7 +152,10 @@ def compile_run(run_path: str | Path, out: str | Path, profile: TargetProfile, m
     ``origin`` (a model trained elsewhere, see :func:`compile_external`): the run is a temporary
     stand-in; report.json names the source model instead of the run folder."""
     from .runs import load_run
+    from .runtime.manifest import read_manifest
 
+    if read_manifest(run_path).task == "detection":
+        return _compile_detection(run_path, out, profile, method, overwrite, progress, quantize_overrides)
     out = Path(out)
     steps = _Steps(progress)
     run = load_run(run_path)
@@ -182,6 +185,23 @@ def compile_run(run_path: str | Path, out: str | Path, profile: TargetProfile, m
                             lambda: build_artifact(d, profile, speed_check=speed_check, progress=progress),
                             _build_detail)
     return _result(out, profile, quantized, outcome, steps, list(outcome.notes))
+
+
+def _compile_detection(run_path: str | Path, out: str | Path, profile: TargetProfile, method: str | None,
+                       overwrite: bool, progress: Progress, overrides: dict[str, Any]) -> CompileResult:
+    """A detection run: the PTQ ladder of ``edgetl.detect.compile`` (QAT is not offered for detection yet)."""
+    from .detect.compile import compile_detection
+
+    if method not in (None, "auto", "ptq"):
+        raise EdgetlError(f"--method {method}: detection runs are quantized by PTQ (its ladder of calibrators and "
+                          "float head) in this version", hint="leave --method out, or give --method ptq")
+    steps = _Steps(progress)
+    kw = {k: overrides[k] for k in ("calib_size", "checkset_cap", "seed") if overrides.get(k) is not None}
+    manifest, outcome = steps.run("quantize + build (detection)",
+                                  lambda: compile_detection(run_path, out, profile, overwrite=overwrite,
+                                                            progress=progress, **kw),
+                                  lambda r: (r[0].quantization or {}).get("verdict", ""))
+    return _result(Path(out), profile, True, outcome, steps, list(outcome.notes) if outcome else [])
 
 
 def _name_report(folder: Path, name: str, origin: dict[str, Any] | None) -> None:

@@ -56,6 +56,9 @@ class Gate:
     # worst agreement with float over perturbed copies of the checkset (edgetl.stability)
     min_stability_agreement: float = 0.97
     stability_jpeg_quality: int = 90  # the JPEG quality of the perturbation (the camera's/recorder's)
+    # detection (edgetl.detect.gate): mAP@0.5 drop in points, and the F1 of quantized vs float detections
+    max_map_drop: float = 1.0
+    min_det_agreement: float = 0.95
 
 
 @dataclass(frozen=True)

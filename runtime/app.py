@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 
 from .errors import EdgetlError
-from .heads import UNKNOWN, head_for
+from .heads import UNKNOWN, head_for  # noqa: F401 (UNKNOWN: re-exported, the label below --threshold)
 from .model import Model, Roi, parse_roi
 from .sources import FrameSource, Note, SourceLostError, stderr_note
 

@@ -177,8 +177,8 @@ def build_artifact(folder: str | Path, profile: TargetProfile, backend: str | No
     if entry is not None and gate:
         from ..check import check_artifact
 
-        th = thresholds_for(profile, speed_check=speed_check and profile.precision != "fp32",
-                            labelled=is_labelled(manifest))
+        th = profile.gate if manifest.task == "detection" else thresholds_for(  # detection: edgetl.detect.gate
+            profile, speed_check=speed_check and profile.precision != "fp32", labelled=is_labelled(manifest))
         result = check_artifact(folder, backend, th, update=True, log=progress)
         outcome.gate = entry["gate"] = result.summary()
     return outcome

@@ -30,6 +30,9 @@ def gate_cell(gate: Any) -> str:
     if not isinstance(gate, dict):
         return "not run"
     word = "[green]passed[/]" if gate.get("passed") else "[red]FAILED[/]"
+    if gate.get("task") == "detection":
+        return word + (f" (mAP@0.5 {100 * gate['float_map50']:.1f} -> {100 * gate['quant_map50']:.1f}, drop "
+                       f"{gate['drop']:.2f} pt, detection agreement F1 {gate['agreement']:.3f})")
     bits = []
     if gate.get("drop") is not None:
         bits.append(f"drop {gate['drop']:.2f} pt")

@@ -1,7 +1,8 @@
-"""``edgetl data``: write bundled real datasets as image folders."""
+"""``edgetl data``: write bundled real datasets (classification image folders, detection sets)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -9,11 +10,13 @@ import click
 
 @click.group()
 def data() -> None:
-    """Write a bundled real dataset as an image folder (one sub-folder per class).
+    """Write a bundled real dataset: ELPV (classification), tree crowns and conveyor scenes (detection).
 
     \b
     Example:
       edgetl data elpv data/elpv --task binary
+      edgetl data trees data/trees
+      edgetl data scenes data/cells
     """
 
 
@@ -59,7 +62,6 @@ def conveyor(run: Path, out: Path, split_name: str, items: int, frames_per_item:
       edgetl data conveyor runs/elpv demo/conveyor.mp4 --items 40
       edgetl run artifacts/elpv-ov --source demo/conveyor.mp4 --headless
     """
-    import json
     import random
 
     from ..conveyor import make_conveyor_video
@@ -80,3 +82,55 @@ def conveyor(run: Path, out: Path, split_name: str, items: int, frames_per_item:
     info = make_conveyor_video(chosen, out, fps=fps, frames_per_item=frames_per_item, size=(w, h))
     click.echo(f"wrote {out}: {info['frames']} frames ({info['items']} {split_name} images x {frames_per_item}) "
                f"at {w}x{h}, {fps:g} fps; labels per frame in {out}.labels.csv")
+
+
+@data.command("trees")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace OUT if edgetl wrote it.")
+def trees(out: Path, overwrite: bool) -> None:
+    """Hand-labelled tree crowns in NEON aerial images (detection; Pascal VOC), from the deepforest package.
+
+    \b
+    Example:
+      edgetl data trees data/trees
+      edgetl train data/trees --task detect --tile 320 --out runs/trees
+    Source: the PyPI package deepforest (Weinstein et al.; MIT licence) ships these images and boxes;
+    `make install` installs it without its dependencies (only its data is read).
+    """
+    from ..detect.trees import write_trees
+
+    info = write_trees(out, overwrite=overwrite)
+    click.echo(f"wrote {out}: " + json.dumps(info, default=str))
+
+
+@data.command("scenes")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--run", type=click.Path(path_type=Path), default=None,
+              help="Take the cells of each split from this classification run's split.json (same held-out cells).")
+@click.option("--train-scenes", default=300, show_default=True)
+@click.option("--val-scenes", default=60, show_default=True)
+@click.option("--test-scenes", default=60, show_default=True)
+@click.option("--video-seconds", default=40.0, show_default=True, help="Length of the conveyor video (test cells).")
+@click.option("--fps", default=15.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if edgetl wrote it.")
+def scenes(out: Path, run: Path | None, train_scenes: int, val_scenes: int, test_scenes: int, video_seconds: float,
+           fps: float, seed: int, overwrite: bool) -> None:
+    """Conveyor scenes for detection: real ELPV cells laid out on a belt (COCO JSON + a counted video).
+
+    The layout is synthetic; the objects are real ELPV cells (defective / functional). Training scenes
+    use training cells only; the video and the test scenes use held-out cells.
+
+    \b
+    Example:
+      edgetl data scenes data/cells
+      edgetl train data/cells/train.json --task detect --out runs/cells
+    """
+    from ..detect.scenes import write_scenes
+    from ..runtime.errors import require
+
+    require("edgetl data scenes", "elpv_dataset")
+    kw = {"run": run} if run is not None else {}
+    info = write_scenes(out, seed=seed, train_scenes=train_scenes, val_scenes=val_scenes, test_scenes=test_scenes,
+                        video_seconds=video_seconds, fps=fps, overwrite=overwrite, **kw)
+    click.echo(f"wrote {out}: " + json.dumps(info, default=str))

@@ -1,0 +1,377 @@
+"""``edgetl compile`` of a detection run: export, INT8 PTQ judged on the target's numerics, artifact.
+
+The float detector is exported up to its raw outputs (``edgetl.detect.export``), calibrated on
+training images, rendered as a QDQ graph in the target's form (the same ONNX Runtime quantizer,
+ranges cache and QDQ forms as classification: ``edgetl.quantize.render_qdq``,
+``edgetl.calibration.calibrators.calibrate``) and judged by the detection gate
+(``edgetl.detect.gate``: mAP@0.5 drop with its bootstrap CI, and detection agreement) in the
+numerics that decide the target (``edgetl.compile.judge_numerics``: the target's own build on this
+CPU, or the reference numerics for TensorRT). The ladder tries calibrators, then keeps the head's
+convolutions in float (box regression is where INT8 rounding shows first), and keeps the first step
+that passes (else the best, recorded as failed). The artifact is then built for the target and its
+build gated through ``edgetl.check.check_artifact``, which dispatches on the task.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..runtime.errors import EdgetlError
+from ..runtime.manifest import Manifest, default_input, read_manifest, seal
+from ..runtime.preprocess import PreprocessSpec, preprocess
+
+Progress = Callable[[str], None]
+# (calibrator, keep the head in float): the PTQ ladder, cheapest first
+LADDER = (("minmax", False), ("percentile", False), ("minmax", True), ("percentile", True))
+ANCHORS = "anchors.npy"
+
+
+def boxes_to_input(boxes: np.ndarray, image_hw: Sequence[int], spec: PreprocessSpec) -> np.ndarray:
+    """Boxes in an image's pixels -> the model input's pixels, through the preprocessing geometry
+    (``stretch``: per-axis scale; ``letterbox``: scale by the fitting factor, then the pad offset)."""
+    h, w = image_hw
+    H, W = spec.input_size
+    b = np.asarray(boxes, np.float32).reshape(-1, 4).copy()
+    if spec.resize == "stretch":
+        b[:, [0, 2]] *= W / w
+        b[:, [1, 3]] *= H / h
+        return b
+    if spec.resize == "letterbox":
+        s = min(W / w, H / h)
+        b *= s
+        b[:, [0, 2]] += (W - round(w * s)) // 2
+        b[:, [1, 3]] += (H - round(h * s)) // 2
+        return b
+    raise EdgetlError(f"preprocess.resize {spec.resize!r} crops the image: boxes outside the crop would be lost",
+                      hint="detection runs use resize 'stretch' or 'letterbox'")
+
+
+@dataclass
+class Material:
+    """What every ladder step shares: the float export, calibration inputs, the checkset."""
+
+    fp32: Path
+    prepared: Path
+    cal_inputs: np.ndarray
+    cal_paths: list[str]
+    checkset: Any  # edgetl.detect.gate.DetCheckset
+    post: Any  # edgetl.runtime.detect.PostprocessSpec
+    spec: PreprocessSpec
+    labels: tuple[str, ...]
+
+
+def _inputs(images: Sequence[Any], spec: PreprocessSpec) -> np.ndarray:
+    from .data import load_pixels
+
+    return np.stack([preprocess(load_pixels(img), spec) for img in images]).astype(np.float32)
+
+
+def _pick(images: Sequence[Any], n: int, seed: int) -> list[Any]:
+    if len(images) <= n:
+        return list(images)
+    idx = np.random.default_rng(seed).choice(len(images), n, replace=False)
+    return [images[i] for i in sorted(idx)]
+
+
+def make_checkset(model: Any, images: Sequence[Any], spec: PreprocessSpec, root: Path, cap: int, seed: int):
+    """The held-out images (capped), their ground truth in model-input pixels and the float
+    (PyTorch) model's raw outputs."""
+    import torch
+
+    from .gate import DetCheckset
+
+    chosen = _pick(images, cap, seed)
+    x = _inputs(chosen, spec)
+    with torch.no_grad():
+        outs = [model(torch.from_numpy(x[i:i + 16])) for i in range(0, len(x), 16)]
+    fb = torch.cat([o[0] for o in outs]).numpy()
+    fs = torch.cat([o[1] for o in outs]).numpy()
+    gt_boxes = [boxes_to_input(img.boxes, (img.height, img.width), spec) for img in chosen]
+    paths = [_shown_path(img, root) for img in chosen]
+    return DetCheckset(x, gt_boxes, [np.asarray(img.classes, np.int64) for img in chosen], fb, fs, paths)
+
+
+def _shown_path(img: Any, root: Path) -> str:
+    try:
+        rel = str(Path(img.path).relative_to(root))
+    except ValueError:
+        rel = str(img.path)
+    return rel + (f"#{','.join(map(str, img.window))}" if img.window else "")
+
+
+def head_nodes(prepared: Path) -> list[str]:
+    """The detector head's quantizable nodes (the exported names keep the module path ``head``)."""
+    from ..calibration.qdq import weighted_nodes
+
+    return [name for name, _ in weighted_nodes(prepared) if "head" in name.split("/")]
+
+
+def judge(numerics: Any, model: Path, mat: Material, thresholds: Any, work: Path) -> dict[str, Any]:
+    """The detection gate of ``model`` (a QDQ ONNX) run in ``numerics`` on the checkset."""
+    from .gate import evaluate_detection
+
+    runner = numerics.open(model, mat.spec, work)
+    try:
+        boxes, scores = runner.infer_many_all(numerics.model_inputs(mat.checkset.inputs, mat.spec))[:2]
+    finally:
+        runner.close()
+    gate = evaluate_detection((boxes, scores), mat.checkset, mat.post, thresholds, mat.labels)
+    gate["numerics"] = numerics.kind
+    gate["cpu"] = numerics.to_dict()["cpu"]
+    return gate
+
+
+def _better(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
+    if b is None:
+        return True
+    return (a["passed"], a["agreement"] - a["drop"] / 100) > (b["passed"], b["agreement"] - b["drop"] / 100)
+
+
+def ladder(mat: Material, form: Any, reduce_range: bool, numerics: Any, thresholds: Any, work: Path,
+           steps: Sequence[tuple[str, bool]], progress: Progress) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Climb ``steps``; returns the kept step (its ``model`` path in ``work``) and every row."""
+    from ..calibration.cache import save_ranges
+    from ..calibration.calibrators import calibrate
+    from ..quantize import render_qdq
+
+    ranges: dict[str, Any] = {}
+    rows, best = [], None
+    for i, (calibrator, head_float) in enumerate(steps):
+        t0 = time.perf_counter()
+        if calibrator not in ranges:
+            ranges[calibrator] = save_ranges(calibrate(mat.prepared, mat.cal_inputs, calibrator,
+                                                       form.symmetric_activations, 1), work / f"ranges_{calibrator}.json")
+        exclude = head_nodes(mat.prepared) if head_float else []
+        model = render_qdq(mat.prepared, ranges[calibrator], work / f"step{i}.onnx", form, exclude,
+                           reduce_range=reduce_range)
+        gate = judge(numerics, model, mat, thresholds, work)
+        row = {"step": f"ptq {calibrator}" + (" + head in float" if head_float else ""), "calibrator": calibrator,
+               "float_layers": exclude, "passed": gate["passed"], "drop": round(gate["drop"], 3),
+               "agreement": round(gate["agreement"], 4), "quant_map50": gate["quant_map50"],
+               "seconds": round(time.perf_counter() - t0, 1), "kept": False}
+        rows.append(row)
+        progress(f"  {row['step']}: mAP@0.5 {100 * gate['float_map50']:.1f} -> {100 * gate['quant_map50']:.1f} "
+                 f"(drop {gate['drop']:+.2f} pts), agreement {gate['agreement']:.3f} -> "
+                 f"{'PASSED' if gate['passed'] else 'failed'} ({row['seconds']} s)")
+        if _better(gate, best and best["gate"]):
+            best = {"gate": gate, "model": model, "row": row}
+        if gate["passed"]:
+            break
+    best["row"]["kept"] = True
+    return best, rows
+
+
+def _material(run_path: Path, work: Path, calib_size: int, checkset_cap: int, seed: int, progress: Progress) -> tuple:
+    """Load the run, export the float model, pick calibration and checkset images."""
+    from ..quantize import prepare_float
+    from ..runtime.detect import PostprocessSpec
+    from .export import export_detector
+    from .train import load_detection_run
+
+    manifest, model, splits, names = load_detection_run(run_path)
+    model.eval()
+    spec = manifest.preprocess
+    held_out = splits.get("test") or splits.get("val") or []
+    if not held_out or not splits.get("train"):
+        raise EdgetlError(f"{run_path}: the run has no held-out (test/val) or no train images",
+                          hint="re-train with --test/--val fractions above 0")
+    progress(f"export: float ONNX of the detector ({spec.input_size[1]}x{spec.input_size[0]}, raw boxes + scores)")
+    parity = export_detector(model, spec, work / "model_fp32.onnx")
+    prepared = prepare_float(work / "model_fp32.onnx", work / "prepared.onnx")
+    cal = _pick(splits["train"], calib_size, seed)
+    root = Path(manifest.training.get("data_root", "")) if manifest.training.get("data_root") else Path("/")
+    progress(f"calibration: {len(cal)} training images; checkset: up to {checkset_cap} held-out images")
+    checkset = make_checkset(model, held_out, spec, root, checkset_cap, seed)
+    post = PostprocessSpec.from_manifest(manifest.postprocess, np.asarray(model.anchors, np.float32))
+    mat = Material(work / "model_fp32.onnx", prepared, _inputs(cal, spec), [_shown_path(i, root) for i in cal],
+                   checkset, post, spec, tuple(names))
+    return manifest, mat, parity
+
+
+def _quant_record(form: Any, profile: Any, weight: tuple[str, str], mat: Material, rows: list, kept: dict,
+                  numerics: Any, parity: dict, seconds: float) -> dict[str, Any]:
+    import onnxruntime
+
+    from ..runtime.cpu import host_cpu
+
+    row = kept["row"]
+    verdict = ("passed: " + row["step"]) if row["passed"] else (
+        "FAILED: no PTQ step reached the gate; try more calibration images (--calib-size), a longer fine-tune, "
+        "or an fp16/fp32 target")
+    return {"method": "ptq", "calibrator": row["calibrator"], "qdq_format": form.key, "for_backend": profile.backend,
+            "per_channel": True, "weight_range": weight[0], "weight_bits": 7 if weight[0] == "reduced" else 8,
+            "weight_range_reason": weight[1], "cpu": host_cpu().to_dict(), "judged_on": numerics.to_dict(),
+            "calibration_images": len(mat.cal_inputs), "calibration_file": "calibration.txt",
+            "float_layers": row["float_layers"], "ladder": rows, "verdict": verdict, "parity": parity,
+            "onnxruntime": onnxruntime.__version__, "seconds": round(seconds, 1)}
+
+
+def write_artifact(d: Path, run_manifest: Manifest, mat: Material, kept: dict, quant: dict, ref_gate: dict,
+                   name: str, profile: Any) -> Manifest:
+    """The artifact folder's files and manifest (task detection, schema 2), sealed."""
+    import shutil
+
+    import onnxruntime
+
+    from ..check import with_verdict
+
+    shutil.copyfile(mat.fp32, d / "model_fp32.onnx")
+    shutil.copyfile(kept["model"], d / "model_int8.onnx")
+    np.save(d / ANCHORS, mat.post.anchors)
+    mat.checkset.save(d / "checkset.npz")
+    (d / "calibration.txt").write_text("\n".join(mat.cal_paths) + "\n", encoding="utf-8")
+    deployed = kept["gate"]
+    build = {"backend": "onnxruntime", "model": "model_int8.onnx", "precision": "int8", "options": {},
+             "version": onnxruntime.__version__, "device": "CPUExecutionProvider", "qdq_format": quant["qdq_format"]}
+    if profile.backend == "onnxruntime" and deployed.get("numerics") == "deployed":
+        build["gate"] = deployed
+    report = {"name": name, "task": "detection", "gate": ref_gate, "escalation": quant["ladder"],
+              "quantization": quant, "builds": {"onnxruntime": build.get("gate")}}
+    (d / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
+    (d / "report.md").write_text(render_report(report), encoding="utf-8")
+    manifest = Manifest(kind="artifact", labels=run_manifest.labels, preprocess=run_manifest.preprocess,
+                        task="detection", input=default_input(run_manifest.preprocess, 1),
+                        backbone=run_manifest.backbone, training=run_manifest.training, quantization=quant,
+                        gate={**ref_gate, "backend": "onnxruntime", "model": "model_int8.onnx"},
+                        target=profile.to_dict(), builds=(build,),
+                        postprocess={**dict(run_manifest.postprocess), "anchors": ANCHORS})
+    return seal(d, with_verdict(manifest))
+
+
+def render_report(report: dict[str, Any]) -> str:
+    """report.md of a detection artifact: the verdict, the ladder, each gate."""
+    from .gate import det_gate_markdown
+
+    lines = [f"# {report.get('name', 'artifact')}: detection", ""]
+    esc = report.get("escalation") or []
+    if esc:
+        lines += ["## Quantization ladder", "", "| step | mAP@0.5 quantized | drop (pts) | agreement | passed | s | kept |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['step']} | {100 * r['quant_map50']:.2f} | {r['drop']:+.2f} | {r['agreement']:.3f} | "
+                  f"{'yes' if r['passed'] else 'no'} | {r['seconds']} | {'**kept**' if r['kept'] else ''} |" for r in esc]
+        lines.append("")
+    if report.get("gate"):
+        lines += [det_gate_markdown(report["gate"], "Reference gate (Q/DQ as float ops)"), ""]
+    for backend, g in (report.get("builds") or {}).items():
+        if g:
+            lines += [det_gate_markdown(g, f"{backend} build gate (deployed numerics)"), ""]
+    return "\n".join(lines) + "\n"
+
+
+def compile_detection(run_path: str | Path, out: str | Path, profile: Any, calib_size: int = 100,
+                      checkset_cap: int = 300, seed: int = 0, overwrite: bool = False, speed_check: bool = False,
+                      progress: Progress = print) -> Any:
+    """Quantize (PTQ ladder), build and gate a detection run for ``profile`` into ``out``."""
+    import tempfile
+
+    from ..artifact import new_folder
+    from ..backends import build_artifact
+    from ..calibration.qdq import qdq_form
+    from ..compile import judge_numerics
+    from ..numerics import reference
+    from ..targets import weight_range_for
+
+    if profile.precision != "int8":
+        raise EdgetlError(f"target {profile.name}: a {profile.precision} detection build is not supported yet",
+                          hint="compile detection runs for an int8 target (x86-cpu-openvino, x86-cpu-onnxruntime, ...)")
+    t0 = time.perf_counter()
+    out = Path(out)
+    weight = weight_range_for(profile)
+    form = qdq_form("auto", profile.backend)
+    numerics = judge_numerics(profile)
+    th = profile.gate
+    with new_folder(out, overwrite) as d, tempfile.TemporaryDirectory(prefix="edgetl-detc-") as tmp:
+        work = Path(tmp)
+        run_manifest, mat, parity = _material(Path(run_path), work, calib_size, checkset_cap, seed, progress)
+        progress(f"quantize: PTQ ladder ({form.key}, {'7' if weight[0] == 'reduced' else '8'}-bit weights; "
+                 f"judged on {numerics.label})")
+        kept, rows = ladder(mat, form, weight[0] == "reduced", numerics, th, work, LADDER, progress)
+        ref_gate = kept["gate"] if numerics.kind == "reference" else judge(reference(), kept["model"], mat, th, work)
+        quant = _quant_record(form, profile, weight, mat, rows, kept, numerics, parity, time.perf_counter() - t0)
+        write_artifact(d, run_manifest, mat, kept, quant, ref_gate, out.name, profile)
+        from ..backends import BuildOutcome
+
+        entry = read_manifest(d).builds[0]
+        outcome = BuildOutcome(dict(entry), [], entry.get("gate"))
+        if profile.backend != "onnxruntime":
+            progress(f"build: {profile.backend}")
+            outcome = build_artifact(d, profile, speed_check=speed_check, progress=progress)
+    return read_manifest(out), outcome
+
+
+def check_detection(folder: Path, manifest: Manifest, backend: str, entry: dict[str, Any], options: dict[str, Any],
+                    thresholds: Any, update: bool, log: Progress) -> "DetGate":
+    """``edgetl check`` of a detection artifact: the detection gate of one build (or the reference
+    numerics) on the stored checkset, recorded like classification's (``edgetl.check.check_artifact``)."""
+    from ..runtime.model import _postprocess_spec
+    from ..runtime.preprocess import build_input_spec, to_model_input
+    from ..runtime.runners import open_runner
+    from .gate import evaluate_detection, load_det_checkset
+
+    checkset = load_det_checkset(folder)
+    post = _postprocess_spec(folder, manifest, verify=True)
+    build_spec = build_input_spec(manifest.preprocess, entry.get("input"))
+    inputs = to_model_input(checkset.inputs, manifest.preprocess, build_spec)
+    log(f"gate: {backend} {entry['model']} on {len(checkset)} checkset images (detection)")
+    runner = open_runner(entry["backend"], folder / entry["model"], options)
+    try:
+        boxes, scores = runner.infer_many_all(inputs)[:2]
+        cpu = None
+        if backend != "reference" and runner.uses_cpu:
+            from ..runtime.cpu import host_cpu
+
+            cpu = host_cpu().to_dict()
+    finally:
+        runner.close()
+    gate = evaluate_detection((boxes, scores), checkset, post, thresholds, manifest.labels)
+    gate["numerics"] = "reference" if backend == "reference" else "deployed"
+    gate["cpu"] = cpu
+    result = DetGate(gate)
+    if update:
+        record_detection_gate(folder, manifest, backend, result)
+    return result
+
+
+class DetGate:
+    """A detection gate dict with the face of ``check.GateResult`` that the builders and the CLI use."""
+
+    def __init__(self, gate: dict[str, Any]):
+        self.gate = gate
+        self.passed = bool(gate["passed"])
+        self.failures = list(gate.get("failures") or [])
+
+    def summary(self) -> dict[str, Any]:
+        return dict(self.gate)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.gate)
+
+
+def record_detection_gate(folder: Path, manifest: Manifest, backend: str, result: DetGate) -> Manifest:
+    """The gate into the manifest (the build's entry, or ``gate`` for the reference numerics),
+    report.json and report.md; the verdict re-derived; the folder sealed."""
+    from ..check import deployable, with_verdict
+
+    report_path = folder / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {"name": folder.name}
+    builds = [dict(b) for b in manifest.builds]
+    for b in builds:
+        if b.get("backend") == backend:
+            b["gate"] = result.summary()
+    changes: dict[str, Any] = {"builds": tuple(builds)}
+    if backend == "reference":
+        report["gate"] = result.to_dict()
+        changes["gate"] = {**result.summary(), "backend": "onnxruntime", "model": "model_int8.onnx"}
+    else:
+        report.setdefault("builds", {})[backend] = result.to_dict()
+    new = with_verdict(manifest.replace(**changes))
+    report["deployable"] = deployable(new)
+    report_path.write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
+    (folder / "report.md").write_text(render_report(report), encoding="utf-8")
+    return seal(folder, new)
