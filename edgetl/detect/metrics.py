@@ -82,8 +82,10 @@ def _check_inputs(gts: Sequence[Gt], dets: Sequence[Det], num_classes: int) -> N
                 raise EdgetlError(f"mAP: {what} of image {i} has class {int(bad[0])} outside 0..{num_classes - 1}",
                                   hint="classes are 0-based indices into the class names, no background class")
             n_boxes = np.asarray(item[0]).size // 4
-            if n_boxes != len(cls):
-                raise EdgetlError(f"mAP: {what} of image {i}: {n_boxes} boxes, {len(cls)} classes")
+            n_scores = np.asarray(item[1]).size if ci == 2 else len(cls)
+            if not n_boxes == n_scores == len(cls):
+                raise EdgetlError(f"mAP: {what} of image {i}: {n_boxes} boxes, {len(cls)} classes"
+                                  + (f", {n_scores} scores" if ci == 2 else ""))
 
 
 def _xywh(boxes: np.ndarray) -> np.ndarray:
