@@ -40,7 +40,9 @@ from .runtime.errors import EdgetlError, ManifestError
 from .runtime.manifest import MANIFEST_NAME, Manifest, open_verified, read_manifest, seal, verify_files
 
 LOCK_SUFFIX = ".edgetl-lock"
-DATA_MARKER = "elpv_meta.csv"  # written by `edgetl data` into the image folders it makes
+DATA_MARKER = "elpv_meta.csv"  # written by `edgetl data elpv` into the image folders it makes
+# every `edgetl data` folder carries one of these (elpv, scenes, trees): --overwrite may replace it
+DATA_MARKERS = (DATA_MARKER, "scenes.json", "edgetl_trees.json")
 STATES = ("partial", "update", "ready", "old")  # hidden siblings: .NAME.<state>-<pid>-<random>
 FAULT_POINTS = ("new:work", "new:sealed", "new:moved-old", "new:swapped", "update:staged", "update:work", "update:sealed",
                 "update:ready", "update:moved-old", "update:swapped")
@@ -193,7 +195,7 @@ def is_edgetl_folder(path: Path) -> bool:
     an empty folder."""
     if not path.is_dir() or path.is_symlink():
         return False
-    if not any(path.iterdir()) or (path / DATA_MARKER).is_file():
+    if not any(path.iterdir()) or any((path / m).is_file() for m in DATA_MARKERS):
         return True
     try:
         read_manifest(path)

@@ -470,6 +470,10 @@ def run_app(model: Model, source: Any, options: StreamOptions, app: AppOptions,
                         if key in (27, ord("q")) or cv2.getWindowProperty(app.window, cv2.WND_PROP_VISIBLE) < 1:
                             stream.stop_reason = "window closed"
                             stop.set()
+            tail = head.finish()  # e.g. the exits of the tracks still in view when the source ended
+            if json_out and tail:
+                out.write(json.dumps({"t": round(time.time(), 3), "events": tail}) + "\n")
+                out.flush()
         except SourceLostError as exc:
             error = exc
         finally:

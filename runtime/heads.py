@@ -68,6 +68,9 @@ class ClassifyHead:
         from .overlay import draw_overlay
         draw_overlay(img, r.label, r.score, fps, r.latency_ms, roi, r.label != UNKNOWN)
 
+    def finish(self) -> List[Dict[str, Any]]:
+        return []
+
     def summary(self) -> Dict[str, Any]:
         return {}
 
@@ -87,7 +90,8 @@ class DetectHead:
         self.tracker = self.counter = None
         if options.track or options.count_line:
             from .track import LineCounter, Tracker, parse_line
-            self.tracker = Tracker(low=min(0.1, self.threshold), high=max(self.threshold, 0.1))
+            # ByteTrack: detections down to `low` reach the tracker (its second stage), tracks start at `high`
+            self.tracker = Tracker(low=min(0.1, self.threshold), high=self.threshold, labels=model.labels)
             if options.count_line:
                 line = options.count_line
                 self.counter = LineCounter(parse_line(line) if isinstance(line, str) else tuple(line), model.labels)
@@ -107,21 +111,25 @@ class DetectHead:
     def step(self, outputs: List[np.ndarray], frame: Any) -> Dict[str, Any]:
         from .detect import class_counts, postprocess, to_frame
         raw_boxes, raw_scores = self._raw(outputs)
-        dets = postprocess(raw_boxes, raw_scores, self.post, score_threshold=self.threshold)
+        low = self.threshold if self.tracker is None else min(self.threshold, self.tracker.low)
+        dets = postprocess(raw_boxes, raw_scores, self.post, score_threshold=low)
         h, w = frame.image.shape[:2]
         offset = (0, 0)
         if self.roi is not None:
             x, y, rw, rh = self.roi
             offset, (h, w) = (x, y), (min(rh, h - y), min(rw, w - x))
         dets = to_frame(dets, self.model.spec, (h, w), offset)
-        counts = class_counts(dets, self.model.labels)
+        if self.tracker is None:
+            counts = class_counts(dets, self.model.labels)
+        else:  # counted at the deployed threshold, not the tracker's low one
+            counts = class_counts(dets.select(dets.scores >= self.threshold), self.model.labels)
         for lab, n in counts.items():
             self.totals[lab] = self.totals.get(lab, 0) + n
             self.peak[lab] = max(self.peak.get(lab, 0), n)
         tracks, events = None, []
         if self.tracker is not None:
-            tracks = self.tracker.update(dets)
-            events = [dict(e, frame=frame.index) for e in self.tracker.events()]
+            tracks = self.tracker.update(dets, frame_index=frame.index)
+            events = list(self.tracker.events())
             if self.counter is not None:
                 events += self.counter.update(tracks, frame.index)
         top = max(counts.items(), key=lambda kv: kv[1]) if counts else ("", 0)
@@ -134,11 +142,8 @@ class DetectHead:
         """What is drawn and printed: the tracks (with ids) when tracking, else the detections."""
         if r.tracks is None:
             return r.detections, None
-        from .detect import Detections
-        t = r.tracks
-        return (Detections(np.array([x.box for x in t], np.float32).reshape(-1, 4),
-                           np.array([x.score for x in t], np.float32), np.array([x.cls for x in t], np.int64)),
-                [x.id for x in t])
+        from .track import tracks_to_detections
+        return tracks_to_detections(r.tracks)
 
     def json_fields(self, r: Any) -> str:
         from .detect import detections_json
@@ -163,6 +168,10 @@ class DetectHead:
         dets, ids = self.shown(r)
         draw_detections(img, dets, self.model.labels, ids, line=line, counts=counts)
         draw_overlay(img, r.label, r.score, fps, r.latency_ms, roi, True)
+
+    def finish(self) -> List[Dict[str, Any]]:
+        """At the end of the stream: exits of the tracks still alive (``--events`` prints them)."""
+        return list(self.tracker.finish()) if self.tracker is not None else []
 
     def summary(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"detections_total": self.totals, "max_per_frame": self.peak}

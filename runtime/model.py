@@ -250,4 +250,6 @@ def _postprocess_spec(folder: Path, manifest: Manifest, verify: bool) -> Any:
         raise EdgetlError(f"{folder / MANIFEST_NAME}: postprocess.anchors names no file of the artifact",
                           hint="the artifact is damaged or was not made by edgetl: rebuild it")
     data = read_verified(folder, name, manifest) if verify else (folder / name).read_bytes()
-    return PostprocessSpec.from_manifest(section, load_anchors(data, str(folder / name)))
+    # image_size: boxes are clipped to the model input before NMS (as torchvision's SSD does)
+    return PostprocessSpec.from_manifest(section, load_anchors(data, str(folder / name)),
+                                         image_size=manifest.preprocess.input_size)

@@ -39,6 +39,37 @@ def thresholds_from(opts: Mapping[str, Any], base: Any = None):
     return Thresholds.coerce({**th.to_dict(), **given})
 
 
+def det_thresholds_from(opts: Mapping[str, Any], base: Any = None):
+    """A detection artifact's thresholds: --max-drop is points of mAP@0.5, --min-agreement the F1 of
+    quantized vs float detections (others from the stored gate, or the defaults)."""
+    from ..detect.gate import DetThresholds
+
+    th = DetThresholds.coerce(base).to_dict()
+    for opt, key in (("max_drop", "max_map_drop"), ("min_agreement", "min_agreement")):
+        if opts.get(opt) is not None:
+            th[key] = opts[opt]
+    return DetThresholds.coerce(th)
+
+
+def _detection_lines(g: Mapping[str, Any]) -> int:
+    from ..runtime.cpu import describe
+
+    where = "reference numerics (Q/DQ as float ops)" if g.get("numerics") == "reference" else \
+        f"deployed numerics{' on ' + describe(g['cpu']) if g.get('cpu') else ''}"
+    lo, hi = g["drop_ci"]
+    click.echo(f"{where}: mAP@0.5 float {100 * g['float_map50']:.2f}  quantized {100 * g['quant_map50']:.2f}  drop "
+               f"{g['drop']:.2f} points [{lo:.2f}, {hi:.2f}]  mAP@0.5:0.95 {100 * g['float_map']:.2f} -> "
+               f"{100 * g['quant_map']:.2f}  detection agreement F1 {g['agreement']:.4f} "
+               f"[{g['agreement_ci'][0]:.4f}, {g['agreement_ci'][1]:.4f}] at score {g['score_threshold']:.2f}")
+    if g["passed"]:
+        click.echo("gate PASSED")
+        return 0
+    click.secho("gate FAILED", fg="red")
+    for f in g["failures"]:
+        click.echo(f"  {f}")
+    return 1
+
+
 CHECK_HINT = ("pass the --out folder of `edgetl quantize` or `edgetl compile` (a run is quantized first: "
               "edgetl quantize RUN --out artifacts/NAME)")
 
@@ -54,7 +85,9 @@ CHECK_HINT = ("pass the --out folder of `edgetl quantize` or `edgetl compile` (a
 def check(artifact: Path, backend: str | None, no_update: bool, **gate: Any) -> int:
     """Run an artifact's quantized model on its checkset and gate it against the float model.
 
-    Verifies every file's sha256 first. Reports float vs quantized top-1, the drop and the
+    Verifies every file's sha256 first. A detection artifact reports mAP@0.5 and mAP@0.5:0.95 float vs
+    quantized, the drop (with --max-drop in mAP points) and the detection agreement (F1 of quantized vs
+    float boxes at the deployed score; --min-agreement). A classifier: float vs quantized top-1, the drop and the
     agreement with 95% confidence intervals, per-class recall, the worst classes, the logit error
     and the batch-1 speed-up over the float model. Exits 1 when the gate fails and records the
     result in manifest.json (gate.passed) and report.md/json.
@@ -68,10 +101,11 @@ def check(artifact: Path, backend: str | None, no_update: bool, **gate: Any) -> 
     from ..check import check_artifact
     from ..runtime.manifest import read_manifest
 
-    stored = None
+    stored, task = None, "classification"
     if (artifact / "manifest.json").is_file():
-        stored = (read_manifest(artifact).gate or {}).get("thresholds")
-    th = thresholds_from(gate, stored)
+        m = read_manifest(artifact)
+        stored, task = (m.gate or {}).get("thresholds"), m.task
+    th = det_thresholds_from(gate, stored) if task == "detection" else thresholds_from(gate, stored)
     if no_update:
         result = check_artifact(artifact, backend=backend, thresholds=th, update=False, log=click.echo)
     else:  # one transaction: the artifact is the old one or the new one, verified, whatever happens
@@ -82,6 +116,8 @@ def check(artifact: Path, backend: str | None, no_update: bool, **gate: Any) -> 
                 click.echo(f"note: {note}")
             result = check_artifact(job.path, backend=backend, thresholds=th, update=True, log=click.echo)
     g = result
+    if task == "detection":
+        return _detection_lines(g.gate)
     from ..runtime.cpu import describe
 
     where = "reference numerics (Q/DQ as float ops)" if g.numerics == "reference" else \

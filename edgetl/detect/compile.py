@@ -188,7 +188,8 @@ def _material(run_path: Path, work: Path, calib_size: int, checkset_cap: int, se
     root = Path(manifest.training.get("data_root", "")) if manifest.training.get("data_root") else Path("/")
     progress(f"calibration: {len(cal)} training images; checkset: up to {checkset_cap} held-out images")
     checkset = make_checkset(model, held_out, spec, root, checkset_cap, seed)
-    post = PostprocessSpec.from_manifest(manifest.postprocess, np.asarray(model.anchors, np.float32))
+    post = PostprocessSpec.from_manifest(manifest.postprocess, np.asarray(model.anchors, np.float32),
+                                         image_size=spec.input_size)
     mat = Material(work / "model_fp32.onnx", prepared, _inputs(cal, spec), [_shown_path(i, root) for i in cal],
                    checkset, post, spec, tuple(names))
     return manifest, mat, parity

@@ -31,13 +31,9 @@ cell's visible pixels covered by cells drawn above it; the box stays the whole (
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -518,34 +514,6 @@ def write_video(root: Path, cells: list[Cell], seed: int, size: tuple[int, int],
 
 # ---- the output folder ---------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _scenes_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A hidden temp folder beside ``out``, renamed to ``out`` when complete (edgetl.artifact's
-    new_folder). new_folder's --overwrite replaces only folders artifact.is_edgetl_folder knows
-    (its DATA_MARKER is elpv_meta.csv); until it knows this module's marker, an existing scenes
-    folder is replaced here the same way: under its lock, after recover(), swapped through
-    ``.NAME.old-*`` (which recover() puts back if the process dies between the two renames)."""
-    from ..artifact import folder_lock, is_edgetl_folder, new_folder, recover
-
-    mine = out.is_dir() and not out.is_symlink() and (out / MARKER).is_file()
-    if not (overwrite and mine and not is_edgetl_folder(out)):
-        with new_folder(out, overwrite=overwrite) as tmp:
-            yield tmp
-        return
-    with folder_lock(out):
-        recover(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
-        try:
-            yield tmp
-            old = out.parent / f".{out.name}.old-{os.getpid()}-{os.urandom(3).hex()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-
 def _readme(summary: dict, pools: dict[str, list[Cell]]) -> str:
     """What a reader of the folder must know: the layout is synthetic, the cells are real (cited),
     and which cells are held out (val and test named here; every cell's split is in cells.json)."""
@@ -614,7 +582,9 @@ def write_scenes(out: Path, *, cells_root: Path | None = None, run: Path | None 
 
         cells_root = elpv_root()
     out = Path(out)
-    with _scenes_folder(out, overwrite) as tmp:
+    from ..artifact import new_folder
+
+    with new_folder(out, overwrite=overwrite) as tmp:
         say("cells: " + ", ".join(f"{s} {len(pools[s])}" for s in SPLITS) + f"; writing into {tmp.name}")
         belt = _belt_texture(np.random.default_rng([seed, 99]), (w, h))
         how = (f"from {run}/split.json" if run is not None else

@@ -29,13 +29,12 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..artifact import folder_lock, recover
+from ..artifact import new_folder
 from ..runtime.errors import EdgetlError, MissingDependencyError
 from ..runtime.imageio import read_image
 from .data import read_detection, safe_xml
@@ -189,33 +188,15 @@ def write_trees(out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     src = deepforest_data_dir()
     out = Path(out)
     _check_out(out, overwrite)
-    with folder_lock(out):
-        recover(out)
-        _check_out(out, overwrite)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
-        try:
-            summary = _summary(tmp, src, _copy_pairs(src, tmp))
-            license_file = summary.pop("_license_file")
-            summary["out"] = str(out)
-            if license_file is not None:
-                shutil.copyfile(license_file, tmp / "LICENSE-deepforest.txt")
-            (tmp / "README.txt").write_text(_readme(summary), encoding="utf-8")
-            (tmp / MARKER).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the data folder is an ordinary one
-            if out.exists():
-                old = out.parent / f".{out.name}.old-{os.getpid()}-{os.urandom(3).hex()}"
-                os.replace(out, old)
-                try:
-                    os.replace(tmp, out)
-                except BaseException:
-                    os.replace(old, out)
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with new_folder(out, overwrite=overwrite) as tmp:  # hidden, renamed when complete; its marker: MARKER
+        summary = _summary(tmp, src, _copy_pairs(src, tmp))
+        license_file = summary.pop("_license_file")
+        summary["out"] = str(out)
+        if license_file is not None:
+            shutil.copyfile(license_file, tmp / "LICENSE-deepforest.txt")
+        (tmp / "README.txt").write_text(_readme(summary), encoding="utf-8")
+        (tmp / MARKER).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the data folder is an ordinary one
     return summary
 
 
