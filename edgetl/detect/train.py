@@ -329,6 +329,7 @@ def evaluate_images(model, images: Sequence[Any], spec: PreprocessSpec, post, cl
     model.eval()
     gts, dets, loss, n = [], [], 0.0, 0
     with torch.inference_mode():
+        workers = workers if len(images) > 2 * EVAL_BATCH else 0  # starting workers costs more than a few images
         for x, targets in make_loader(DetSamples(images, spec), EVAL_BATCH, workers):
             boxes, scores = model(x.to(device))
             tg = [(b.to(device), c.to(device)) for b, c in targets]
