@@ -169,8 +169,10 @@ class Manifest:
             raise ManifestError("manifest key 'postprocess' is missing: a detection model needs it",
                                 hint="the folder is damaged or was not written by edgetl: rebuild it")
         labels = tuple(str(x) for x in self.labels)
-        if len(labels) < 2 or len(set(labels)) != len(labels):
-            raise ManifestError("manifest key 'labels' needs at least two distinct labels")
+        least = 1 if self.task == "detection" else 2  # a detector of one class (tree crowns) still says where
+        if len(labels) < least or len(set(labels)) != len(labels):
+            raise ManifestError(f"manifest key 'labels' needs at least {least} distinct label"
+                                + ("s" if least > 1 else ""))
         object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "builds", tuple(self.builds))
         for name in self.files:

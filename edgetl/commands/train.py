@@ -26,6 +26,14 @@ def _d(value) -> str:
 @click.command(context_settings={"max_content_width": 100})
 @click.argument("data", required=False, type=click.Path(path_type=Path))
 @click.option("--out", "-o", type=click.Path(path_type=Path), help="Run folder to write, e.g. runs/NAME.")
+@click.option("--task", type=click.Choice(["classify", "detect"]), default="classify", show_default=True,
+              help="classify: DATA is class folders or a CSV; detect: DATA is COCO JSON, a YOLO folder "
+                   "(images/ + labels/ + class names) or Pascal VOC XML, and the model an SSDLite detector.")
+@click.option("--format", "det_format", type=click.Choice(["auto", "coco", "yolo", "voc"]), default=None,
+              help="detect: the annotation format. [default: auto]")
+@click.option("--tile", type=int, help="detect: cut large images into tiles of this many pixels (aerial, line-scan).")
+@click.option("--tile-overlap", type=float, help="detect: overlap of neighbouring tiles, 0..0.9. [default: 0.2]")
+@click.option("--score-threshold", type=float, help="detect: the deployed minimum box score. [default: 0.3]")
 @click.option("--config", "config_file", type=click.Path(path_type=Path),
               help="TOML file of config keys (flat, as in a run's config.toml); command-line options win.")
 @click.option("--backbone", "-b", help=f"Backbone: {', '.join(REGISTRY)}." + _d(D.backbone))
@@ -85,22 +93,80 @@ def train(data, out, config_file, resume, overwrite, quiet, **options) -> None:
     DATA/val, DATA/test, or a CSV with path,label columns (paths relative to the CSV).
     Splits not given are drawn stratified (70/15/15) with --split-seed and saved in split.json.
 
+    With --task detect, DATA is COCO JSON, a YOLO folder or Pascal VOC XML; the run holds an
+    SSDLite detector on the backbone (anchors, post-processing and the split with every box).
+
     \b
     Examples:
       edgetl train data/elpv --backbone efficientnet_lite0 --mode feature-extract --out runs/elpv-fe
       edgetl train data/elpv --mode fine-tune --resize stretch --epochs 12 --out runs/elpv-ft
       edgetl train --config runs/elpv-ft/config.toml --epochs 20 --out runs/elpv-ft20
       edgetl train --resume --out runs/elpv-ft          # after Ctrl-C
+      edgetl train data/cells/train.json --task detect --epochs 20 --out runs/cells
+      edgetl train data/trees --task detect --tile 400 --out runs/trees
     """
     from ..runtime.errors import require
 
     require("edgetl train", "torch", "safetensors", "matplotlib")  # before any work (curves.png is last)
+    task = options.pop("task")
+    det = {k: options.pop(k) for k in ("det_format", "tile", "tile_overlap", "score_threshold")}
+    if task == "detect":
+        require("edgetl train --task detect", "pycocotools")
+        return _train_detection(data, out, config_file, resume, overwrite, quiet, det, options)
+    given = [k for k, v in det.items() if v is not None]
+    if given:
+        from ..runtime.errors import EdgetlError
+
+        flag = "--" + given[0].replace("det_format", "format").replace("_", "-")
+        raise EdgetlError(f"{flag} is an option of --task detect", hint="add --task detect, or leave it out")
     from ..train import Reporter, resolve_config, run_training
 
     cli = {"data": str(data) if data else None, "out": str(out) if out else None,
            **{k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}}
     cfg = resolve_config(cli, config_file, resume=resume)
     run_training(cfg, resume=resume, overwrite=overwrite, reporter=Reporter(quiet=quiet))
+
+
+# classification options that mean the same for detection: CLI name -> DetTrainConfig key
+_DET_SAME = {"backbone": "backbone", "mode": "mode", "pretrained": "pretrained", "weights": "weights",
+             "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "backbone_lr_factor": "backbone_lr_mult",
+             "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs", "patience": "patience",
+             "augment": "augment", "unfreeze_every": "unfreeze_every", "val_fraction": "val_fraction",
+             "test_fraction": "test_fraction", "seed": "seed", "device": "device", "num_workers": "num_workers"}
+
+
+def _train_detection(data, out, config_file, resume, overwrite, quiet, det: dict, options: dict) -> None:
+    """``edgetl train DATA --task detect``: the SSDLite detector (``edgetl.detect.train``)."""
+    import dataclasses
+
+    from ..detect.train import DetTrainConfig, train_detector
+    from ..runtime.errors import EdgetlError
+
+    if resume or config_file:
+        raise EdgetlError(f"{'--resume' if resume else '--config'} is not available with --task detect yet",
+                          hint="give the options on the command line; an interrupted detection run starts again")
+    if data is None or out is None:
+        raise EdgetlError("edgetl train --task detect needs DATA and --out",
+                          hint="e.g. edgetl train data/cells/train.json --task detect --out runs/cells")
+    unknown = sorted(k for k, v in options.items() if v is not None and k not in _DET_SAME | {"input_size": 0})
+    if unknown:
+        raise EdgetlError(f"--{unknown[0].replace('_', '-')} is a classification option, not one of --task detect",
+                          hint="see edgetl train --help: the detection options are the backbone, mode, learning "
+                               "rates, epochs, batch, split, seed, device, --tile and --score-threshold")
+    kw = {_DET_SAME[k]: (str(v) if isinstance(v, Path) else v) for k, v in options.items()
+          if v is not None and k in _DET_SAME}
+    if options.get("input_size"):
+        size = str(options["input_size"]).lower().replace("x", ",").split(",")
+        if len(set(size)) != 1 or not size[0].strip().isdigit():
+            raise EdgetlError(f"--input-size {options['input_size']!r}: a detector takes a square input",
+                              hint="e.g. --input-size 320")
+        kw["input_size"] = int(size[0])
+    kw.update({k: v for k, v in det.items() if v is not None and k != "det_format"})
+    if det.get("det_format"):
+        kw["data_format"] = det["det_format"]
+    known = {f.name for f in dataclasses.fields(DetTrainConfig)}
+    cfg = DetTrainConfig(**{k: v for k, v in kw.items() if k in known})
+    train_detector(data, out, cfg, overwrite=overwrite, progress=(lambda s: None) if quiet else click.echo)
 
 
 @click.command("eval", context_settings={"max_content_width": 100})

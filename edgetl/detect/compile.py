@@ -181,13 +181,13 @@ def _material(run_path: Path, work: Path, calib_size: int, checkset_cap: int, se
     if not held_out or not splits.get("train"):
         raise EdgetlError(f"{run_path}: the run has no held-out (test/val) or no train images",
                           hint="re-train with --test/--val fractions above 0")
-    progress(f"export: float ONNX of the detector ({spec.input_size[1]}x{spec.input_size[0]}, raw boxes + scores)")
-    parity = export_detector(model, spec, work / "model_fp32.onnx")
-    prepared = prepare_float(work / "model_fp32.onnx", work / "prepared.onnx")
     cal = _pick(splits["train"], calib_size, seed)
     root = Path(manifest.training.get("data_root", "")) if manifest.training.get("data_root") else Path("/")
     progress(f"calibration: {len(cal)} training images; checkset: up to {checkset_cap} held-out images")
     checkset = make_checkset(model, held_out, spec, root, checkset_cap, seed)
+    progress(f"export: float ONNX of the detector ({spec.input_size[1]}x{spec.input_size[0]}, raw boxes + scores)")
+    parity = export_detector(model, spec, work / "model_fp32.onnx", inputs=checkset.inputs[:8])  # real held-out inputs
+    prepared = prepare_float(work / "model_fp32.onnx", work / "prepared.onnx")
     post = PostprocessSpec.from_manifest(manifest.postprocess, np.asarray(model.anchors, np.float32),
                                          image_size=spec.input_size)
     mat = Material(work / "model_fp32.onnx", prepared, _inputs(cal, spec), [_shown_path(i, root) for i in cal],

@@ -87,6 +87,7 @@ class DetTrainConfig:
     nms_iou: float = 0.5
     max_detections: int = 100
     device: str = "auto"
+    data_format: str = "auto"  # auto | coco | yolo | voc
 
     @property
     def workers(self) -> int:
@@ -366,13 +367,9 @@ def _prepare_data(data: str | Path, cfg: DetTrainConfig, progress: Callable[[str
     """read_detection (+ tile_dataset) + split_detection; the data fingerprint."""
     from .data import read_detection, split_detection, split_summary, split_to_json, tile_dataset
 
-    ds = read_detection(data)
+    ds = read_detection(data, cfg.data_format)
     if cfg.tile:
         ds = tile_dataset(ds, cfg.tile, cfg.tile_overlap)
-    if len(ds.class_names) < 2:
-        raise EdgetlError(f"{data}: {len(ds.class_names)} class ({', '.join(ds.class_names)}); the run manifest "
-                          "needs at least two class names for now",
-                          hint="add a second class (runtime/manifest.py refuses fewer than two labels)")
     splits = split_detection(ds, {"val": cfg.val_fraction, "test": cfg.test_fraction}, cfg.seed)
     if not splits["val"]:
         raise EdgetlError(f"{data}: the validation split is empty (the best epoch is chosen on it)",
