@@ -452,7 +452,10 @@ def test_write_trees_and_read_them(tmp_path):
     from edgetl.detect.trees import MARKER, write_trees
 
     out = tmp_path / "trees"
-    summary = write_trees(out)
+    one = write_trees(tmp_path / "one")  # default: every crown is a Tree (the states exist in one image only)
+    assert one["boxes_per_class"] == {"Tree": 951}
+    assert D.read_detection(tmp_path / "one").class_names == ("Tree",)
+    summary = write_trees(out, single_class=False)
     assert summary["images"] == 4 and summary["boxes"] == 951
     assert summary["boxes_per_class"] == {"Alive": 9, "Dead": 28, "Tree": 914}
     ds = D.read_detection(out)  # auto: VOC (the provenance JSON is not mistaken for COCO)
@@ -467,7 +470,7 @@ def test_write_trees_and_read_them(tmp_path):
     assert "deepforest 2.1.0" in readme and "MIT" in readme and "Weinstein" in readme and "OSBS_029.tif" in readme
     assert (out / "LICENSE-deepforest.txt").is_file() and (out / MARKER).is_file()
     _raises(lambda: write_trees(out), "already exists")
-    assert write_trees(out, overwrite=True)["boxes"] == 951
+    assert write_trees(out, overwrite=True, single_class=False)["boxes"] == 951
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folder, no lock left
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")

@@ -86,8 +86,11 @@ def conveyor(run: Path, out: Path, split_name: str, items: int, frames_per_item:
 
 @data.command("trees")
 @click.argument("out", type=click.Path(path_type=Path))
+@click.option("--states/--one-class", default=False, show_default=True,
+              help="Keep the Alive/Dead labels of the one image that has them (--states), or label every crown "
+                   "Tree (the states exist in a single image: no held-out split could measure them).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if edgetl wrote it.")
-def trees(out: Path, overwrite: bool) -> None:
+def trees(out: Path, states: bool, overwrite: bool) -> None:
     """Hand-labelled tree crowns in NEON aerial images (detection; Pascal VOC), from the deepforest package.
 
     \b
@@ -99,7 +102,7 @@ def trees(out: Path, overwrite: bool) -> None:
     """
     from ..detect.trees import write_trees
 
-    info = write_trees(out, overwrite=overwrite)
+    info = write_trees(out, overwrite=overwrite, single_class=not states)
     click.echo(f"wrote {out}: " + json.dumps(info, default=str))
 
 

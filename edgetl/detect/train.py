@@ -363,14 +363,43 @@ def _summary(m: Mapping[str, Any] | None) -> dict[str, Any] | None:
 # training
 # ------------------------------------------------------------------------------------------
 
+def _given_splits(data: Path, cfg: DetTrainConfig):
+    """A folder holding ``train.json`` and ``val.json`` (and ``test.json``) COCO files, as ``edgetl data
+    scenes`` writes: those splits are used as given (like classification's DATA/train, DATA/val, DATA/test);
+    None for any other layout. A missing test split is drawn from train."""
+    from .data import read_detection, split_detection, tile_dataset
+
+    if not (data.is_dir() and (data / "train.json").is_file() and (data / "val.json").is_file()):
+        return None
+    parts = {}
+    for name in ("train", "val", "test"):
+        if (data / f"{name}.json").is_file():
+            ds = read_detection(data / f"{name}.json", "coco")
+            parts[name] = tile_dataset(ds, cfg.tile, cfg.tile_overlap) if cfg.tile else ds
+    names = parts["train"].class_names
+    for name, ds in parts.items():
+        if ds.class_names != names:
+            raise EdgetlError(f"{data / (name + '.json')}: classes {list(ds.class_names)} differ from train.json's "
+                              f"{list(names)}", hint="write every split with the same categories")
+    splits = {name: list(ds.images) for name, ds in parts.items()}
+    if "test" not in splits:
+        drawn = split_detection(parts["train"], {"val": 0.0, "test": cfg.test_fraction}, cfg.seed)
+        splits["train"], splits["test"] = drawn["train"], drawn["test"]
+    return parts["train"], splits
+
+
 def _prepare_data(data: str | Path, cfg: DetTrainConfig, progress: Callable[[str], None]):
     """read_detection (+ tile_dataset) + split_detection; the data fingerprint."""
     from .data import read_detection, split_detection, split_summary, split_to_json, tile_dataset
 
-    ds = read_detection(data, cfg.data_format)
-    if cfg.tile:
-        ds = tile_dataset(ds, cfg.tile, cfg.tile_overlap)
-    splits = split_detection(ds, {"val": cfg.val_fraction, "test": cfg.test_fraction}, cfg.seed)
+    given = _given_splits(Path(data), cfg)
+    if given is not None:
+        ds, splits = given
+    else:
+        ds = read_detection(data, cfg.data_format)
+        if cfg.tile:
+            ds = tile_dataset(ds, cfg.tile, cfg.tile_overlap)
+        splits = split_detection(ds, {"val": cfg.val_fraction, "test": cfg.test_fraction}, cfg.seed)
     if not splits["val"]:
         raise EdgetlError(f"{data}: the validation split is empty (the best epoch is chosen on it)",
                           hint="use val_fraction > 0 with enough images (or tiles)")

@@ -77,14 +77,34 @@ def _package_meta() -> dict[str, Any]:
 
 
 def _same_pixels(a: Path, b: Path) -> bool:
+    import cv2
+
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # the GeoTIFF's tags: a warning per tag
     try:
         x, y = read_image(a), read_image(b)
     except EdgetlError:
         return False
+    finally:
+        cv2.utils.logging.setLogLevel(level)
     return x.shape == y.shape and bool(np.array_equal(x, y))
 
 
-def _copy_pairs(src: Path, dst: Path) -> list[dict[str, Any]]:
+TREE_STATES = ("Alive", "Dead")  # one image labels crowns by state; the others say "Tree"
+
+
+def _one_class(text: bytes, xml_name: str) -> tuple[bytes, str | None]:
+    """Every crown labelled ``Tree``: the state labels of one image become ``Tree`` (a detector of
+    tree crowns; the states exist in a single image, so no held-out split could measure them)."""
+    n = 0
+    for state in TREE_STATES:
+        tag = f"<name>{state}</name>".encode()
+        n += text.count(tag)
+        text = text.replace(tag, b"<name>Tree</name>")
+    return text, (f"{n} boxes labelled {'/'.join(TREE_STATES)} in {xml_name} relabelled Tree" if n else None)
+
+
+def _copy_pairs(src: Path, dst: Path, single_class: bool = True) -> list[dict[str, Any]]:
     """Copy each annotated image and its XML from ``src`` into ``dst``; one entry per pair."""
     entries = []
     for xml in sorted(src.glob("*.xml")):
@@ -101,6 +121,9 @@ def _copy_pairs(src: Path, dst: Path) -> list[dict[str, Any]]:
                 change = (f"{named} (a GeoTIFF) replaced by {png.name}, pixel-identical and shipped beside it in the "
                           f"package; <filename> in {xml.name} changed to match")
                 image = png
+        if single_class:
+            text, relabelled = _one_class(text, xml.name)
+            change = "; ".join(c for c in (change, relabelled) if c) or None
         shutil.copyfile(image, dst / image.name)
         (dst / xml.name).write_bytes(text)
         entries.append({"annotation": xml.name, "image": image.name, "named_in_package": named,
@@ -180,7 +203,7 @@ def _summary(tmp: Path, src: Path, entries: list[dict[str, Any]]) -> dict[str, A
             "image_sizes": {im.path.name: [im.width, im.height] for im in ds.images}, "files": entries}
 
 
-def write_trees(out: str | Path, overwrite: bool = False) -> dict[str, Any]:
+def write_trees(out: str | Path, overwrite: bool = False, single_class: bool = True) -> dict[str, Any]:
     """Write the deepforest tree-crown annotations as a Pascal VOC folder at ``out`` (module docstring).
 
     Returns the summary (also saved as ``edgetl_trees.json``): source, package version and license,
@@ -189,7 +212,7 @@ def write_trees(out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     out = Path(out)
     _check_out(out, overwrite)
     with new_folder(out, overwrite=overwrite) as tmp:  # hidden, renamed when complete; its marker: MARKER
-        summary = _summary(tmp, src, _copy_pairs(src, tmp))
+        summary = _summary(tmp, src, _copy_pairs(src, tmp, single_class))
         license_file = summary.pop("_license_file")
         summary["out"] = str(out)
         if license_file is not None:
