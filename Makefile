@@ -24,8 +24,9 @@ test: $(STAMP)
 
 # The main job on real data: ELPV -> fine-tuned EfficientNet-Lite0 -> INT8 for two x86 targets (gated)
 # -> the device runtime on a 720p conveyor video -> side-by-side benchmark -> summary. FULL=1: better recipe.
+# TASK=detect: the detection leg (conveyor scenes of real cells -> SSDLite detector -> INT8 -> tracked counts).
 demo: $(STAMP)
-	$(PY) -m edgetl.demo $(if $(FULL),--full,)
+	$(PY) -m edgetl.demo $(if $(FULL),--full,) $(if $(TASK),--task $(TASK),)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -184,8 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bench", default="", help="extra options of every `edgetl bench` (one quoted string)")
     ap.add_argument("--no-record", action="store_true",
                     help="do not write benchmarks/results/demo-<CPU class>.json (the per-machine record)")
+    ap.add_argument("--task", choices=("classify", "detect"), default="classify",
+                    help="detect: the detection leg (conveyor scenes -> SSDLite -> INT8 -> tracked counts)")
     a = ap.parse_args(argv)
     out: Path = a.out
+    if a.task == "detect":
+        from .demo_detect import main_detect
+
+        out.mkdir(parents=True, exist_ok=True)
+        return main_detect(out, a.train, a.compile, a.bench, a.threads, record=not a.no_record)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     log: list[dict] = []
