@@ -13,6 +13,15 @@ preprocessing included, as on the device), the preprocessing share of it, batch-
 top-1 accuracy and agreement with the float model on the artifact's checkset, model size on disk,
 peak RSS while it ran, and the precision the backend reports it actually ran in.
 
+A detection artifact (``manifest.task == "detection"``) gets the same rows; its latency is *from a
+decoded uint8 frame to boxes in frame pixels*: the shared preprocessing, inference (every output) and
+the device's post-processing (``runtime.detect.postprocess`` + ``to_frame``: decoding, score threshold,
+NMS), with the p50 of each part; its quality columns are mAP@0.5, mAP@0.5:0.95 and the detection
+agreement (F1 against the float model's stored raw outputs) on the detection checkset, computed by
+the gate's own ``edgetl.detect.gate.evaluate_detection``. The task owns only what differs (``_Classify``,
+``_Detect``: checkset, quality, one timed frame); loading, RSS, warm-up and the interleaved rounds are
+shared.
+
 Timing: fixed threads for every backend (recorded), warm-up, then rounds that interleave the
 rows in blocks so machine drift hits all rows alike; medians over all reps.
 """
@@ -22,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +44,7 @@ from .runtime.errors import EdgetlError, MissingDependencyError, missing_depende
 from .runtime.imageio import read_image
 from .runtime.manifest import Manifest, open_verified
 from .runtime.preprocess import build_input_spec, preprocess, to_model_input
+from .runtime.runners.base import Runner
 
 ALL_ROWS = ("torch-nchw", "torch-channels-last", "ort-fp32", "ort-int8", "ov-f32", "ov-default", "ov-int8",
             "tensorrt")
@@ -68,12 +79,30 @@ class _TorchPredictor:
         self.info = {"backend": "torch", "version": torch.__version__, "device": "cpu",
                      "precision": "fp32", "layout": "channels_last" if channels_last else "NCHW"}
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    def infer_all(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Every output (a detector returns raw boxes and scores), float32, as a runner's."""
         x = self.torch.from_numpy(batch)
         if self.channels_last:
             x = x.contiguous(memory_format=self.torch.channels_last)
         with self.torch.inference_mode():
-            return self.model(x).float().numpy()
+            out = self.model(x)
+        return [o.float().numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.infer_all(batch)[0]
+
+    fixed_batch = None  # the chunking of Runner (the same batches as every other row)
+    infer_many = Runner.infer_many
+    infer_many_all = Runner.infer_many_all
+
+
+def _float_model(run_dir: Path, task: str):
+    """The run's float PyTorch model (eval, CPU), read as the task's training wrote it."""
+    if task == "detection":
+        from .detect.train import load_detection_run
+        return load_detection_run(run_dir)[1]
+    from .runs import load_run
+    return load_run(run_dir).model
 
 
 # ------------------------------------------------------------------------------------------
@@ -150,8 +179,7 @@ def plan(artifact: Path, manifest: Manifest, run: Path | None, threads: int,
                 continue
 
             def make(cl=cl, run_dir=run_dir):
-                from .runs import load_run
-                return _TorchPredictor(load_run(run_dir).model, cl, threads)
+                return _TorchPredictor(_float_model(run_dir, manifest.task), cl, threads)
             cands.append(Candidate(name, "torch", f"PyTorch eager FP32 ({'channels_last' if cl else 'NCHW'})",
                                    _size(Path(run_dir) / "model.safetensors"), make, spec=manifest.preprocess))
 
@@ -212,13 +240,51 @@ def plan(artifact: Path, manifest: Manifest, run: Path | None, threads: int,
 # measuring
 # ------------------------------------------------------------------------------------------
 
-def _frame_to_label(pred, frame: np.ndarray, spec) -> tuple[int, float, float]:
+def _frame_to_label(pred, frame: np.ndarray, spec) -> dict[str, float]:
+    """One timed frame of a classifier: ms of the whole (``latency``) and of preprocessing."""
     t0 = time.perf_counter()
     x = preprocess(frame, spec)[None]
     t1 = time.perf_counter()
-    label = int(np.argmax(pred.infer(x)[0]))
+    int(np.argmax(pred.infer(x)[0]))
     t2 = time.perf_counter()
-    return label, (t2 - t0) * 1e3, (t1 - t0) * 1e3
+    return {"latency": (t2 - t0) * 1e3, "preprocess": (t1 - t0) * 1e3}
+
+
+def _frame_to_boxes(pred, frame: np.ndarray, spec, post) -> dict[str, float]:
+    """One timed frame of a detector, as the device runs it: preprocess, infer (every output),
+    post-process (decode, score threshold, NMS) and map the boxes to the frame; ms of each part."""
+    from .runtime.detect import postprocess, to_frame
+
+    t0 = time.perf_counter()
+    x = preprocess(frame, spec)[None]
+    t1 = time.perf_counter()
+    outs = pred.infer_all(x)
+    t2 = time.perf_counter()
+    to_frame(postprocess(outs[0][0], outs[1][0], post), spec, frame.shape[:2])
+    t3 = time.perf_counter()
+    return {"latency": (t3 - t0) * 1e3, "preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3,
+            "post": (t3 - t2) * 1e3}
+
+
+_WINDOW = re.compile(r"(.+)#(\d+),(\d+),(\d+),(\d+)")
+
+
+def _read_held_out(root: Path, p: str, cache: dict) -> np.ndarray | None:
+    """A held-out image, or the window of one (a detection tile is named ``path#x0,y0,x1,y1``);
+    None when it is not reachable here."""
+    f, m = root / p, _WINDOW.fullmatch(p)
+    win = None
+    if m and not f.is_file():
+        f, win = root / m[1], tuple(int(v) for v in m.groups()[1:])
+    if not f.is_file():
+        return None
+    if f not in cache:
+        try:
+            cache[f] = read_image(f)
+        except EdgetlError:  # undecodable or too large to decode: not a frame to time
+            cache[f] = None
+    img = cache[f]
+    return img if img is None or win is None else np.ascontiguousarray(img[win[1]:win[3], win[0]:win[2]])
 
 
 def load_frames(paths: list[str], run_dir: Path | None, n: int, frame_size: tuple[int, int] | None
@@ -228,8 +294,8 @@ def load_frames(paths: list[str], run_dir: Path | None, n: int, frame_size: tupl
     content)."""
     root = Path(json.loads((run_dir / "split.json").read_text()).get("root", ".")) \
         if run_dir is not None and (run_dir / "split.json").exists() else Path(".")
-    files = [root / p for p in paths[:n] if p]
-    frames = [read_image(p) for p in files if p.is_file()]
+    cache: dict = {}
+    frames = [f for f in (_read_held_out(root, p, cache) for p in paths[:n] if p) if f is not None]
     source = f"{len(frames)} held-out test images of the checkset" if frames else ""
     if not frames:
         rng = np.random.default_rng(0)
@@ -241,6 +307,132 @@ def load_frames(paths: list[str], run_dir: Path | None, n: int, frame_size: tupl
         frames = [cv2.resize(f, frame_size, interpolation=cv2.INTER_LINEAR) for f in frames]
         source += f", resized to {frame_size[0]}x{frame_size[1]}"
     return frames, source
+
+
+class _Classify:
+    """Classification: top-1 and agreement with the float logits on the checkset, batch throughput;
+    a timed frame ends at the label."""
+
+    def __init__(self, artifact: Path, manifest: Manifest, reps: int, throughput_batch: int):
+        from .check import load_checkset
+
+        cs = load_checkset(artifact / "checkset.npz")
+        self.inputs, self.labels, self.float_pred = cs.inputs, cs.labels, cs.float_logits.argmax(1)
+        self.paths, self.spec = list(cs.paths or []), manifest.preprocess
+        self.reps, self.batch = reps, throughput_batch
+
+    def quality(self, c: Candidate) -> dict[str, Any]:
+        c_inputs = to_model_input(self.inputs, self.spec, c.spec)
+        pred = c.runner.infer_many(c_inputs, batch_size=32).argmax(1)
+        b = min(self.batch, len(c_inputs))
+        batch = np.ascontiguousarray(c_inputs[:b])
+        for _ in range(3):
+            c.runner.infer(batch)
+        t_rep = []
+        for _ in range(max(5, self.reps // 10)):
+            t0 = time.perf_counter()
+            c.runner.infer(batch)
+            t_rep.append(time.perf_counter() - t0)
+        return {"top1": float((pred == self.labels).mean()), "agreement": float((pred == self.float_pred).mean()),
+                "n_checkset": int(len(self.labels)), f"throughput_b{b}_img_s": b / float(np.median(t_rep))}
+
+    def timed(self, c: Candidate, frame: np.ndarray) -> dict[str, float]:
+        return _frame_to_label(c.runner, frame, c.spec)
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+
+class _Detect:
+    """Detection: mAP@0.5, mAP@0.5:0.95 and detection agreement of each row's raw outputs on the
+    detection checkset, by the gate's ``evaluate_detection``; a timed frame ends at boxes in frame
+    pixels. (The exported detector has a static batch of 1: no batch throughput.)"""
+
+    def __init__(self, artifact: Path, manifest: Manifest):
+        from .detect.gate import load_det_checkset
+        from .runtime.model import _postprocess_spec
+
+        self.cs = load_det_checkset(artifact)
+        self.post = _postprocess_spec(artifact, manifest, verify=True)
+        self.paths, self.spec, self.labels = list(self.cs.paths), manifest.preprocess, list(manifest.labels)
+        self.float: dict[str, Any] = {}
+
+    def _gate(self, raw: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+        from .detect.gate import evaluate_detection
+
+        g = evaluate_detection(raw, self.cs, self.post, labels=self.labels, n_boot=0)
+        self.float = {"float_map50": g["float_map50"], "float_map": g["float_map"], "n": len(self.cs),
+                      "n_gt": g["n_gt"], "score_threshold": g["score_threshold"],
+                      "map_score_threshold": g["map_score_threshold"]}
+        return g
+
+    def quality(self, c: Candidate) -> dict[str, Any]:
+        outs = c.runner.infer_many_all(to_model_input(self.cs.inputs, self.spec, c.spec))
+        g = self._gate((outs[0], outs[1]))
+        return {"map50": g["quant_map50"], "map": g["quant_map"], "agreement": g["agreement"],
+                "map50_drop": g["drop"], "n_detections": g["n_det_quant"], "n_checkset": len(self.cs)}
+
+    def timed(self, c: Candidate, frame: np.ndarray) -> dict[str, float]:
+        return _frame_to_boxes(c.runner, frame, c.spec, self.post)
+
+    def summary(self) -> dict[str, Any]:
+        """The float model's mAP (from its stored outputs: the same for every row) and the thresholds."""
+        if not self.float:  # no row ran
+            self._gate((self.cs.float_boxes, self.cs.float_scores))
+        return {"detection": self.float}
+
+
+def _load_rows(cands: list[Candidate], skipped: dict[str, str], task: Any, warm: list[np.ndarray],
+               progress: Callable[[str], None]) -> list[Candidate]:
+    """Open each row, measure its quality on the checkset and warm it up, one row at a time (peak
+    RSS per row); a row that cannot open joins ``skipped`` with the reason."""
+    live: list[Candidate] = []
+    for c in cands:
+        progress(f"loading {c.label}")
+        reset = _reset_peak_rss()
+        try:
+            c.runner = c.make()
+        except MissingDependencyError as exc:  # the reason and the extra that installs it
+            skipped[c.name] = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
+            continue
+        except EdgetlError as exc:
+            skipped[c.name] = exc.message
+            continue
+        quality = task.quality(c)
+        for f in warm:
+            task.timed(c, f)
+        c.result = {
+            "label": c.label, "backend": c.backend, "precision": c.runner.info.get("precision"),
+            "info": {k: v for k, v in c.runner.info.items() if k != "options"}, **quality,
+            "input": f"{c.spec.dtype} {c.spec.layout}", "size_mb": c.size_bytes / 1e6,
+            "peak_rss_mb": _peak_rss_mb() if reset else None,
+        }
+        live.append(c)
+    return live
+
+
+def _latency_rounds(live: list[Candidate], frames: list[np.ndarray], timed: Callable, reps: int, rounds: int,
+                    block_warmup: int, progress: Callable[[str], None]) -> float | None:
+    """Interleaved latency rounds: ``latency_p50_ms``/``_p90_ms`` of each row and the p50 of each
+    part ``timed`` reports (``preprocess_p50_ms``, ...). Returns how many CPUs other processes kept
+    busy meanwhile."""
+    cpu0 = _cpu_sample()
+    times: dict[str, list[dict[str, float]]] = {c.name: [] for c in live}
+    per_block = max(1, reps // rounds)
+    for r in range(rounds):
+        progress(f"latency round {r + 1}/{rounds}")
+        for c in live:
+            for i in range(block_warmup):  # wake this backend's thread pool after the others ran
+                timed(c, frames[i % len(frames)])
+            times[c.name] += [timed(c, frames[(r * per_block + i) % len(frames)]) for i in range(per_block)]
+    others = _other_busy_cpus(cpu0, _cpu_sample())
+    for c in live:
+        t = times[c.name]
+        a = np.asarray([x["latency"] for x in t])
+        c.result.update({"latency_p50_ms": float(np.percentile(a, 50)), "latency_p90_ms": float(np.percentile(a, 90))})
+        c.result.update({f"{k}_p50_ms": float(np.median([x[k] for x in t])) for k in t[0] if k != "latency"})
+        c.result["latency_reps"] = int(a.size)
+    return others
 
 
 def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[str, ...] = ALL_ROWS,
@@ -255,88 +447,28 @@ def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[s
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     manifest = open_verified(artifact, "artifact",
                              hint="bench an artifact from `edgetl quantize`/`edgetl compile` (pass the run with --run)")
-    check = artifact / "checkset.npz"
-    from .check import load_checkset
-
-    cs = load_checkset(check)
-    inputs, labels, float_logits = cs.inputs, cs.labels, cs.float_logits
-    float_pred = float_logits.argmax(1)
+    task = _Detect(artifact, manifest) if manifest.task == "detection" else \
+        _Classify(artifact, manifest, reps, throughput_batch)
     run_dir = _find_run(manifest, artifact, Path(run) if run else None)
-    spec = manifest.preprocess
-    frames, frames_source = load_frames(list(cs.paths or []), run_dir, n_frames, frame_size)
+    frames, frames_source = load_frames(task.paths, run_dir, n_frames, frame_size)
     cands, skipped = plan(artifact, manifest, run_dir, threads, rows)
-
-    # load + accuracy + throughput, one row at a time (peak RSS measured per row)
-    live: list[Candidate] = []
-    for c in cands:
-        progress(f"loading {c.label}")
-        reset = _reset_peak_rss()
-        try:
-            c.runner = c.make()
-        except MissingDependencyError as exc:  # the reason and the extra that installs it
-            skipped[c.name] = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
-            continue
-        except EdgetlError as exc:
-            skipped[c.name] = exc.message
-            continue
-        c_inputs = to_model_input(inputs, spec, c.spec)
-        logits = c.runner.infer_many(c_inputs, batch_size=32) if hasattr(c.runner, "infer_many") else \
-            np.concatenate([c.runner.infer(c_inputs[i:i + 32]) for i in range(0, len(c_inputs), 32)])
-        pred = logits.argmax(1)
-        b = min(throughput_batch, len(c_inputs))
-        batch = np.ascontiguousarray(c_inputs[:b])
-        for _ in range(3):
-            c.runner.infer(batch)
-        t_rep = []
-        for _ in range(max(5, reps // 10)):
-            t0 = time.perf_counter()
-            c.runner.infer(batch)
-            t_rep.append(time.perf_counter() - t0)
-        for f in frames[:warmup]:
-            _frame_to_label(c.runner, f, c.spec)
-        c.result = {
-            "label": c.label, "backend": c.backend, "precision": c.runner.info.get("precision"),
-            "info": {k: v for k, v in c.runner.info.items() if k != "options"},
-            "top1": float((pred == labels).mean()), "agreement": float((pred == float_pred).mean()),
-            "input": f"{c.spec.dtype} {c.spec.layout}",
-            "n_checkset": int(len(labels)), f"throughput_b{b}_img_s": b / float(np.median(t_rep)),
-            "size_mb": c.size_bytes / 1e6,
-            "peak_rss_mb": _peak_rss_mb() if reset else None,
-        }
-        live.append(c)
-
-    # interleaved latency rounds (and how busy the other processes kept the CPUs meanwhile)
-    cpu0 = _cpu_sample()
-    lat: dict[str, list[float]] = {c.name: [] for c in live}
-    pre: dict[str, list[float]] = {c.name: [] for c in live}
-    per_block = max(1, reps // rounds)
-    for r in range(rounds):
-        progress(f"latency round {r + 1}/{rounds}")
-        for c in live:
-            for i in range(block_warmup):  # wake this backend's thread pool after the others ran
-                _frame_to_label(c.runner, frames[i % len(frames)], c.spec)
-            for i in range(per_block):
-                _, total, p = _frame_to_label(c.runner, frames[(r * per_block + i) % len(frames)], c.spec)
-                lat[c.name].append(total)
-                pre[c.name].append(p)
-    for c in live:
-        a = np.asarray(lat[c.name])
-        c.result.update({"latency_p50_ms": float(np.percentile(a, 50)), "latency_p90_ms": float(np.percentile(a, 90)),
-                         "preprocess_p50_ms": float(np.median(pre[c.name])), "latency_reps": int(a.size)})
-    others = _other_busy_cpus(cpu0, _cpu_sample())
+    live = _load_rows(cands, skipped, task, frames[:warmup], progress)
+    others = _latency_rounds(live, frames, task.timed, reps, rounds, block_warmup, progress)
     results = {c.name: c.result for c in live}
     summary = _speedups(results)
     verdict = mark_gates(results, manifest)
     return {
-        "artifact": str(artifact), "labels": list(manifest.labels), "deployable": verdict,
+        "artifact": str(artifact), "task": manifest.task, "labels": list(manifest.labels), "deployable": verdict,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu": host_cpu().to_dict(), "cpu_class": host_cpu().isa_class,
                     "cpus": os.cpu_count(), "loadavg_start": load_start,
                     "loadavg_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                     "other_processes_busy_cpus": others},
         "busy_warning": busy_warning(others, threads),
-        "threads": threads, "frames": frames_source, "input_size": list(spec.input_size),
-        "reps": reps, "rounds": rounds, "rows": results, "skipped": skipped, "speedups": summary,
+        "threads": threads, "frames": frames_source,
+        "frame_sizes": sorted({f"{f.shape[1]}x{f.shape[0]}" for f in frames}),
+        "input_size": list(manifest.preprocess.input_size),
+        "reps": reps, "rounds": rounds, "rows": results, "skipped": skipped, "speedups": summary, **task.summary(),
     }
 
 
@@ -417,22 +549,56 @@ def _speedups(rows: dict[str, dict]) -> dict[str, Any]:
 # output
 # ------------------------------------------------------------------------------------------
 
+def _ms(key: str) -> Callable[[dict], str]:
+    return lambda r: "-" if r.get(key) is None else f"{r[key]:.2f}"
+
+
+def _pct(key: str) -> Callable[[dict], str]:
+    return lambda r: "-" if r.get(key) is None else f"{100 * r[key]:.2f}"
+
+
+def _throughput(r: dict) -> str:
+    thr = next((v for k, v in r.items() if k.startswith("throughput_")), None)
+    return f"{thr:.0f}" if thr else "-"
+
+
+def metric_columns(result: dict[str, Any]) -> list[tuple[str, str, Callable[[dict], str]]]:
+    """The task's own columns between the latency and the size: (table header, report.md header, cell)."""
+    if result.get("task") == "detection":
+        return [("infer ms", "inference ms", _ms("infer_p50_ms")), ("post ms", "post-process ms", _ms("post_p50_ms")),
+                ("mAP@.5", "mAP@0.5 %", _pct("map50")), ("mAP@.5:.95", "mAP@0.5:0.95 %", _pct("map")),
+                ("agree F1", "agreement (F1) %", _pct("agreement"))]
+    return [("b8 img/s", "batch-8 img/s", _throughput), ("top-1", "top-1 %", _pct("top1")),
+            ("agree", "agreement %", _pct("agreement"))]
+
+
+def quality_note(result: dict[str, Any], r: dict[str, Any]) -> tuple[str, str]:
+    """What a chart bar is labelled with: the quality, and (a detector) a second line with where its
+    time goes."""
+    if result.get("task") == "detection":
+        return (f"mAP@0.5 {100 * r['map50']:.1f}%, agreement {100 * r['agreement']:.1f}%",
+                f"\n pre {r['preprocess_p50_ms']:.1f} + infer {r['infer_p50_ms']:.1f} + post {r['post_p50_ms']:.1f} ms")
+    return f"top-1 {100 * r['top1']:.1f}%", ""
+
+
 def render_table(result: dict[str, Any]):
     from rich.table import Table
 
     cpu = (result.get("machine") or {}).get("cpu")
+    det = result.get("detection") or {}
+    ref = f"; float mAP@0.5 {100 * det['float_map50']:.2f}" if det.get("float_map50") is not None else ""
     t = Table(title=f"edgetl bench: {result['artifact']}  (threads={result['threads']}, "
-                    f"frames: {result['frames']}" + (f"; CPU {describe(cpu)}" if cpu else "") + ")", caption="not run: " + "; ".join(
-                        f"{k}: {v}" for k, v in result["skipped"].items()) if result["skipped"] else None)
-    for col in ("row", "precision (actual)", "p50 ms", "p90 ms", "pre ms", "b8 img/s", "top-1", "agree", "MB",
+                    f"frames: {result['frames']}" + (f"; CPU {describe(cpu)}" if cpu else "") + ref + ")",
+              caption="not run: " + "; ".join(f"{k}: {v}" for k, v in result["skipped"].items())
+              if result["skipped"] else None)
+    cols = metric_columns(result)
+    for col in ("row", "precision (actual)", "p50 ms", "p90 ms", "pre ms", *(c[0] for c in cols), "MB",
                 "peak RSS MB"):
         t.add_column(col, justify="right" if col != "row" else "left")
     for name, r in result["rows"].items():
-        thr = next((v for k, v in r.items() if k.startswith("throughput_")), None)
         gate = {"FAILED": " [red]gate FAILED[/]", "passed": " gate passed"}.get(r.get("gate", ""), "")
         t.add_row(name, str(r["precision"]) + gate, f"{r['latency_p50_ms']:.2f}", f"{r['latency_p90_ms']:.2f}",
-                  f"{r['preprocess_p50_ms']:.2f}", f"{thr:.0f}" if thr else "-", f"{100 * r['top1']:.2f}",
-                  f"{100 * r['agreement']:.2f}", f"{r['size_mb']:.2f}",
+                  f"{r['preprocess_p50_ms']:.2f}", *(c[2](r) for c in cols), f"{r['size_mb']:.2f}",
                   f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else "-")
     return t
 
@@ -459,7 +625,8 @@ def write_chart(result: dict[str, Any], path: Path) -> None:
     rows = sorted(result["rows"].values(), key=lambda r: r["latency_p50_ms"], reverse=True)
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.8))
+    det = result.get("detection") or {}
+    fig, ax = plt.subplots(figsize=(11 if det else 9, (0.62 if det else 0.5) * len(rows) + 1.8))
     names = [f"{r['label']}\n[{r['precision']}]" for r in rows]
     vals = [r["latency_p50_ms"] for r in rows]
     worst = max(vals)
@@ -473,13 +640,16 @@ def write_chart(result: dict[str, Any], path: Path) -> None:
                                        else "#89a" for r, f in zip(rows, failed)],
                    hatch=["//" if f else "" for f in failed])
     for b, v, r, f in zip(bars, vals, rows, failed):
-        ax.text(v, b.get_y() + b.get_height() / 2, f" {v:.2f} ms  ({base / v:.1f}x)  top-1 {100 * r['top1']:.1f}%"
-                + ("  FAILED its gate: not deployable" if f else ""), va="center", fontsize=8)
-    ax.set_xlabel("batch-1 latency p50, decoded frame -> label (ms)")
-    ax.set_xlim(0, worst * 1.75)
+        quality, parts = quality_note(result, r)
+        ax.text(v, b.get_y() + b.get_height() / 2, f" {v:.2f} ms  ({base / v:.1f}x)  {quality}"
+                + ("  FAILED its gate: not deployable" if f else "") + parts, va="center", fontsize=8)
+    ax.set_xlabel("batch-1 latency p50, decoded frame -> " + ("boxes (decoding + NMS included)" if det else "label")
+                  + " (ms)")
+    ax.set_xlim(0, worst * (2.0 if det else 1.75))
     verdict = {True: "deployable", False: "NOT deployable (see report.md)"}.get(result.get("deployable"), "")
+    ref = f"; float mAP@0.5 {100 * det['float_map50']:.1f}% on {det['n']} held-out images" if det else ""
     ax.set_title(f"{Path(result['artifact']).name}{': ' + verdict if verdict else ''}: threads={result['threads']}\n"
-                 f"(Nx) = speed-up over {base_label}", fontsize=10)
+                 f"(Nx) = speed-up over {base_label}{ref}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -102,6 +102,14 @@ def _input_of(onnx_path: Path) -> tuple[str, list[int]]:
     return inp.name, dims
 
 
+def onnx_outputs(onnx_path: Path) -> list[str]:
+    """The model's output names in the ONNX's order (a classifier: one; a detector: ``boxes``, ``scores``)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    return [o.name for o in sess.get_outputs()]
+
+
 def conformance(onnx_path: Path, profile: TargetProfile) -> dict[str, Any]:
     """Check the QDQ graph for every TensorRT version the profile lists; raises naming the nodes."""
     from .trt_conformance import check
@@ -119,7 +127,24 @@ def pre_build_gate(ctx: BuildContext, onnx_name: str) -> dict[str, Any]:
     with its graph optimisations off, so Q/DQ run as float ops (what the QDQ graph computes). The
     host CPU's fused integer kernels are not TensorRT's (on an AVX2 CPU without VNNI its s8s8 kernels
     collapsed a graph that is fine: 23 % agreement vs 99 % in reference numerics): their figure is
-    reported beside the gate (``host_kernels``) and never decides a TensorRT artifact."""
+    reported beside the gate (``host_kernels``) and never decides a TensorRT artifact.
+
+    The gate is the artifact's task's: the classification gate (``edgetl.check.evaluate``: top-1 drop,
+    agreement, stability) or the detection gate (``edgetl.detect.gate.evaluate_detection``: mAP@0.5
+    drop, detection agreement) with the profile's thresholds for that task."""
+    if ctx.manifest.task == "detection":
+        gate = _detection_gate(ctx, onnx_name)
+    else:
+        gate = _classification_gate(ctx, onnx_name)
+    gate["numerics"] = "reference"
+    gate["graph"] = onnx_name
+    return gate
+
+
+HOST_KERNELS_NOTE = "ONNX Runtime's fused integer kernels on this CPU: reported, never deciding a TensorRT artifact"
+
+
+def _classification_gate(ctx: BuildContext, onnx_name: str) -> dict[str, Any]:
     from ..numerics import REFERENCE_NOTE, REFERENCE_OPTIONS
     from ..runtime.cpu import host_cpu
     from ..runtime.runners import open_runner
@@ -133,17 +158,38 @@ def pre_build_gate(ctx: BuildContext, onnx_name: str) -> dict[str, Any]:
                                               "measures it")
     finally:
         runner.close()
-    gate["numerics"] = "reference"
-    gate["graph"] = onnx_name
     if int8:
         host = open_runner("onnxruntime", ctx.folder / onnx_name, {"providers": ["CPUExecutionProvider"]})
         try:
             h = run_gate(host, ctx.folder, ctx.profile, ctx.manifest.labels, stability=False)
         finally:
             host.close()
-        gate["host_kernels"] = {"note": "ONNX Runtime's fused integer kernels on this CPU: reported, never deciding "
-                                        "a TensorRT artifact", "cpu": host_cpu().to_dict(),
+        gate["host_kernels"] = {"note": HOST_KERNELS_NOTE, "cpu": host_cpu().to_dict(),
                                 **{k: h[k] for k in ("passed", "quant_top1", "float_top1", "drop", "agreement", "n")}}
+    return gate
+
+
+def _detection_gate(ctx: BuildContext, onnx_name: str) -> dict[str, Any]:
+    """The detection gate of ``onnx_name`` on the artifact's detection checkset (``check_detection``,
+    not recorded: the build config holds it), with the profile's ``max_map_drop`` / ``min_det_agreement``."""
+    from ..detect.compile import check_detection
+    from ..detect.gate import DetThresholds
+    from ..numerics import REFERENCE, REFERENCE_NOTE, REFERENCE_OPTIONS
+    from ..runtime.cpu import host_cpu
+
+    th = DetThresholds.coerce(ctx.profile.gate)
+
+    def gate_in(backend: str, options: dict[str, Any]) -> dict[str, Any]:
+        entry = {"backend": "onnxruntime", "model": onnx_name, "options": options}
+        return check_detection(ctx.folder, ctx.manifest, backend, entry, dict(options), th, update=False,
+                               log=lambda s: None).summary()
+
+    gate = gate_in(REFERENCE, dict(REFERENCE_OPTIONS))
+    gate["note"] = REFERENCE_NOTE + "; speed is not gated before the build: the engine's gate on the device measures it"
+    if ctx.profile.precision == "int8":
+        h = gate_in("onnxruntime", {"providers": ["CPUExecutionProvider"]})
+        gate["host_kernels"] = {"note": HOST_KERNELS_NOTE, "cpu": host_cpu().to_dict(),
+                                **{k: h[k] for k in ("passed", "quant_map50", "float_map50", "drop", "agreement", "n")}}
     return gate
 
 
@@ -177,8 +223,11 @@ def prepare(ctx: BuildContext, dest: Path, config: dict[str, Any] | None = None)
         config["conformance"] = conformance(onnx_path, ctx.profile)
     except MissingDependencyError:  # on a device without the `onnx` package: the host's check stands
         config["conformance"] = "not re-checked here (the onnx package is not installed)"
+    config["task"] = ctx.manifest.task
+    config["outputs"] = onnx_outputs(onnx_path)  # the engine's outputs must come back in this order
     if ctx.gate:
-        ctx.progress(f"tensorrt: pre-build gate (the same {onnx_name} in reference numerics: Q/DQ as float ops)")
+        how = "Q/DQ as float ops" if ctx.profile.precision == "int8" else "the float graph on ONNX Runtime"
+        ctx.progress(f"tensorrt: pre-build gate ({ctx.manifest.task}: the same {onnx_name} in reference numerics, {how})")
         config["pre_build_gate"] = pre_build_gate(ctx, onnx_name)
     config["engine"] = None
     write_config(dest, config)
@@ -231,7 +280,11 @@ def timing_cache_path(config: dict[str, Any], build_dir: Path) -> Path:
 
 def build_engine(onnx_path: Path, config: dict[str, Any], dest: Path, old_dir: Path,
                  progress=print) -> dict[str, Any]:
-    """Execute ``config`` with the TensorRT builder; writes the engine (+ timing cache) into ``dest``."""
+    """Execute ``config`` with the TensorRT builder; writes the engine (+ timing cache) into ``dest``.
+
+    Every output of the ONNX is an output of the engine (a detector has two: ``boxes``, ``scores``):
+    their names, in the ONNX's order, are recorded as ``outputs`` so the runner returns them in that
+    order whatever order the engine lists its I/O tensors in."""
     trt = import_tensorrt()
     cudart = import_cudart()
     key = device_key(trt, cudart)
@@ -245,16 +298,57 @@ def build_engine(onnx_path: Path, config: dict[str, Any], dest: Path, old_dir: P
         raise EdgetlError(f"this GPU ({key['gpu']}, sm_{key['compute_capability']}) has no fast INT8 "
                           "(TensorRT: platform_has_fast_int8 = False)",
                           hint="use a target with precision fp16 for this device (e.g. jetson-nano)")
-    major = int(key["tensorrt"].split(".")[0])
+    network, outputs = parse_network(trt, builder, logger, onnx_path, config, key["tensorrt"], progress)
+    bconf, cache_bytes = builder_config(trt, builder, network, config, old_dir)
+    progress(f"tensorrt: build {config['precision']} engine for {key['gpu']} "
+             f"({config['device_type']}{'' if config['dla_core'] is None else ' core %d' % config['dla_core']}; "
+             f"{len(outputs)} output(s) {', '.join(outputs)}; timing cache {'loaded' if cache_bytes else 'new'})")
+    t0 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, bconf)
+    seconds = time.perf_counter() - t0
+    if serialized is None:
+        raise EdgetlError(f"TensorRT could not build an engine from {onnx_path.name} (see the TensorRT log above)",
+                          hint="for DLA, allow gpu_fallback; otherwise check workspace_mb")
+    name = engine_file_name(key["tensorrt"], key["compute_capability"], config["precision"], config.get("dla_core"))
+    (dest / name).write_bytes(bytes(serialized))
+    new_cache = timing_cache_path(config, dest)
+    new_cache.parent.mkdir(parents=True, exist_ok=True)
+    new_cache.write_bytes(bytes(bconf.get_timing_cache().serialize()))
+    return {"file": name, "key": key, "outputs": outputs, "build_seconds": round(seconds, 1),
+            "timing_cache": str(config["timing_cache"]), "timing_cache_loaded": bool(cache_bytes), "notes": notes}
+
+
+def parse_network(trt: Any, builder: Any, logger: Any, onnx_path: Path, config: dict[str, Any], version: str,
+                  progress=print) -> tuple[Any, list[str]]:
+    """The network TensorRT's ONNX parser makes of ``onnx_path`` and its output names, checked against
+    the outputs the host recorded (``config["outputs"]``: same names, same order)."""
+    major = int(version.split(".")[0])
     flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    progress(f"tensorrt {key['tensorrt']}: parse {onnx_path.name}")
+    progress(f"tensorrt {version}: parse {onnx_path.name}")
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EdgetlError(f"{onnx_path}: TensorRT's ONNX parser failed: {errors}",
                           hint="check the ops/opset against `edgetl.backends.trt_conformance` for this version")
+    if network.num_inputs != 1:
+        raise EdgetlError(f"{onnx_path}: the network has {network.num_inputs} inputs; edgetl builds models with one",
+                          hint="export the model with a single image input")
+    outputs = [network.get_output(i).name for i in range(network.num_outputs)]
+    expected = config.get("outputs")
+    if expected is not None and list(expected) != outputs:
+        raise EdgetlError(f"{onnx_path}: TensorRT's parser gives the outputs {outputs}, the ONNX has {list(expected)}",
+                          hint="the build configuration and the ONNX disagree: re-create it with "
+                               "`edgetl build ARTIFACT --target T` on the host")
+    if config.get("task") == "detection" and len(outputs) != 2:
+        raise EdgetlError(f"{onnx_path}: a detector has two outputs (boxes, scores); the network has {outputs}",
+                          hint="re-create the artifact with `edgetl compile RUN --target T`")
+    return network, outputs
 
+
+def builder_config(trt: Any, builder: Any, network: Any, config: dict[str, Any], old_dir: Path) -> tuple[Any, bytes]:
+    """The ``IBuilderConfig`` of ``config`` (workspace, flags, DLA, optimisation level, the input's
+    optimisation profile, the timing cache) and the timing cache bytes it started from."""
     bconf = builder.create_builder_config()
     workspace = int(config["workspace_mb"]) << 20
     if hasattr(bconf, "set_memory_pool_limit"):
@@ -283,23 +377,7 @@ def build_engine(onnx_path: Path, config: dict[str, Any], dest: Path, old_dir: P
     cache_bytes = cache_file.read_bytes() if cache_file.is_file() else b""
     cache = bconf.create_timing_cache(cache_bytes)
     bconf.set_timing_cache(cache, ignore_mismatch=False)
-
-    progress(f"tensorrt: build {config['precision']} engine for {key['gpu']} "
-             f"({config['device_type']}{'' if config['dla_core'] is None else ' core %d' % config['dla_core']}; "
-             f"timing cache {'loaded' if cache_bytes else 'new'})")
-    t0 = time.perf_counter()
-    serialized = builder.build_serialized_network(network, bconf)
-    seconds = time.perf_counter() - t0
-    if serialized is None:
-        raise EdgetlError(f"TensorRT could not build an engine from {onnx_path.name} (see the TensorRT log above)",
-                          hint="for DLA, allow gpu_fallback; otherwise check workspace_mb")
-    name = engine_file_name(key["tensorrt"], key["compute_capability"], config["precision"], config.get("dla_core"))
-    (dest / name).write_bytes(bytes(serialized))
-    new_cache = timing_cache_path(config, dest)
-    new_cache.parent.mkdir(parents=True, exist_ok=True)
-    new_cache.write_bytes(bytes(bconf.get_timing_cache().serialize()))
-    return {"file": name, "key": key, "build_seconds": round(seconds, 1), "timing_cache": str(config["timing_cache"]),
-            "timing_cache_loaded": bool(cache_bytes), "notes": notes}
+    return bconf, cache_bytes
 
 
 def _tensorrt_here() -> str | None:
@@ -343,7 +421,8 @@ def build(ctx: BuildContext) -> BuildOutcome:
     commit_build_dir(ctx, tmp)
     key = engine["key"]
     entry = {"backend": "tensorrt", "model": f"builds/tensorrt/{engine['file']}", "precision": config["precision"],
-             "options": {"key": key, "dla_core": config.get("dla_core")}, "version": key["tensorrt"],
+             "options": {"key": key, "dla_core": config.get("dla_core"), "outputs": engine["outputs"]},
+             "version": key["tensorrt"],
              "device": f"{key['gpu']} (sm_{key['compute_capability'].replace('.', '')})"
                        + ("" if config.get("dla_core") is None else f", DLA core {config['dla_core']}"),
              "build_config": f"builds/tensorrt/{BUILD_CONFIG}", "pre_build_gate": config.get("pre_build_gate")}

@@ -148,110 +148,127 @@ def check(onnx_path: str | Path, trt_version: str, require_qdq: bool = True) -> 
     return check_model(model, trt_version, require_qdq=require_qdq, path=str(onnx_path))
 
 
+class _Graph:
+    """What the rules look up in one graph: constants, producers, consumers, the opset, the problems."""
+
+    def __init__(self, model: Any, numpy_helper: Any):
+        graph = model.graph
+        self.nodes = list(graph.node)
+        self.consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        for node in self.nodes:
+            if node.op_type == "Constant" and node.output:
+                for a in node.attribute:
+                    if a.name == "value":
+                        self.consts[node.output[0]] = numpy_helper.to_array(a.t)
+        self.producers = {o: n for n in self.nodes for o in n.output}
+        self.consumers: dict[str, list[Any]] = {}
+        for n in self.nodes:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.opset = int(next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0))
+        self.problems: list[Problem] = []
+
+    def add(self, node: Any, rule: str, message: str) -> None:
+        self.problems.append(Problem(node.name or f"<{node.op_type} #{id(node)}>", node.op_type, rule, message))
+
+
 def check_model(model: Any, trt_version: str, require_qdq: bool = True, path: str = "<model>") -> Report:
+    """Check a loaded ONNX ``model`` against TensorRT ``trt_version`` (see :func:`check`)."""
     onnx, numpy_helper = _onnx()
     vkey = version_key(trt_version)
-    graph = model.graph
-    problems: list[Problem] = []
-
-    def add(node: Any, rule: str, message: str) -> None:
-        problems.append(Problem(node.name or f"<{node.op_type} #{id(node)}>", node.op_type, rule, message))
-
-    consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.output:
-            for a in node.attribute:
-                if a.name == "value":
-                    consts[node.output[0]] = numpy_helper.to_array(a.t)
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-
-    # ---- opset ---------------------------------------------------------------------------------
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    lo, hi = OPSET_RANGE[vkey]
-    if not lo <= opset <= hi:
-        problems.append(Problem("<model>", "opset", "opset",
-                                f"ONNX opset {opset} is outside TensorRT {trt_version}'s parser range {lo}..{hi}"))
-
-    # ---- ops -----------------------------------------------------------------------------------
-    supported = SUPPORTED_OPS[vkey]
-    for node in graph.node:
-        if node.domain not in ("", "ai.onnx"):
-            add(node, "op", f"op of domain {node.domain!r} is not an ONNX standard op (TensorRT has no parser for it)")
-        elif node.op_type not in supported:
-            add(node, "op", f"{node.op_type} is not supported by TensorRT {trt_version}'s ONNX parser")
-
-    # ---- Q/DQ ----------------------------------------------------------------------------------
-    qdq = [n for n in graph.node if n.op_type in _QDQ]
-    per_channel = 0
-    for node in qdq:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        scale_name = node.input[1] if len(node.input) > 1 else ""
-        zp_name = node.input[2] if len(node.input) > 2 and node.input[2] else ""
-        scale = consts.get(scale_name)
-        if scale is None:
-            add(node, "scale-constant", f"scale '{scale_name}' is not a constant (TensorRT needs build-time scales)")
-        elif not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
-            add(node, "scale-positive", "scale has values that are not finite and > 0")
-        if node.op_type == "QuantizeLinear" and not zp_name:
-            add(node, "int8", "QuantizeLinear without a zero point outputs uint8 (ONNX default): TensorRT needs int8")
-        zp = consts.get(zp_name) if zp_name else None
-        if zp_name and zp is None:
-            add(node, "zero-point-constant", f"zero point '{zp_name}' is not a constant")
-        x_const = consts.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
-        dtype = zp.dtype if zp is not None else (x_const.dtype if x_const is not None else None)
-        if dtype is not None and dtype != np.int8:
-            if dtype == np.uint8:
-                add(node, "int8", "uint8 zero point (unsigned/asymmetric quantization): TensorRT supports only "
-                                  "signed int8 Q/DQ")
-            elif dtype == np.int32:
-                add(node, "int8", "int32 DequantizeLinear (a quantized bias): TensorRT takes biases in float; "
-                                  "quantize without bias quantization")
-            else:
-                add(node, "int8", f"{dtype} Q/DQ: only signed int8 is supported for INT8 engines")
-        if zp is not None and np.any(zp != 0):
-            add(node, "symmetric", f"zero point is not 0 (asymmetric quantization; values {np.unique(zp)[:4].tolist()}): "
-                                   "TensorRT supports symmetric quantization only")
-        if node.op_type == "QuantizeLinear":
-            bad = [c.name or c.op_type for c in consumers.get(node.output[0], []) if c.op_type != "DequantizeLinear"]
-            if bad:
-                add(node, "q-dq-pair", f"QuantizeLinear output feeds {bad} instead of a DequantizeLinear")
-
-        # per-channel: weights only, on the axis TensorRT expects
-        if scale is None or scale.size <= 1:
-            continue
-        per_channel += 1
-        if opset < 13:
-            add(node, "opset", f"per-channel Q/DQ needs opset >= 13 (model has {opset})")
-        weight = _weight_source(node, consts, producers)
-        if weight is None:
-            add(node, "per-tensor-activation", "per-channel scale on an activation: TensorRT quantizes activations "
-                                               "per-tensor only")
-            continue
-        rank = weight.ndim
-        axis = int(attrs.get("axis", 1))
-        axis = axis + rank if axis < 0 else axis
-        if scale.ndim != 1 or weight.shape[axis] != scale.size:
-            add(node, "per-channel-axis", f"scale of {scale.size} values does not match weight dim {axis} "
-                                          f"({weight.shape[axis] if axis < rank else '?'})")
-            continue
-        if node.op_type != "DequantizeLinear":
-            continue
-        for user in consumers.get(node.output[0], []):
-            want = _expected_axis(user, node.output[0], rank, onnx)
-            if want is not None and axis != want:
-                add(node, "per-channel-axis", f"per-channel axis {axis} on the weight of {user.op_type} "
-                                              f"'{user.name}': TensorRT expects axis {want} (output channels)")
-
+    g = _Graph(model, numpy_helper)
+    _check_opset(g, vkey, trt_version)
+    _check_ops(g, vkey, trt_version)
+    qdq = [n for n in g.nodes if n.op_type in _QDQ]
+    per_channel = sum(_check_qdq_node(g, node, onnx) for node in qdq)
     if require_qdq and not qdq:
-        problems.append(Problem("<model>", "graph", "qdq",
-                                "no QuantizeLinear/DequantizeLinear nodes: not a QDQ model (TensorRT INT8 explicit "
-                                "quantization needs one)"))
-    stats = {"nodes": len(graph.node), "qdq_nodes": len(qdq), "per_channel_qdq": per_channel}
-    return Report(path, str(trt_version), int(opset), tuple(problems), stats, quantized=require_qdq)
+        g.problems.append(Problem("<model>", "graph", "qdq",
+                                  "no QuantizeLinear/DequantizeLinear nodes: not a QDQ model (TensorRT INT8 explicit "
+                                  "quantization needs one)"))
+    stats = {"nodes": len(g.nodes), "qdq_nodes": len(qdq), "per_channel_qdq": per_channel}
+    return Report(path, str(trt_version), g.opset, tuple(g.problems), stats, quantized=require_qdq)
+
+
+def _check_opset(g: _Graph, vkey: str, trt_version: str) -> None:
+    lo, hi = OPSET_RANGE[vkey]
+    if not lo <= g.opset <= hi:
+        g.problems.append(Problem("<model>", "opset", "opset",
+                                  f"ONNX opset {g.opset} is outside TensorRT {trt_version}'s parser range {lo}..{hi}"))
+
+
+def _check_ops(g: _Graph, vkey: str, trt_version: str) -> None:
+    supported = SUPPORTED_OPS[vkey]
+    for node in g.nodes:
+        if node.domain not in ("", "ai.onnx"):
+            g.add(node, "op", f"op of domain {node.domain!r} is not an ONNX standard op (TensorRT has no parser for it)")
+        elif node.op_type not in supported:
+            g.add(node, "op", f"{node.op_type} is not supported by TensorRT {trt_version}'s ONNX parser")
+
+
+def _check_qdq_node(g: _Graph, node: Any, onnx: Any) -> bool:
+    """The signed-int8, symmetric, constant-scale and Q->DQ rules of one Q/DQ node, then its
+    per-channel rules; returns whether the node is per-channel."""
+    scale_name = node.input[1] if len(node.input) > 1 else ""
+    zp_name = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+    scale = g.consts.get(scale_name)
+    if scale is None:
+        g.add(node, "scale-constant", f"scale '{scale_name}' is not a constant (TensorRT needs build-time scales)")
+    elif not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+        g.add(node, "scale-positive", "scale has values that are not finite and > 0")
+    if node.op_type == "QuantizeLinear" and not zp_name:
+        g.add(node, "int8", "QuantizeLinear without a zero point outputs uint8 (ONNX default): TensorRT needs int8")
+    zp = g.consts.get(zp_name) if zp_name else None
+    if zp_name and zp is None:
+        g.add(node, "zero-point-constant", f"zero point '{zp_name}' is not a constant")
+    x_const = g.consts.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+    dtype = zp.dtype if zp is not None else (x_const.dtype if x_const is not None else None)
+    if dtype is not None and dtype != np.int8:
+        g.add(node, "int8", _INT8_MESSAGES.get(np.dtype(dtype).name,
+                                               f"{dtype} Q/DQ: only signed int8 is supported for INT8 engines"))
+    if zp is not None and np.any(zp != 0):
+        g.add(node, "symmetric", f"zero point is not 0 (asymmetric quantization; values {np.unique(zp)[:4].tolist()}): "
+                                 "TensorRT supports symmetric quantization only")
+    if node.op_type == "QuantizeLinear":
+        bad = [c.name or c.op_type for c in g.consumers.get(node.output[0], []) if c.op_type != "DequantizeLinear"]
+        if bad:
+            g.add(node, "q-dq-pair", f"QuantizeLinear output feeds {bad} instead of a DequantizeLinear")
+    if scale is None or scale.size <= 1:
+        return False
+    _check_per_channel(g, node, scale, onnx)
+    return True
+
+
+_INT8_MESSAGES = {
+    "uint8": "uint8 zero point (unsigned/asymmetric quantization): TensorRT supports only signed int8 Q/DQ",
+    "int32": "int32 DequantizeLinear (a quantized bias): TensorRT takes biases in float; quantize without bias "
+             "quantization",
+}
+
+
+def _check_per_channel(g: _Graph, node: Any, scale: np.ndarray, onnx: Any) -> None:
+    """Per-channel scales: weights only, opset >= 13, on the output-channel axis TensorRT expects."""
+    if g.opset < 13:
+        g.add(node, "opset", f"per-channel Q/DQ needs opset >= 13 (model has {g.opset})")
+    weight = _weight_source(node, g.consts, g.producers)
+    if weight is None:
+        g.add(node, "per-tensor-activation", "per-channel scale on an activation: TensorRT quantizes activations "
+                                             "per-tensor only")
+        return
+    rank = weight.ndim
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    axis = int(attrs.get("axis", 1))
+    axis = axis + rank if axis < 0 else axis
+    if scale.ndim != 1 or not 0 <= axis < rank or weight.shape[axis] != scale.size:
+        g.add(node, "per-channel-axis", f"scale of {scale.size} values does not match weight dim {axis} "
+                                        f"({weight.shape[axis] if axis < rank else '?'})")
+        return
+    if node.op_type != "DequantizeLinear":
+        return
+    for user in g.consumers.get(node.output[0], []):
+        want = _expected_axis(user, node.output[0], rank, onnx)
+        if want is not None and axis != want:
+            g.add(node, "per-channel-axis", f"per-channel axis {axis} on the weight of {user.op_type} "
+                                            f"'{user.name}': TensorRT expects axis {want} (output channels)")
 
 
 def _weight_source(node: Any, consts: dict[str, np.ndarray], producers: dict[str, Any]) -> np.ndarray | None:

@@ -1,4 +1,4 @@
-"""``edgetl bench``: side-by-side latency, throughput, accuracy, size and memory of every backend."""
+"""``edgetl bench``: side-by-side latency, throughput, accuracy (or mAP), size and memory of every backend."""
 
 from __future__ import annotations
 
@@ -46,8 +46,10 @@ def bench(artifact: Path, run_dir: Path | None, backends: str | None, threads: i
     """Benchmark an artifact on every backend available here, side by side in one run.
 
     Latency is batch-1 from a decoded uint8 frame to a label (preprocessing included); accuracy and
-    agreement are on the artifact's checkset of real held-out images. Rows that cannot run here are
-    listed with the reason.
+    agreement are on the artifact's checkset of real held-out images. For a detection artifact the
+    latency ends at boxes in frame pixels (decoding, score threshold and NMS included; the p50 of
+    preprocess / inference / post-processing shown) and the quality is mAP@0.5, mAP@0.5:0.95 and
+    detection agreement (F1 vs the float model). Rows that cannot run here are listed with the reason.
 
     \b
     Example:

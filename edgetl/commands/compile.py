@@ -74,7 +74,9 @@ def summary_table(result):
         host = (result.build.gate or {}).get("host_kernels")
         if host:
             t.add_row("  host ONNX Runtime kernels (not deciding)", "",
-                      f"agreement {100 * host['agreement']:.1f} %, top-1 {100 * host['quant_top1']:.1f} %")
+                      f"agreement {100 * host['agreement']:.1f} %, " + (
+                          f"mAP@0.5 {100 * host['quant_map50']:.1f}" if "quant_map50" in host  # detection
+                          else f"top-1 {100 * host['quant_top1']:.1f} %"))
         t.add_row("engine", "", "built on the device: edgetl build ARTIFACT")
     decided = result.decided_by if entry is not None else "the pre-build gate"
     t.add_row("deployable", "", ("[green]yes[/]" if result.passed else "[red]NO[/] (see report.md)") + f", decided by "

@@ -169,6 +169,47 @@ def _train_detection(data, out, config_file, resume, overwrite, quiet, det: dict
     train_detector(data, out, cfg, overwrite=overwrite, progress=(lambda s: None) if quiet else click.echo)
 
 
+def _eval_detection(run, data, split, out, overwrite, as_json, device) -> None:
+    """``edgetl eval`` of a detection run: mAP (per class), class-agnostic mAP and how often a found
+    box's class is right, on a split of the run's data or on DATA (COCO / YOLO / VOC)."""
+    from ..detect.train import evaluate_images, evaluate_run, load_detection_run, postprocess_spec
+    from ..fsutil import atomic_output_dir
+    from ..runtime.errors import EdgetlError
+
+    if data is None:
+        res = evaluate_run(run, split, device=device)
+        where = f"its {split} split"
+    else:
+        from ..detect.data import read_detection
+
+        manifest, model, _, names = load_detection_run(run)
+        ds = read_detection(data)
+        if tuple(ds.class_names) != tuple(names):
+            raise EdgetlError(f"{data}: classes {list(ds.class_names)} are not the run's {list(names)}",
+                              hint="evaluate on data annotated with the run's classes, in the same order")
+        post = postprocess_spec(model, manifest_section=manifest.postprocess)
+        res = {"data": str(data), **evaluate_images(model, ds.images, manifest.preprocess, post, names)}
+        where = str(data)
+    if as_json:
+        click.echo(json.dumps(res, indent=1, default=float))
+    else:
+        click.echo(f"{run} on {where}: {res['n_images']} images, {res['n_gt']} boxes: mAP@0.5 {100 * res['map50']:.2f}, "
+                   f"mAP@0.5:0.95 {100 * res['map']:.2f}")
+        for c in res["per_class"]:
+            ap = "-" if c["ap50"] is None else f"{100 * c['ap50']:.2f}"
+            click.echo(f"  {c['class']}: AP@0.5 {ap} ({c['n_gt']} boxes)")
+        ca = res.get("class_agnostic")
+        if ca:
+            acc = "-" if ca["class_accuracy"] is None else f"{100 * ca['class_accuracy']:.2f} %"
+            click.echo(f"  class-agnostic: mAP@0.5 {100 * ca['map50']:.2f}; at score {ca['score_threshold']:.2f} "
+                       f"{ca['found']} of {ca['n_gt']} boxes found (IoU >= 0.5), their class right {acc}")
+    if out:
+        with atomic_output_dir(out, overwrite=overwrite) as d:
+            (d / "metrics.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
+        if not as_json:
+            click.echo(f"wrote {out}/metrics.json")
+
+
 @click.command("eval", context_settings={"max_content_width": 100})
 @click.argument("run", type=click.Path(path_type=Path))
 @click.argument("data", required=False, type=click.Path(path_type=Path))
@@ -181,7 +222,8 @@ def _train_detection(data, out, config_file, resume, overwrite, quiet, det: dict
 @click.option("--batch-size", type=int, help="Inference batch. [default: 16 on CPU, 64 on CUDA]")
 @click.option("--num-workers", type=int, help="DataLoader worker processes. [default: min(2, CPUs - 2): none on 2 cores]")
 def eval_cmd(run, data, split, out, overwrite, as_json, device, batch_size, num_workers) -> None:
-    """Accuracy, macro-F1, per-class recall and the confusion matrix of RUN on DATA.
+    """Accuracy, macro-F1, per-class recall and the confusion matrix of RUN on DATA (a detection run:
+    mAP@0.5, mAP@0.5:0.95, per-class AP, class-agnostic mAP and the class accuracy of found boxes).
 
     DATA is a labelled folder (one sub-folder per class) or a path,label CSV, preprocessed exactly as
     in training and on the device. Without DATA, the run's own --split is used.
@@ -194,6 +236,10 @@ def eval_cmd(run, data, split, out, overwrite, as_json, device, batch_size, num_
     from ..runtime.errors import require
 
     require("edgetl eval", "torch", "safetensors", *(("matplotlib",) if out else ()))
+    from ..runtime.manifest import read_manifest
+
+    if read_manifest(run).task == "detection":
+        return _eval_detection(run, data, split, out, overwrite, as_json, device)
     from ..fsutil import atomic_output_dir
     from ..plots import plot_confusion
     from ..train import Reporter, evaluate_run, format_metrics

@@ -167,8 +167,10 @@ def ladder(mat: Material, form: Any, reduce_range: bool, numerics: Any, threshol
     return best, rows
 
 
-def _material(run_path: Path, work: Path, calib_size: int, checkset_cap: int, seed: int, progress: Progress) -> tuple:
-    """Load the run, export the float model, pick calibration and checkset images."""
+def _material(run_path: Path, work: Path, calib_size: int, checkset_cap: int, seed: int, progress: Progress,
+              opset: int | None = None) -> tuple:
+    """Load the run, export the float model (at ``opset`` when the target's parser needs a lower one),
+    pick calibration and checkset images."""
     from ..quantize import prepare_float
     from ..runtime.detect import PostprocessSpec
     from .export import export_detector
@@ -181,16 +183,19 @@ def _material(run_path: Path, work: Path, calib_size: int, checkset_cap: int, se
     if not held_out or not splits.get("train"):
         raise EdgetlError(f"{run_path}: the run has no held-out (test/val) or no train images",
                           hint="re-train with --test/--val fractions above 0")
-    cal = _pick(splits["train"], calib_size, seed)
+    cal = _pick(splits["train"], calib_size, seed) if calib_size else []  # 0: a float target, no calibration
     root = Path(manifest.training.get("data_root", "")) if manifest.training.get("data_root") else Path("/")
-    progress(f"calibration: {len(cal)} training images; checkset: up to {checkset_cap} held-out images")
+    progress((f"calibration: {len(cal)} training images; " if cal else "") +
+             f"checkset: up to {checkset_cap} held-out images")
     checkset = make_checkset(model, held_out, spec, root, checkset_cap, seed)
     progress(f"export: float ONNX of the detector ({spec.input_size[1]}x{spec.input_size[0]}, raw boxes + scores)")
-    parity = export_detector(model, spec, work / "model_fp32.onnx", inputs=checkset.inputs[:8])  # real held-out inputs
+    parity = export_detector(model, spec, work / "model_fp32.onnx", inputs=checkset.inputs[:8],  # real held-out inputs
+                             **({"opset": opset} if opset else {}))
     prepared = prepare_float(work / "model_fp32.onnx", work / "prepared.onnx")
     post = PostprocessSpec.from_manifest(manifest.postprocess, np.asarray(model.anchors, np.float32),
                                          image_size=spec.input_size)
-    mat = Material(work / "model_fp32.onnx", prepared, _inputs(cal, spec), [_shown_path(i, root) for i in cal],
+    cal_inputs = _inputs(cal, spec) if cal else np.zeros((0, *checkset.inputs.shape[1:]), np.float32)
+    mat = Material(work / "model_fp32.onnx", prepared, cal_inputs, [_shown_path(i, root) for i in cal],
                    checkset, post, spec, tuple(names))
     return manifest, mat, parity
 
@@ -245,6 +250,26 @@ def write_artifact(d: Path, run_manifest: Manifest, mat: Material, kept: dict, q
     return seal(d, with_verdict(manifest))
 
 
+def write_float_artifact(d: Path, run_manifest: Manifest, mat: Material, parity: dict, name: str,
+                         profile: Any) -> Manifest:
+    """A detection artifact without quantization (an fp16/fp32 target: the Jetson Nano's FP16 engine):
+    the float export, anchors, checkset; no gate until the target's build is gated."""
+    import shutil
+
+    shutil.copyfile(mat.fp32, d / "model_fp32.onnx")
+    np.save(d / ANCHORS, mat.post.anchors)
+    mat.checkset.save(d / "checkset.npz")
+    report = {"name": name, "task": "detection", "gate": None, "parity": parity,
+              "quantization": {"method": f"none (a {profile.precision} target)"}, "builds": {}}
+    (d / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
+    (d / "report.md").write_text(render_report(report), encoding="utf-8")
+    manifest = Manifest(kind="artifact", labels=run_manifest.labels, preprocess=run_manifest.preprocess,
+                        task="detection", input=default_input(run_manifest.preprocess, 1),
+                        backbone=run_manifest.backbone, training=run_manifest.training, quantization=None,
+                        target=profile.to_dict(), postprocess={**dict(run_manifest.postprocess), "anchors": ANCHORS})
+    return seal(d, manifest)
+
+
 def render_report(report: dict[str, Any]) -> str:
     """report.md of a detection artifact: the verdict, the ladder, each gate."""
     from .gate import det_gate_markdown
@@ -278,11 +303,10 @@ def compile_detection(run_path: str | Path, out: str | Path, profile: Any, calib
     from ..numerics import reference
     from ..targets import weight_range_for
 
-    if profile.precision != "int8":
-        raise EdgetlError(f"target {profile.name}: a {profile.precision} detection build is not supported yet",
-                          hint="compile detection runs for an int8 target (x86-cpu-openvino, x86-cpu-onnxruntime, ...)")
     t0 = time.perf_counter()
     out = Path(out)
+    if profile.precision != "int8":  # fp16/fp32 (the Jetson Nano): the float export, built and gated as it is
+        return _compile_float(run_path, out, profile, checkset_cap, seed, overwrite, speed_check, progress)
     weight = weight_range_for(profile)
     form = qdq_form("auto", profile.backend)
     numerics = judge_numerics(profile)
@@ -303,6 +327,23 @@ def compile_detection(run_path: str | Path, out: str | Path, profile: Any, calib
         if profile.backend != "onnxruntime":
             progress(f"build: {profile.backend}")
             outcome = build_artifact(d, profile, speed_check=speed_check, progress=progress)
+    return read_manifest(out), outcome
+
+
+def _compile_float(run_path: str | Path, out: Path, profile: Any, checkset_cap: int, seed: int, overwrite: bool,
+                   speed_check: bool, progress: Progress) -> Any:
+    import tempfile
+
+    from ..artifact import new_folder
+    from ..backends import build_artifact
+    from ..compile import export_opset
+
+    opset = export_opset(profile)
+    with new_folder(out, overwrite) as d, tempfile.TemporaryDirectory(prefix="edgetl-detc-") as tmp:
+        run_manifest, mat, parity = _material(Path(run_path), Path(tmp), 0, checkset_cap, seed, progress, opset)
+        write_float_artifact(d, run_manifest, mat, parity, out.name, profile)
+        progress(f"build: {profile.backend} {profile.precision} (no quantization)")
+        outcome = build_artifact(d, profile, speed_check=speed_check, progress=progress)
     return read_manifest(out), outcome
 
 
@@ -356,8 +397,10 @@ class DetGate:
 
 def record_detection_gate(folder: Path, manifest: Manifest, backend: str, result: DetGate) -> Manifest:
     """The gate into the manifest (the build's entry, or ``gate`` for the reference numerics),
-    report.json and report.md; the verdict re-derived; the folder sealed."""
+    report.json and report.md (keeping its benchmark section); the verdict re-derived; the folder sealed."""
     from ..check import deployable, with_verdict
+    from ..report import keep_bench_section
+    from ..runtime.manifest import atomic_write
 
     report_path = folder / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {"name": folder.name}
@@ -374,5 +417,6 @@ def record_detection_gate(folder: Path, manifest: Manifest, backend: str, result
     new = with_verdict(manifest.replace(**changes))
     report["deployable"] = deployable(new)
     report_path.write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
-    (folder / "report.md").write_text(render_report(report), encoding="utf-8")
+    # the `edgetl bench` section of report.md survives a re-gate, as classification's (edgetl.check.write_report)
+    atomic_write(folder / "report.md", keep_bench_section(folder / "report.md", render_report(report)))
     return seal(folder, new)

@@ -343,7 +343,40 @@ def evaluate_images(model, images: Sequence[Any], spec: PreprocessSpec, post, cl
                 gts.append((gb.numpy(), gc.numpy()))
     result = coco_map(gts, dets, len(class_names), list(class_names))
     result["loss"] = loss / max(1, n)
+    if len(class_names) > 1:
+        result["class_agnostic"] = class_agnostic(gts, dets, post.score_threshold, class_names)
     return result
+
+
+def class_agnostic(gts: Sequence[tuple], dets: Sequence[tuple], score_threshold: float,
+                   class_names: Sequence[str]) -> dict[str, Any]:
+    """Finding objects apart from naming them: mAP with every class merged into one, and, at the
+    deployed score threshold, how many ground-truth boxes a detection found (IoU >= 0.5, any class)
+    and how often the class of the best-scoring box over a found object is right (the detector as a
+    classifier of what it found: what the device would label it)."""
+    from .metrics import box_iou, coco_map
+
+    one = lambda c: np.zeros(len(c), np.int64)  # noqa: E731
+    merged = coco_map([(b, one(c)) for b, c in gts], [(b, s, one(c)) for b, s, c in dets], 1, ["object"])
+    k = len(class_names)
+    confusion = np.zeros((k, k), np.int64)  # rows: true class, columns: the found box's class
+    n_gt = found = 0
+    for (gb, gc), (db, ds, dc) in zip(gts, dets):
+        keep = ds >= score_threshold
+        db, dc = db[keep], dc[keep]
+        n_gt += len(gc)
+        if not len(gc) or not len(db):
+            continue
+        ov = box_iou(gb, db) >= 0.5  # a box of either class over the object; its best-scoring one names it
+        best = np.where(ov, ds[keep][None, :], -1.0).argmax(axis=1)
+        for i in np.flatnonzero(ov.any(axis=1)):
+            confusion[int(gc[i]), int(dc[best[i]])] += 1
+            found += 1
+    correct = int(np.trace(confusion))
+    return {"map50": merged["map50"], "map": merged["map"], "score_threshold": score_threshold, "n_gt": n_gt,
+            "found": found, "found_fraction": found / n_gt if n_gt else None, "class_correct": correct,
+            "class_accuracy": correct / found if found else None, "confusion": confusion.tolist(),
+            "classes": list(class_names)}
 
 
 def _finite(v: Any) -> float | None:

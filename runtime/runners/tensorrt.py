@@ -14,7 +14,9 @@ for older 8.x, the bindings API (``num_bindings``, ``set_binding_shape``, ``exec
 Device memory and copies use ``cuda-python`` (``cuda.bindings.runtime`` or the older ``cuda.cudart``).
 
 Options: ``key`` (the recorded key; when absent it is read from ``build_config.json`` beside the
-engine), ``dla_core`` (the DLA core the engine was built for, if any).
+engine), ``dla_core`` (the DLA core the engine was built for, if any), ``outputs`` (the ONNX's
+output names in its order, recorded by the builder: ``infer_all`` returns the outputs in that order,
+whatever order the engine lists its I/O tensors in; a detector's are ``boxes``, ``scores``).
 """
 
 from __future__ import annotations
@@ -128,6 +130,17 @@ def recorded_key(engine: Path, options: Mapping[str, Any]) -> dict[str, Any]:
                           hint="run `edgetl build ARTIFACT` on this device") from None
 
 
+def order_outputs(engine_outputs: List[str], wanted: Any, engine: Path | str) -> List[str]:
+    """The engine's output names in the order ``wanted`` (the ONNX's, recorded at build time) lists them."""
+    if not isinstance(wanted, (list, tuple)) or not all(isinstance(n, str) for n in wanted):
+        raise EdgetlError(f"tensorrt option outputs = {wanted!r} is not a list of output names",
+                          hint="leave it out: edgetl build records it")
+    if sorted(wanted) != sorted(engine_outputs) or len(set(wanted)) != len(wanted):
+        raise EdgetlError(f"{engine}: the engine's outputs {engine_outputs} are not the recorded {list(wanted)}",
+                          hint="run `edgetl build ARTIFACT` on this device to rebuild the engine")
+    return list(wanted)
+
+
 _BUILD_ONLY = "a build option (edgetl build), not used to run the engine"
 
 
@@ -135,6 +148,7 @@ class TensorRTRunner(Runner):
     backend = "tensorrt"
     OPTIONS = {"key": "the engine's build record {tensorrt, gpu, compute_capability, precision}",
                "dla_core": "the DLA core the engine was built for, or none",
+               "outputs": "the output names in the ONNX's order (recorded by edgetl build)",
                **{k: _BUILD_ONLY for k in ("workspace_mb", "gpu_fallback", "fp16_fallback", "builder_optimization_level",
                                            "timing_cache", "max_batch", "min_version", "supported_versions")}}
 
@@ -175,6 +189,8 @@ class TensorRTRunner(Runner):
         if len(self.inputs) != 1 or not self.outputs:
             raise EdgetlError(f"{model_path}: expected one input and at least one output, "
                               f"found {self.inputs} -> {self.outputs}")
+        if options.get("outputs") is not None:
+            self.outputs = order_outputs(self.outputs, options["outputs"], self.model_path)
         self._batch = shape[0] if shape and shape[0] > 0 else None
 
     # ---- memory --------------------------------------------------------------------------
