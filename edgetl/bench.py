@@ -582,6 +582,7 @@ def quality_note(result: dict[str, Any], r: dict[str, Any]) -> tuple[str, str]:
 
 
 def render_table(result: dict[str, Any]):
+    from rich.markup import escape
     from rich.table import Table
 
     cpu = (result.get("machine") or {}).get("cpu")
@@ -589,8 +590,8 @@ def render_table(result: dict[str, Any]):
     ref = f"; float mAP@0.5 {100 * det['float_map50']:.2f}" if det.get("float_map50") is not None else ""
     t = Table(title=f"edgetl bench: {result['artifact']}  (threads={result['threads']}, "
                     f"frames: {result['frames']}" + (f"; CPU {describe(cpu)}" if cpu else "") + ref + ")",
-              caption="not run: " + "; ".join(f"{k}: {v}" for k, v in result["skipped"].items())
-              if result["skipped"] else None)
+              caption=escape("not run: " + "; ".join(f"{k}: {v}" for k, v in result["skipped"].items()))
+              if result["skipped"] else None)  # escaped: "pip install 'edgetl[train]'" is not rich markup
     cols = metric_columns(result)
     for col in ("row", "precision (actual)", "p50 ms", "p90 ms", "pre ms", *(c[0] for c in cols), "MB",
                 "peak RSS MB"):
