@@ -31,6 +31,11 @@ class ClassifyHead:
     task = "classification"
 
     def __init__(self, model: Any, options: Any):
+        if getattr(options, "track", False) or getattr(options, "count_line", None):
+            flag = "--count-line" if getattr(options, "count_line", None) else "--track"
+            raise EdgetlError(f"{flag} follows detected objects, and {model.folder} is a classification artifact "
+                              "(one label per frame, no boxes to track or count)",
+                              hint=f"leave out {flag}, or run a detection artifact (edgetl train --task detect)")
         self.model = model
         self.alpha = 2.0 / (options.smooth + 1.0) if options.smooth > 1 else 1.0
         self.k, self.threshold = int(options.top_k), float(options.threshold)

@@ -390,10 +390,26 @@ def _tensorrt_here() -> str | None:
     return None
 
 
+def _detection_gate_here(ctx: BuildContext) -> None:
+    """Refuse, before a build of minutes, an engine whose detection gate could not run here: it needs
+    pycocotools (mAP), which a device install (``edgetl[tensorrt]``) does not bring."""
+    if not (ctx.gate and ctx.manifest.task == "detection"):
+        return
+    try:
+        import pycocotools.cocoeval  # noqa: F401
+    except ImportError:
+        raise EdgetlError("the detection gate of the engine needs the Python package 'pycocotools', which is not "
+                          "installed here", hint="pip install pycocotools (the rest of the train extra is not needed "
+                                                 "on the device), or build without the gate: edgetl build ARTIFACT "
+                                                 "--no-gate") from None
+
+
 def build(ctx: BuildContext) -> BuildOutcome:
     resolved = resolve_for(ctx)
     config = recorded_config(ctx, resolved)
     missing = _tensorrt_here()
+    if missing is None:
+        _detection_gate_here(ctx)
     if missing and config is not None:  # nothing changed and no TensorRT here: leave the build as it is
         return BuildOutcome(None, [f"tensorrt: {missing}; builds/tensorrt/{BUILD_CONFIG} is up to date: run "
                                    "`edgetl build ARTIFACT` on the device to build the engine"],
