@@ -101,6 +101,9 @@ class StreamOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "roi", parse_roi(self.roi))
+        if isinstance(self.count_line, str):  # checked before the artifact loads
+            from .track import parse_line
+            object.__setattr__(self, "count_line", parse_line(self.count_line))
         if int(self.top_k) < 1:
             raise EdgetlError(f"--top-k {self.top_k} is not valid", hint="give 1 or more")
         if not 0.0 <= float(self.threshold) <= 1.0:

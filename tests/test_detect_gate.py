@@ -121,7 +121,7 @@ def test_missing_pycocotools_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "pycocotools.coco", None)
     with pytest.raises(MissingDependencyError, match="pycocotools") as e:
         coco_map([gt([A], [0])], [NODET], 1)
-    assert e.value.extra == "train" and "edgetl[train]" in e.value.hint
+    assert e.value.extra == "detect" and "edgetl[detect]" in e.value.hint
 
 
 def _random_set(rng, n, c, jitter=3.0):

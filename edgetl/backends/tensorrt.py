@@ -392,16 +392,17 @@ def _tensorrt_here() -> str | None:
 
 def _detection_gate_here(ctx: BuildContext) -> None:
     """Refuse, before a build of minutes, an engine whose detection gate could not run here: it needs
-    pycocotools (mAP), which a device install (``edgetl[tensorrt]``) does not bring."""
+    pycocotools (mAP): ``edgetl[tensorrt]`` and ``edgetl[detect]`` bring it; a device that installed
+    TensorRT from JetPack and edgetl without them may lack it."""
     if not (ctx.gate and ctx.manifest.task == "detection"):
         return
     try:
         import pycocotools.cocoeval  # noqa: F401
     except ImportError:
         raise EdgetlError("the detection gate of the engine needs the Python package 'pycocotools', which is not "
-                          "installed here", hint="pip install pycocotools (the rest of the train extra is not needed "
-                                                 "on the device), or build without the gate: edgetl build ARTIFACT "
-                                                 "--no-gate") from None
+                          "installed here", hint="pip install 'edgetl[detect]' (pycocotools only; torch is not "
+                                                 "needed on the device), or build without the gate: edgetl build "
+                                                 "ARTIFACT --no-gate") from None
 
 
 def build(ctx: BuildContext) -> BuildOutcome:

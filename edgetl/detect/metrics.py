@@ -18,7 +18,7 @@ bootstrap of 200 resamples then costs milliseconds per resample instead of a COC
 :func:`match_detections` / :func:`detection_agreement` are hand-written (they are not mAP): how many
 of the quantized model's detections are the float model's (same class, IoU >= 0.5, one to one).
 
-pycocotools is imported inside the functions: it is in the ``train`` extra, and the device runtime
+pycocotools is imported inside the functions: it is in the ``train`` and ``detect`` extras, and the device runtime
 never imports this module.
 """
 
@@ -66,7 +66,7 @@ def _pycocotools():
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
     except ImportError:
-        raise MissingDependencyError("pycocotools", "train", "computing detection mAP") from None
+        raise MissingDependencyError("pycocotools", "detect", "computing detection mAP") from None
     return COCO, COCOeval
 
 
