@@ -102,7 +102,6 @@ class DetectHead:
                 self.counter = LineCounter(parse_line(line) if isinstance(line, str) else tuple(line), model.labels)
         self.totals: Dict[str, int] = {lab: 0 for lab in model.labels}  # detections summed over frames
         self.peak: Dict[str, int] = {lab: 0 for lab in model.labels}  # most in one frame
-        self.tracks_seen = 0
 
     def _raw(self, outputs: List[np.ndarray]) -> tuple:
         k = len(self.model.labels) + 1
@@ -137,10 +136,9 @@ class DetectHead:
             events = list(self.tracker.events())
             if self.counter is not None:
                 events += self.counter.update(tracks, frame.index)
-        top = max(counts.items(), key=lambda kv: kv[1]) if counts else ("", 0)
         return {"label": f"{len(dets)} objects", "score": float(dets.scores.max()) if len(dets) else 0.0,
                 "top_k": [], "probs": np.zeros(0, np.float32), "detections": dets, "tracks": tracks,
-                "events": events, "counts": counts, "most": top[0]}
+                "events": events, "counts": counts}
 
     @staticmethod
     def shown(r: Any) -> tuple:
