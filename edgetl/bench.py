@@ -435,6 +435,12 @@ def _latency_rounds(live: list[Candidate], frames: list[np.ndarray], timed: Call
     return others
 
 
+def _facts() -> dict:
+    from .doctor import machine_facts
+
+    return machine_facts()
+
+
 def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[str, ...] = ALL_ROWS,
               threads: int = 2, warmup: int = 10, reps: int = 100, rounds: int = 5, throughput_batch: int = 8,
               frame_size: tuple[int, int] | None = None, n_frames: int = 32, block_warmup: int = 5,
@@ -463,7 +469,7 @@ def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[s
                     "cpu": host_cpu().to_dict(), "cpu_class": host_cpu().isa_class,
                     "cpus": os.cpu_count(), "loadavg_start": load_start,
                     "loadavg_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-                    "other_processes_busy_cpus": others},
+                    "other_processes_busy_cpus": others, "doctor": _facts()},
         "busy_warning": busy_warning(others, threads),
         "threads": threads, "frames": frames_source,
         "frame_sizes": sorted({f"{f.shape[1]}x{f.shape[0]}" for f in frames}),

@@ -44,6 +44,7 @@ COMMANDS: dict[str, str] = {
     "compile": "edgetl.commands.compile:compile_cmd",
     "build": "edgetl.commands.build:build",
     "bench": "edgetl.commands.bench:bench",
+    "doctor": "edgetl.commands.doctor:doctor",
 }
 
 

@@ -466,7 +466,10 @@ def finish_artifact(mat: Material, esc: Escalation, log: Log = print, *, timings
     quant = {**_quantization_record(cfg, form, mat.cal, r, cand.qat_info, mat.parity or {}, timings, esc),
              **dict(quant_extra or {})}
     manifest = _artifact_manifest(mat.source, cfg, quant, gate, ort_gate, folder)
-    report = {"name": folder.name, **dict(report_extra or {}), "deployable": bool(manifest.gate["deployable"]),
+    from .doctor import machine_facts
+
+    report = {"name": folder.name, **dict(report_extra or {}), "machine": machine_facts(),
+              "deployable": bool(manifest.gate["deployable"]),
               "quantization": quant, "parity": mat.parity, "gate": gate.to_dict(),
               "builds": {GATE_BACKEND: ort_gate.to_dict()}, "rounds": r.rounds, "forms": forms,
               "escalation": {"numerics": esc.numerics.to_dict(), "steps": esc.steps, "verdict": esc.verdict},

@@ -237,7 +237,9 @@ def write_artifact(d: Path, run_manifest: Manifest, mat: Material, kept: dict, q
              "version": onnxruntime.__version__, "device": "CPUExecutionProvider", "qdq_format": quant["qdq_format"]}
     if profile.backend == "onnxruntime" and deployed.get("numerics") == "deployed":
         build["gate"] = deployed
-    report = {"name": name, "task": "detection", "gate": ref_gate, "escalation": quant["ladder"],
+    from ..doctor import machine_facts
+
+    report = {"name": name, "task": "detection", "machine": machine_facts(), "gate": ref_gate, "escalation": quant["ladder"],
               "quantization": quant, "builds": {"onnxruntime": build.get("gate")}}
     (d / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
     (d / "report.md").write_text(render_report(report), encoding="utf-8")
