@@ -36,7 +36,7 @@ COMMON = ["--backbone", "efficientnet_lite0", "--pretrained", "imagenet", "--ove
 PARTS = {
     "feature-extract": ["--mode", "feature-extract"],
     "fine-tune-speed": ["--mode", "fine-tune", "--epochs", "1"],
-    # The best recipe found (README "Results"), shared with `make demo FULL=1`: full fine-tune, the whole
+    # The best recipe found (docs/results.md), shared with `make demo FULL=1`: full fine-tune, the whole
     # 300x300 cell stretched to 224 (defects can sit at the border), flips both ways (cells are
     # symmetric), mild crop and rotation.
     "best": list(DEMO_FULL),

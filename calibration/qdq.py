@@ -223,7 +223,7 @@ def _drop_unused_initializers(g: "onnx.GraphProto") -> None:
 
 @dataclass(frozen=True)
 class QdqForm:
-    """How ``quantize_static`` renders the QDQ graph (see README "Quantization and the accuracy gate")."""
+    """How ``quantize_static`` renders the QDQ graph (see docs/quantization.md)."""
 
     key: str  # what manifest.quantization.qdq_format records
     short: str  # the --qdq-form value

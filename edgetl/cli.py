@@ -1,7 +1,7 @@
 """The ``edgetl`` command line. Commands live in ``edgetl/commands/`` and are imported lazily,
 so ``edgetl --help`` and ``edgetl run`` never import torch.
 
-One exit-code contract for every command (``runtime/errors.py``, README "Exit codes and errors"):
+One exit-code contract for every command (``runtime/errors.py``, docs/reliability.md "Exit codes and errors"):
 0 ok, 1 gate failed, 2 bad input, 3 source lost, 70 internal error, 130 Ctrl-C, 143 SIGTERM. Bad
 input (an :class:`EdgetlError`, a usage error, a missing extra, a permission/disk-full error) is one
 ``error:`` line (and a ``hint:``); anything else is a bug: one line naming the file its traceback

@@ -44,7 +44,7 @@ class MissingDependencyError(EdgetlError):
         self.extra = extra
 
 
-# ---- the exit-code contract of every `edgetl` command (README: "Exit codes and errors") ----------
+# ---- the exit-code contract of every `edgetl` command (docs/reliability.md: "Exit codes and errors") ----------
 
 EXIT_OK = 0
 EXIT_GATE_FAILED = 1  # the model/build was made and recorded, but misses its accuracy gate

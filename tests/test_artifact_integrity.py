@@ -254,7 +254,7 @@ def test_crafted_artifact_is_refused_and_nothing_is_written(crafted, craft, tmp_
 
 
 def test_the_corpus_is_counted():
-    """The README's reliability section quotes this count."""
+    """docs/reliability.md ("What the tests try") quotes this count."""
     assert len(CORPUS) == 41
 
 

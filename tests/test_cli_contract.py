@@ -1,4 +1,4 @@
-"""One exit-code contract for every command (README "Exit codes and errors"), and no traceback ever.
+"""One exit-code contract for every command (docs/reliability.md "Exit codes and errors"), and no traceback ever.
 
 0 ok, 1 gate failed, 2 bad input, 3 source lost, 70 internal error (one line + a saved traceback),
 130 Ctrl-C, 143 SIGTERM. Tried here: every command of ``edgetl.cli.COMMANDS`` on a battery of bad
@@ -40,10 +40,10 @@ def test_the_exit_codes():
             EXIT_TERMINATED) == (0, 1, 2, 3, 70, 130, 143)
     assert set(EXIT_CODES) == {0, 1, 2, 3, 70, 130, 143}
     assert (GateFailed.exit_code, EdgetlError.exit_code, SourceLostError.exit_code) == (1, 2, 3)
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme.split("## Exit codes and errors", 1)[1].split("\n## ", 1)[0]
+    page = (Path(__file__).parents[1] / "docs" / "reliability.md").read_text()
+    section = page.split("## Exit codes and errors", 1)[1].split("\n## ", 1)[0]
     for code in EXIT_CODES:
-        assert f"| {code} |" in section, f"exit code {code} is not in the README's table"
+        assert f"| {code} |" in section, f"exit code {code} is not in the table of docs/reliability.md"
 
 
 def call(capsys, *args) -> tuple[int, str, str]:
