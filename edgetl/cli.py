@@ -106,7 +106,7 @@ class LazyGroup(click.Group):
               help="On an internal error, print the full traceback (instead of saving it to a file). "
                    "Also EDGETL_DEBUG=1.")
 def cli(debug: bool) -> None:
-    """edgetl: fine-tune, quantize, compile and run image classifiers on edge devices.
+    """edgetl: fine-tune, quantize, compile and run image classifiers and object detectors on edge devices.
 
     \b
     A typical session:

@@ -404,6 +404,14 @@ def format_summary(s: dict[str, Any]) -> str:
         names = ", ".join(Path(e["file"]).name for e in s.get("skipped", []) if e.get("file"))
         lines.append(f"  skipped {s['skipped_unusable']} images the model input could not be made from "
                      f"(e.g. smaller than the --roi): {names[:300]}{' …' if len(names) > 300 else ''}")
+    if s.get("task") == "detection":
+        per = ", ".join(f"{k} {v}" for k, v in (s.get("max_per_frame") or {}).items())
+        lines.append(f"  detections: most in one frame {per or '-'}"
+                     + (f"; tracks {s['tracks']}" if s.get("tracks") is not None else ""))
+        lc = s.get("line_counts")
+        if lc:
+            lines.append(f"  line crossings: {lc['total']} (in: " + ", ".join(f"{k} {v}" for k, v in lc["in"].items())
+                         + "; out: " + ", ".join(f"{k} {v}" for k, v in lc["out"].items()) + ")")
     if s.get("saved"):
         lines.append(f"  saved {s['saved']['frames']} annotated frames to {s['saved']['path']}")
     return "\n".join(lines)

@@ -125,7 +125,9 @@ def battery(p: dict[str, Path]) -> dict[str, list[list]]:
     return {
         "data": [["data", "conveyor", p[k], out / "c.mp4"] for k in runs] + [
             ["data", "nosuch"], ["data", "elpv", p["file"]], ["data", "elpv", out / "e", "--task", "nosuch"],
-            ["data", "conveyor", p["artifact"], out / "c.mp4", "--items", "abc"]],
+            ["data", "conveyor", p["artifact"], out / "c.mp4", "--items", "abc"],
+            ["data", "trees", p["file"]], ["data", "scenes", p["file"]],
+            ["data", "scenes", out / "s", "--train-scenes", "abc"]],
         "train": [["train", p[k], "--out", out / "t"] for k in ("missing", "file", "empty")] + [
             ["train", p["images"], "--out", out / "t", "--epochs", "abc"],
             ["train", p["images"], "--out", out / "t", "--backbone", "nosuch"],
@@ -133,7 +135,10 @@ def battery(p: dict[str, Path]) -> dict[str, list[list]]:
             ["train", p["images"], "--out", out / "t", "--config", p["toml"]],
             ["train", p["images"], "--out", out / "t", "--config", p["missing"]],
             ["train", p["images"], "--out", p["file"]],
-            ["train", "--out", out / "t"]],
+            ["train", "--out", out / "t"],
+            *[["train", p[k], "--task", "detect", "--out", out / "t"] for k in ("missing", "file", "empty", "images")],
+            ["train", p["images"], "--task", "detect", "--out", out / "t", "--balance", "weighted"],
+            ["train", p["images"], "--out", out / "t", "--tile", "320"]],
         "eval": [["eval", p[k]] for k in runs] + [["eval", p["artifact"], "--batch-size", "abc"]],
         "predict": [["predict", p[k], p["video"]] for k in runs] + [["predict", p["artifact"]]],
         "quantize": [["quantize", p[k], "--out", out / "q"] for k in runs] + [
@@ -150,7 +155,9 @@ def battery(p: dict[str, Path]) -> dict[str, list[list]]:
             ["run", p["artifact"], "--source", "csi://0?width=x", "--headless"],
             ["run", p["artifact"], "--source", p["video"], "--headless", "--roi", "a,b,c"],
             ["run", p["artifact"], "--source", p["video"], "--headless", "--backend", "nosuch"],
-            ["run", p["artifact"], "--source", p["video"], "--headless", "--summary-json", under_file]],
+            ["run", p["artifact"], "--source", p["video"], "--headless", "--summary-json", under_file],
+            ["run", p["artifact"], "--source", p["video"], "--headless", "--count-line", "1,2,3"],
+            ["run", p["artifact"], "--source", p["video"], "--headless", "--track"]],
         "targets": [["targets", "show", "nosuch"], ["targets", "show", p["missing"]], ["targets", "show", p["toml"]],
                     ["targets", "show", TARGET, "--set", "nosuch.key=1"], ["targets", "show", TARGET, "--set", "x"],
                     ["targets", "show", TARGET, "--precision", "int3"], ["targets", "nosuch"]],
@@ -171,6 +178,7 @@ def battery(p: dict[str, Path]) -> dict[str, list[list]]:
         "bench": [["bench", p[k]] for k in artifacts] + [
             ["bench", p["artifact"], "--backends", "nosuch"], ["bench", p["artifact"], "--threads", "abc"],
             ["bench", p["artifact"], "--frame-size", "x"]],
+        "doctor": [["doctor", "--nosuch"]],
     }
 
 

@@ -127,7 +127,7 @@ def scenes(out: Path, run: Path | None, train_scenes: int, val_scenes: int, test
     \b
     Example:
       edgetl data scenes data/cells
-      edgetl train data/cells/train.json --task detect --out runs/cells
+      edgetl train data/cells --task detect --out runs/cells   # its train/val/test splits as given
     """
     from ..detect.scenes import write_scenes
     from ..runtime.errors import require

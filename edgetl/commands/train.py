@@ -93,8 +93,11 @@ def train(data, out, config_file, resume, overwrite, quiet, **options) -> None:
     DATA/val, DATA/test, or a CSV with path,label columns (paths relative to the CSV).
     Splits not given are drawn stratified (70/15/15) with --split-seed and saved in split.json.
 
-    With --task detect, DATA is COCO JSON, a YOLO folder or Pascal VOC XML; the run holds an
-    SSDLite detector on the backbone (anchors, post-processing and the split with every box).
+    With --task detect, DATA is COCO JSON, a YOLO folder or Pascal VOC XML (a folder of
+    train.json/val.json/test.json: those splits as given); the run holds an SSDLite detector on the
+    backbone (anchors, post-processing and the split with every box). Detection defaults differ
+    from the ones shown: 30 epochs, batch 16, lr 1e-3, backbone x0.1, weight decay 1e-4, patience 10,
+    320x320; the split follows --seed (docs/detection.md).
 
     \b
     Examples:
@@ -102,7 +105,7 @@ def train(data, out, config_file, resume, overwrite, quiet, **options) -> None:
       edgetl train data/elpv --mode fine-tune --resize stretch --epochs 12 --out runs/elpv-ft
       edgetl train --config runs/elpv-ft/config.toml --epochs 20 --out runs/elpv-ft20
       edgetl train --resume --out runs/elpv-ft          # after Ctrl-C
-      edgetl train data/cells/train.json --task detect --epochs 20 --out runs/cells
+      edgetl train data/cells --task detect --epochs 20 --out runs/cells
       edgetl train data/trees --task detect --tile 400 --out runs/trees
     """
     from ..runtime.errors import require

@@ -130,7 +130,10 @@ def judge(numerics: Any, model: Path, mat: Material, thresholds: Any, work: Path
 def _better(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
     if b is None:
         return True
-    return (a["passed"], a["agreement"] - a["drop"] / 100) > (b["passed"], b["agreement"] - b["drop"] / 100)
+    def key(g: dict[str, Any]) -> tuple:  # an INT8 mAP above float is no gain: a drop below 0 counts as 0
+        return g["passed"], g["agreement"] - max(g["drop"], 0.0) / 100
+
+    return key(a) > key(b)
 
 
 def ladder(mat: Material, form: Any, reduce_range: bool, numerics: Any, thresholds: Any, work: Path,
@@ -225,7 +228,7 @@ def write_artifact(d: Path, run_manifest: Manifest, mat: Material, kept: dict, q
 
     import onnxruntime
 
-    from ..check import with_verdict
+    from ..check import deployable, with_verdict
 
     shutil.copyfile(mat.fp32, d / "model_fp32.onnx")
     shutil.copyfile(kept["model"], d / "model_int8.onnx")
@@ -239,17 +242,17 @@ def write_artifact(d: Path, run_manifest: Manifest, mat: Material, kept: dict, q
         build["gate"] = deployed
     from ..doctor import machine_facts
 
-    report = {"name": name, "task": "detection", "machine": machine_facts(), "gate": ref_gate, "escalation": quant["ladder"],
-              "quantization": quant, "builds": {"onnxruntime": build.get("gate")}}
+    manifest = with_verdict(Manifest(
+        kind="artifact", labels=run_manifest.labels, preprocess=run_manifest.preprocess, task="detection",
+        input=default_input(run_manifest.preprocess, 1), backbone=run_manifest.backbone, training=run_manifest.training,
+        quantization=quant, gate={**ref_gate, "backend": "onnxruntime", "model": "model_int8.onnx"},
+        target=profile.to_dict(), builds=(build,), postprocess={**dict(run_manifest.postprocess), "anchors": ANCHORS}))
+    report = {"name": name, "task": "detection", "machine": machine_facts(), "deployable": deployable(manifest),
+              "gate": ref_gate, "escalation": quant["ladder"], "quantization": quant,
+              "builds": {"onnxruntime": build.get("gate")}}
     (d / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
     (d / "report.md").write_text(render_report(report), encoding="utf-8")
-    manifest = Manifest(kind="artifact", labels=run_manifest.labels, preprocess=run_manifest.preprocess,
-                        task="detection", input=default_input(run_manifest.preprocess, 1),
-                        backbone=run_manifest.backbone, training=run_manifest.training, quantization=quant,
-                        gate={**ref_gate, "backend": "onnxruntime", "model": "model_int8.onnx"},
-                        target=profile.to_dict(), builds=(build,),
-                        postprocess={**dict(run_manifest.postprocess), "anchors": ANCHORS})
-    return seal(d, with_verdict(manifest))
+    return seal(d, manifest)
 
 
 def write_float_artifact(d: Path, run_manifest: Manifest, mat: Material, parity: dict, name: str,
@@ -277,6 +280,9 @@ def render_report(report: dict[str, Any]) -> str:
     from .gate import det_gate_markdown
 
     lines = [f"# {report.get('name', 'artifact')}: detection", ""]
+    if "deployable" in report:
+        lines += [("**VERIFIED**: the gate that decides this artifact passed" if report["deployable"] else
+                   "**NOT DEPLOYABLE**: the gate that decides this artifact failed (see below)"), ""]
     esc = report.get("escalation") or []
     if esc:
         lines += ["## Quantization ladder", "", "| step | mAP@0.5 quantized | drop (pts) | agreement | passed | s | kept |",
