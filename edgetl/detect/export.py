@@ -14,7 +14,10 @@ the result says which ops the graph has and any outside that list.
 
 Parity: ONNX Runtime (through ``open_runner``, as everything else runs it) must reproduce PyTorch's
 two outputs on the given preprocessed inputs (real images from the caller) within
-``atol + rtol * max|output|``; otherwise :class:`edgetl.export.ExportParityError`.
+``atol + rtol * max|output|``; otherwise :class:`edgetl.export.ExportParityError`. The defaults are
+the classifier export's (1e-3, 1e-3): on real held-out images (the compile passes them) a Lite0
+detector's float32 outputs differ by ~4e-4 between ONNX Runtime's fused kernels and PyTorch (sums in
+another order), which a tighter 1e-4 refused; a wrongly exported operator differs by orders more.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def _graph_facts(path: Path) -> dict[str, Any]:
 
 
 def export_detector(model, spec: PreprocessSpec, path: str | Path, opset: int = OPSET,
-                    inputs: np.ndarray | None = None, atol: float = 1e-4, rtol: float = 1e-5) -> dict[str, Any]:
+                    inputs: np.ndarray | None = None, atol: float = 1e-3, rtol: float = 1e-3) -> dict[str, Any]:
     """Export ``model`` (a :class:`edgetl.detect.model.Detector`) to ``path`` and check it.
 
     ``inputs``: a few preprocessed images ``(N, 3, H, W)`` float32 made with ``spec`` (pass real
