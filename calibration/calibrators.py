@@ -16,6 +16,8 @@ quantizers; ``entropy`` has no NNCF equivalent and is refused there.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,9 +105,12 @@ def ort_ranges(model_path: str | Path, inputs: np.ndarray, method: str = "MinMax
             extra_options={"symmetric": symmetric, **(options or {})})  # (not max_intermediate_outputs: in
         # ORT 1.32 MinMax drops the outputs it clears with it; each collect_data call merges and clears anyway)
         name = _input_name(model_path)
-        for i in range(0, len(inputs), chunk):
-            calib.collect_data(_reader(inputs[i:i + chunk], name, batch_size))
-        data = calib.compute_data()
+        # ORT's histogram calibrators print() their progress ("Collecting tensor data and making
+        # histogram ...") between edgetl's own lines: kept off the terminal
+        with contextlib.redirect_stdout(io.StringIO()):
+            for i in range(0, len(inputs), chunk):
+                calib.collect_data(_reader(inputs[i:i + chunk], name, batch_size))
+            data = calib.compute_data()
     return {k: pair(v.range_value) for k, v in data.data.items()}
 
 
