@@ -249,6 +249,18 @@ def _nms_sorted(boxes: np.ndarray, iou: float) -> np.ndarray:
     return np.asarray(keep, np.int64)
 
 
+def merge_classes(dets: "Detections", iou: float = 0.7) -> "Detections":
+    """One box per object whatever its class: class-aware NMS keeps a box of each class over an
+    object whose class is uncertain (a cell scored 0.45 defective and 0.40 functional); a tracker
+    would start a second track on the loser and a counting line count the object twice. Greedy,
+    best score first, across classes, at a high IoU (``iou``) so neighbouring objects stay apart."""
+    if len(dets) <= 1:
+        return dets
+    order = np.argsort(-dets.scores, kind="stable")
+    keep = order[_nms_sorted(dets.boxes[order], iou)]
+    return dets.select(np.sort(keep))
+
+
 def postprocess(raw_boxes: np.ndarray, raw_scores: np.ndarray, spec: PostprocessSpec,
                 score_threshold: Optional[float] = None) -> Detections:
     """ONE image's raw outputs (``raw_boxes`` (A, 4) regressions, ``raw_scores`` (A, C + 1) logits;

@@ -132,7 +132,8 @@ class DetectHead:
             self.peak[lab] = max(self.peak.get(lab, 0), n)
         tracks, events = None, []
         if self.tracker is not None:
-            tracks = self.tracker.update(dets, frame_index=frame.index)
+            from .detect import merge_classes
+            tracks = self.tracker.update(merge_classes(dets), frame_index=frame.index)
             events = list(self.tracker.events())
             if self.counter is not None:
                 events += self.counter.update(tracks, frame.index)

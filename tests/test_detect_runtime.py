@@ -390,3 +390,15 @@ def test_detection_modules_run_with_torch_and_scipy_unimportable():
 def test_math_constant_is_torchvisions():
     from edgetl.runtime.detect import BBOX_XFORM_CLIP
     assert BBOX_XFORM_CLIP == math.log(1000.0 / 16)
+
+
+def test_merge_classes_keeps_one_box_per_object_whatever_its_class():
+    """A cell scored as both classes keeps its best box; a neighbour of another class stays."""
+    from edgetl.runtime.detect import Detections, merge_classes
+
+    d = Detections(np.array([[0, 0, 10, 10], [0.5, 0, 10, 10], [20, 0, 30, 10]], np.float32),
+                   np.array([0.4, 0.45, 0.9], np.float32), np.array([0, 1, 0], np.int64))
+    m = merge_classes(d)
+    assert len(m) == 2 and sorted(m.scores.tolist()) == pytest.approx([0.45, 0.9])
+    assert m.classes.tolist() == [1, 0]  # the winner's class, input order kept
+    assert len(merge_classes(d.select(np.array([0])))) == 1
