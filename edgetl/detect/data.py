@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import math
 import re
 import xml.etree.ElementTree as ET
@@ -741,15 +742,17 @@ def read_detection(path: str | Path, fmt: str = "auto", workers: int = 4) -> Det
 # decoded SOURCES of tiles are kept (whole images are never cached): memory is bounded by
 # TILE_SOURCE_CACHE sources, not by the dataset, and each DataLoader worker has its own.
 TILE_SOURCE_CACHE = 4
-_sources: "dict[Path, np.ndarray]" = {}
+_sources: "dict[tuple, np.ndarray]" = {}
 
 
 def _tile_source(path: Path) -> np.ndarray:
-    pixels = _sources.pop(path, None)
+    st = os.stat(path)
+    key = (str(path), st.st_mtime_ns, st.st_size)  # a file changed since is decoded again
+    pixels = _sources.pop(key, None)
     if pixels is None:
         pixels = read_image(path)
         pixels.setflags(write=False)  # shared by every tile cut from it
-    _sources[path] = pixels  # most recent last
+    _sources[key] = pixels  # most recent last
     while len(_sources) > TILE_SOURCE_CACHE:
         _sources.pop(next(iter(_sources)))
     return pixels
