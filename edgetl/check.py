@@ -771,8 +771,10 @@ def _probe(folder: Path, checkset: Checkset, manifest: Manifest, th: Thresholds)
         runner.close()
 
 
-def record_gate(folder: Path, manifest: Manifest, backend: str, entry: Mapping[str, Any], result: GateResult) -> Manifest:
-    """Write ``result`` into report.json/md (+ confusion.png) and the manifest; refresh hashes."""
+def gate_recorded(folder: Path, manifest: Manifest, backend: str, result: Any) -> tuple[dict[str, Any], Manifest]:
+    """``(report, manifest)`` with ``result`` (a gate of either task: ``summary()``/``to_dict()``)
+    recorded: in the build's entry, or as ``gate`` for the reference numerics; the verdict re-derived.
+    The caller writes its task's report files and seals the folder."""
     report_path = folder / REPORT_JSON
     report = json.loads(report_path.read_text()) if report_path.is_file() else {"name": folder.name}
     builds = [dict(b) for b in manifest.builds]
@@ -787,6 +789,12 @@ def record_gate(folder: Path, manifest: Manifest, backend: str, entry: Mapping[s
         report.setdefault("builds", {})[backend] = result.to_dict()
     new = with_verdict(manifest.replace(**changes))
     report["deployable"] = deployable(new)
+    return report, new
+
+
+def record_gate(folder: Path, manifest: Manifest, backend: str, entry: Mapping[str, Any], result: GateResult) -> Manifest:
+    """Write ``result`` into report.json/md (+ confusion.png) and the manifest; refresh hashes."""
+    report, new = gate_recorded(folder, manifest, backend, result)
     write_report(folder, report, manifest.labels, result if backend == REFERENCE else None)
     return seal(folder, new)
 

@@ -406,24 +406,12 @@ class DetGate:
 def record_detection_gate(folder: Path, manifest: Manifest, backend: str, result: DetGate) -> Manifest:
     """The gate into the manifest (the build's entry, or ``gate`` for the reference numerics),
     report.json and report.md (keeping its benchmark section); the verdict re-derived; the folder sealed."""
-    from ..check import deployable, with_verdict
+    from ..check import gate_recorded
     from ..report import keep_bench_section
     from ..runtime.manifest import atomic_write
 
+    report, new = gate_recorded(folder, manifest, backend, result)
     report_path = folder / "report.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {"name": folder.name}
-    builds = [dict(b) for b in manifest.builds]
-    for b in builds:
-        if b.get("backend") == backend:
-            b["gate"] = result.summary()
-    changes: dict[str, Any] = {"builds": tuple(builds)}
-    if backend == "reference":
-        report["gate"] = result.to_dict()
-        changes["gate"] = {**result.summary(), "backend": "onnxruntime", "model": "model_int8.onnx"}
-    else:
-        report.setdefault("builds", {})[backend] = result.to_dict()
-    new = with_verdict(manifest.replace(**changes))
-    report["deployable"] = deployable(new)
     report_path.write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
     # the `edgetl bench` section of report.md survives a re-gate, as classification's (edgetl.check.write_report)
     atomic_write(folder / "report.md", keep_bench_section(folder / "report.md", render_report(report)))
