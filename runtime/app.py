@@ -417,6 +417,32 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _open_window(name: str, note: Note) -> bool:
+    """Open the display window; False (with a note saying why) where none can be shown."""
+    ok, why = display_available()
+    if ok:
+        try:
+            cv2.namedWindow(name, cv2.WINDOW_NORMAL)
+        except cv2.error as exc:
+            ok, why = False, f"cv2 cannot open a window ({str(exc).strip().splitlines()[-1]})"
+    if not ok:
+        note(f"{why}; running headless (JSON lines on stdout; --headless silences this note)")
+    return ok
+
+
+def _write_summary_json(dest: Path, summary: dict[str, Any]) -> None:
+    """``--summary-json``: written whole (a partial file renamed) or not at all."""
+    tmp = dest.with_name(dest.name + ".partial")
+    try:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, dest)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise EdgetlError(f"--summary-json {dest}: cannot write it ({exc.strerror or exc})",
+                          hint="give a path in a folder you can write to") from None
+
+
 def run_app(model: Model, source: Any, options: StreamOptions, app: AppOptions,
             out: IO[str] | None = None, err: IO[str] | None = None) -> dict[str, Any]:
     """``edgetl run``: returns the summary; raises SourceLostError (after the summary) when a live
@@ -431,17 +457,7 @@ def run_app(model: Model, source: Any, options: StreamOptions, app: AppOptions,
         note(w)
     stop = threading.Event()
     stream = Stream(model, source, options, stop=stop, note=note)
-    headless = app.headless
-    if not headless:
-        ok, why = display_available()
-        if ok:
-            try:
-                cv2.namedWindow(app.window, cv2.WINDOW_NORMAL)
-            except cv2.error as exc:
-                ok, why = False, f"cv2 cannot open a window ({str(exc).strip().splitlines()[-1]})"
-        if not ok:
-            note(f"{why}; running headless (JSON lines on stdout; --headless silences this note)")
-            headless = True
+    headless = app.headless or not _open_window(app.window, note)
     json_out = headless or app.events
     summary_out = err if json_out else out  # stdout stays pure JSON lines
     saver = None
@@ -503,16 +519,7 @@ def run_app(model: Model, source: Any, options: StreamOptions, app: AppOptions,
         summary["saved"] = {"path": str(app.save), "frames": saver.frames, "fps": saver.fps}
     print(format_summary(summary), file=summary_out, flush=True)
     if app.summary_json is not None:
-        dest = Path(app.summary_json)
-        tmp = dest.with_name(dest.name + ".partial")
-        try:
-            tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-            os.replace(tmp, dest)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise EdgetlError(f"--summary-json {dest}: cannot write it ({exc.strerror or exc})",
-                              hint="give a path in a folder you can write to") from None
+        _write_summary_json(Path(app.summary_json), summary)
     if error is not None:
         raise error
     return summary
