@@ -129,7 +129,6 @@ def strip_qdq(model: "str | Path | onnx.ModelProto") -> tuple["onnx.ModelProto",
     g = m.graph
     consts = constant_values(g)
     producer = {o: n for n in g.node for o in n.output}
-    inits = {i.name: i for i in g.initializer}
     ranges: dict[str, tuple[float, float]] = {}
     reroute: dict[str, str] = {}
     dropped: set[int] = set()
