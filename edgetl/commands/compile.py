@@ -170,7 +170,7 @@ def compile_cmd(source: Path, target: str, out: Path, method: str | None, time_b
 
     # before any work: an ONNX model needs `onnx` (ONNX Runtime's quantizer too); a run or state dict, torch
     require("edgetl compile", "onnx", *(() if source.suffix.lower() == ".onnx" else ("torch", "safetensors")))
-    from ..compile import STATE_DICT_SUFFIXES, compile_external, compile_onnx, compile_run, read_labels
+    from ..compile import STATE_DICT_SUFFIXES, compile_run
     from ..targets import apply_overrides, load_target
 
     console = Console()
@@ -198,26 +198,8 @@ def compile_cmd(source: Path, target: str, out: Path, method: str | None, time_b
         raise EdgetlError(f"--arch is for a state dict ({', '.join(STATE_DICT_SUFFIXES)}); {source} is not one",
                           hint="a run folder and an ONNX model carry their architecture: drop --arch")
     if external:
-        what = "an ONNX model" if suffix == ".onnx" else "a state dict"
-        if labels is None or images is None:
-            raise EdgetlError(f"compiling {what} needs --labels labels.txt and --images DIR",
-                              hint="--images: a folder of images for calibration and the gate (one sub-folder per class "
-                                   "for an accuracy gate)")
-        if suffix != ".onnx" and arch is None:
-            raise EdgetlError(f"{source}: a state dict needs its architecture: --arch torchvision:NAME or --arch "
-                              "timm:NAME", hint="the name the model was built with, e.g. torchvision:mobilenet_v2 "
-                                                "or timm:efficientnet_b0")
-        if suffix == ".onnx" and method == "qat":
-            raise EdgetlError("--method qat needs the PyTorch model (a run folder or a state dict with --arch); "
-                              "a bare ONNX model is quantized by PTQ")
-        class_names = read_labels(labels)
-        spec = _spec_from_flags(preprocess, input_size, mean, std, resize, color, layout)
-        if suffix == ".onnx":
-            result = compile_onnx(source, class_names, spec, images, out, profile, not no_speed_check, overwrite,
-                                  progress, **overrides)
-        else:
-            result = compile_external(source, arch, class_names, spec, images, out, profile, method,
-                                      not no_speed_check, overwrite, progress, labels_file=labels, **overrides)
+        result = _compile_elsewhere(source, arch, labels, images, method, out, profile, not no_speed_check, overwrite,
+                                    progress, overrides, (preprocess, input_size, mean, std, resize, color, layout))
     elif source.is_dir():
         result = compile_run(source, out, profile, method, not no_speed_check, overwrite, progress, **overrides)
     else:
@@ -228,11 +210,47 @@ def compile_cmd(source: Path, target: str, out: Path, method: str | None, time_b
     for note in result.notes:
         console.print(f"  note: {note}", soft_wrap=True, markup=False, style="yellow")
     console.print(summary_table(result))
-    if not result.passed:
-        from ..backends import GateFailed
+    _raise_if_failed(result, out)
 
-        gate = result.build_gate if result.build.entry is None else result.decisive_gate
-        raise GateFailed(f"{out}: {result.decided_by if result.build.entry is not None else 'the pre-build gate'} "
-                         "failed its gate: " + "; ".join((gate or {}).get("failures") or ["see report.md"]),
-                         hint="the artifact is written and marked not deployable; report.md has the repair ladder "
-                              "and what would reach the gate")
+
+def _compile_elsewhere(source: Path, arch: str | None, labels: Path | None, images: Path | None, method: str | None,
+                       out: Path, profile, speed_check: bool, overwrite: bool, progress, overrides: dict,
+                       flags: tuple):
+    """A model trained elsewhere (an ONNX file, or a state dict with --arch): its flags checked, then
+    compiled through ``compile_onnx`` / ``compile_external``."""
+    from ..compile import compile_external, compile_onnx, read_labels
+    from ..runtime.errors import EdgetlError
+
+    suffix = source.suffix.lower()
+    what = "an ONNX model" if suffix == ".onnx" else "a state dict"
+    if labels is None or images is None:
+        raise EdgetlError(f"compiling {what} needs --labels labels.txt and --images DIR",
+                          hint="--images: a folder of images for calibration and the gate (one sub-folder per class "
+                               "for an accuracy gate)")
+    if suffix != ".onnx" and arch is None:
+        raise EdgetlError(f"{source}: a state dict needs its architecture: --arch torchvision:NAME or --arch "
+                          "timm:NAME", hint="the name the model was built with, e.g. torchvision:mobilenet_v2 "
+                                            "or timm:efficientnet_b0")
+    if suffix == ".onnx" and method == "qat":
+        raise EdgetlError("--method qat needs the PyTorch model (a run folder or a state dict with --arch); "
+                          "a bare ONNX model is quantized by PTQ")
+    class_names = read_labels(labels)
+    spec = _spec_from_flags(*flags)
+    if suffix == ".onnx":
+        return compile_onnx(source, class_names, spec, images, out, profile, speed_check, overwrite, progress,
+                            **overrides)
+    return compile_external(source, arch, class_names, spec, images, out, profile, method, speed_check, overwrite,
+                            progress, labels_file=labels, **overrides)
+
+
+def _raise_if_failed(result, out: Path) -> None:
+    """Exit 1 (GateFailed) when the gate that decides the artifact failed; it is written either way."""
+    if result.passed:
+        return
+    from ..backends import GateFailed
+
+    gate = result.build_gate if result.build.entry is None else result.decisive_gate
+    raise GateFailed(f"{out}: {result.decided_by if result.build.entry is not None else 'the pre-build gate'} "
+                     "failed its gate: " + "; ".join((gate or {}).get("failures") or ["see report.md"]),
+                     hint="the artifact is written and marked not deployable; report.md has the repair ladder "
+                          "and what would reach the gate")
