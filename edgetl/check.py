@@ -135,13 +135,19 @@ class Checkset:
         return Path(path)
 
 
-def load_checkset(path: str | Path) -> Checkset:
-    """Read ``checkset.npz`` (or the artifact folder holding it)."""
+def checkset_file(path: str | Path) -> Path:
+    """``checkset.npz`` of an artifact folder (or the file itself), which must exist; either task's."""
     p = Path(path)
     if p.is_dir():
         p = p / CHECKSET_NAME
     if not p.is_file():
         raise EdgetlError(f"{p}: no checkset", hint="the artifact is incomplete: re-create it with `edgetl quantize`")
+    return p
+
+
+def load_checkset(path: str | Path) -> Checkset:
+    """Read ``checkset.npz`` (or the artifact folder holding it)."""
+    p = checkset_file(path)
     try:
         with np.load(p, allow_pickle=False) as data:
             missing = [k for k in ("inputs", "labels", "float_logits") if k not in data]

@@ -40,29 +40,9 @@ LINE = "80,0,80,120"
 def write_scenes(root: Path, n: int = 60, seed: int = 0) -> Path:
     """``n`` noisy 160x120 images with 1-2 non-overlapping filled rectangles (26-44 px) of two colours
     (the classes), the first 4 without any; a COCO instances JSON beside them."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    images, anns = [], []
-    for i in range(n):
-        img = rng.integers(90, 140, (H, W, 3), dtype=np.uint8)
-        placed: list[tuple[int, int, int, int]] = []
-        for _ in range(0 if i < 4 else int(rng.integers(1, 3))):
-            for _try in range(50):
-                w, h = int(rng.integers(26, 44)), int(rng.integers(26, 44))
-                x, y = int(rng.integers(0, W - w)), int(rng.integers(0, H - h))
-                if all(x + w <= a or a + c <= x or y + h <= b or b + d <= y for a, b, c, d in placed):
-                    break
-            placed.append((x, y, w, h))
-            c = int(rng.integers(0, 2))
-            img[y:y + h, x:x + w] = COLORS[c]
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": c + 1, "bbox": [x, y, w, h],
-                         "area": w * h, "iscrowd": 0})
-        cv2.imwrite(str(root / f"img_{i:03d}.png"), img)
-        images.append({"id": i + 1, "file_name": f"img_{i:03d}.png", "width": W, "height": H})
-    path = root / "instances.json"
-    path.write_text(json.dumps({"images": images, "annotations": anns,
-                                "categories": [{"id": 1, "name": "red"}, {"id": 2, "name": "blue"}]}))
-    return path
+    from test_detect_train import write_rectangles
+
+    return write_rectangles(root, n, negatives=4, seed=seed, size=(W, H), sides=(26, 44))
 
 
 def true_boxes(frame: int) -> dict[str, list[int]]:

@@ -30,19 +30,22 @@ COLORS = ((30, 30, 230), (230, 80, 30))  # BGR: "red", "blue"
 SIZE = 96
 
 
-def write_rectangles(root: Path, n: int = 48, negatives: int = 4, seed: int = 0) -> Path:
-    """``n`` 96x96 noisy images with 1-2 non-overlapping filled rectangles (18-40 px) of two colours
-    (the two classes), the first ``negatives`` without any; a COCO instances JSON beside them."""
+def write_rectangles(root: Path, n: int = 48, negatives: int = 4, seed: int = 0, size: tuple = (SIZE, SIZE),
+                     sides: tuple = (18, 40)) -> Path:
+    """``n`` noisy ``size`` (width, height) images with 1-2 non-overlapping filled rectangles (sides in
+    ``sides``) of two colours (the two classes), the first ``negatives`` without any; a COCO instances
+    JSON beside them. Shared by the detection tests (train, bench, TensorRT, end to end)."""
+    W, H = size
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     images, anns = [], []
     for i in range(n):
-        img = rng.integers(90, 140, (SIZE, SIZE, 3), dtype=np.uint8)
+        img = rng.integers(90, 140, (H, W, 3), dtype=np.uint8)
         placed: list[tuple[int, int, int, int]] = []
         for _ in range(0 if i < negatives else int(rng.integers(1, 3))):
             for _try in range(50):
-                w, h = int(rng.integers(18, 40)), int(rng.integers(18, 40))
-                x, y = int(rng.integers(0, SIZE - w)), int(rng.integers(0, SIZE - h))
+                w, h = int(rng.integers(*sides)), int(rng.integers(*sides))
+                x, y = int(rng.integers(0, W - w)), int(rng.integers(0, H - h))
                 if all(x + w <= a or a + c <= x or y + h <= b or b + d <= y for a, b, c, d in placed):
                     break
             placed.append((x, y, w, h))
@@ -51,7 +54,7 @@ def write_rectangles(root: Path, n: int = 48, negatives: int = 4, seed: int = 0)
             anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": c + 1, "bbox": [x, y, w, h],
                          "area": w * h, "iscrowd": 0})
         cv2.imwrite(str(root / f"img_{i:03d}.png"), img)
-        images.append({"id": i + 1, "file_name": f"img_{i:03d}.png", "width": SIZE, "height": SIZE})
+        images.append({"id": i + 1, "file_name": f"img_{i:03d}.png", "width": W, "height": H})
     cats = [{"id": 1, "name": "red"}, {"id": 2, "name": "blue"}]
     path = root / "instances.json"
     path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))

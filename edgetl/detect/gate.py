@@ -163,11 +163,9 @@ class DetCheckset:
 
 def load_det_checkset(path: str | Path) -> DetCheckset:
     """Read a detection ``checkset.npz`` (or the artifact folder holding it)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / CHECKSET_NAME
-    if not p.is_file():
-        raise EdgetlError(f"{p}: no checkset", hint="the artifact is incomplete: re-create it with `edgetl quantize`")
+    from ..check import checkset_file
+
+    p = checkset_file(path)
     keys = ("inputs", "gt_boxes", "gt_classes", "gt_offsets", "float_boxes", "float_scores")
     try:
         with np.load(p, allow_pickle=False) as data:
