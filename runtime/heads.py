@@ -86,7 +86,6 @@ class DetectHead:
     task = "detection"
 
     def __init__(self, model: Any, options: Any):
-        from .detect import class_counts, postprocess, to_frame  # noqa: F401 (checked importable here)
         self.model = model
         self.post = model.postprocess
         self.roi = options.roi

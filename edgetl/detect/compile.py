@@ -32,26 +32,6 @@ LADDER = (("minmax", False), ("percentile", False), ("minmax", True), ("percenti
 ANCHORS = "anchors.npy"
 
 
-def boxes_to_input(boxes: np.ndarray, image_hw: Sequence[int], spec: PreprocessSpec) -> np.ndarray:
-    """Boxes in an image's pixels -> the model input's pixels, through the preprocessing geometry
-    (``stretch``: per-axis scale; ``letterbox``: scale by the fitting factor, then the pad offset)."""
-    h, w = image_hw
-    H, W = spec.input_size
-    b = np.asarray(boxes, np.float32).reshape(-1, 4).copy()
-    if spec.resize == "stretch":
-        b[:, [0, 2]] *= W / w
-        b[:, [1, 3]] *= H / h
-        return b
-    if spec.resize == "letterbox":
-        s = min(W / w, H / h)
-        b *= s
-        b[:, [0, 2]] += (W - round(w * s)) // 2
-        b[:, [1, 3]] += (H - round(h * s)) // 2
-        return b
-    raise EdgetlError(f"preprocess.resize {spec.resize!r} crops the image: boxes outside the crop would be lost",
-                      hint="detection runs use resize 'stretch' or 'letterbox'")
-
-
 @dataclass
 class Material:
     """What every ladder step shares: the float export, calibration inputs, the checkset."""
@@ -85,6 +65,7 @@ def make_checkset(model: Any, images: Sequence[Any], spec: PreprocessSpec, root:
     import torch
 
     from .gate import DetCheckset
+    from .train import to_input_boxes
 
     chosen = _pick(images, cap, seed)
     x = _inputs(chosen, spec)
@@ -92,7 +73,7 @@ def make_checkset(model: Any, images: Sequence[Any], spec: PreprocessSpec, root:
         outs = [model(torch.from_numpy(x[i:i + 16])) for i in range(0, len(x), 16)]
     fb = torch.cat([o[0] for o in outs]).numpy()
     fs = torch.cat([o[1] for o in outs]).numpy()
-    gt_boxes = [boxes_to_input(img.boxes, (img.height, img.width), spec) for img in chosen]
+    gt_boxes = [to_input_boxes(img.boxes, (img.height, img.width), spec) for img in chosen]  # as in training
     paths = [_shown_path(img, root) for img in chosen]
     return DetCheckset(x, gt_boxes, [np.asarray(img.classes, np.int64) for img in chosen], fb, fs, paths)
 
