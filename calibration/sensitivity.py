@@ -50,7 +50,8 @@ def logit_error(reference: np.ndarray, test: np.ndarray) -> tuple[float, float, 
 
 
 def rank_layers(layers: Sequence[tuple[str, str]], logits_without: Callable[[str], np.ndarray],
-                reference: np.ndarray, quantized: np.ndarray) -> list[LayerSensitivity]:
+                reference: np.ndarray, quantized: np.ndarray,
+                error: Callable[[np.ndarray, np.ndarray], tuple] = logit_error) -> list[LayerSensitivity]:
     """Rank ``layers`` (``(node name, op type)``) by what keeping each one in float gains.
 
     ``logits_without(node)``: logits, on the inputs of ``reference`` (float logits), of the model
@@ -59,7 +60,7 @@ def rank_layers(layers: Sequence[tuple[str, str]], logits_without: Callable[[str
     base = logit_error(reference, quantized)[0]
     scored = []
     for name, op in layers:
-        sqnr, _, agree = logit_error(reference, logits_without(name))
+        sqnr, _, agree = error(reference, logits_without(name))
         scored.append((name, op, sqnr - base, sqnr, agree))
     scored.sort(key=lambda r: (-r[2], -r[4]))
     return [LayerSensitivity(i + 1, n, op, g, s, a) for i, (n, op, g, s, a) in enumerate(scored)]

@@ -158,7 +158,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgetl"
 
 
-def _ranking_key(prepared: Path, cache: Path, cfg: Any, inputs: np.ndarray, numerics: Numerics, kept) -> str:
+@dataclass(frozen=True)
+class RankMetric:
+    """What the sensitivity ranking compares between the float model and each candidate: ``outputs``
+    (a runner and the probe inputs -> one array), ``error`` (float array, candidate array ->
+    ``(sqnr_db, rel_error, agreement)`` as ``calibration.sensitivity.logit_error``); ``name`` (with
+    every parameter the metric has) is part of the ranking's cache key. Classification compares
+    logits; a task with other outputs (detection: ``edgetl.detect.repair``) provides its own."""
+
+    name: str
+    outputs: Callable[[Any, np.ndarray], np.ndarray]
+    error: Callable[[np.ndarray, np.ndarray], tuple] = sens.logit_error
+
+
+LOGITS = RankMetric("logits", lambda runner, x: runner.infer_many(x))
+
+
+def _ranking_key(prepared: Path, cache: Path, cfg: Any, inputs: np.ndarray, numerics: Numerics, kept,
+                 metric: RankMetric = LOGITS) -> str:
     """Everything the ranking depends on: the graph, its ranges, the QDQ form and weight range, the
     layers already in float, the numerics that ran it, the probe images and the tool versions."""
     import hashlib
@@ -171,12 +188,13 @@ def _ranking_key(prepared: Path, cache: Path, cfg: Any, inputs: np.ndarray, nume
     h.update(np.ascontiguousarray(inputs).tobytes())
     h.update(json.dumps([cfg.form.key, cfg.reduce_range, sorted(kept), numerics.kind, numerics.backend,
                          sorted((k, str(v)) for k, v in numerics.options.items()), onnxruntime.__version__,
-                         sens.FIELDS]).encode())
+                         sens.FIELDS] + ([] if metric is LOGITS else [metric.name])).encode())
     return h.hexdigest()
 
 
 def rank_layers(prepared: Path, cache: Path, cfg: Any, inputs: np.ndarray, numerics: Numerics,
-                kept: list[str] | tuple = (), log: Log = lambda s: None) -> list[sens.LayerSensitivity]:
+                kept: list[str] | tuple = (), log: Log = lambda s: None,
+                metric: RankMetric = LOGITS) -> list[sens.LayerSensitivity]:
     """Leave-one-out sensitivity: the model with each layer in float in turn (same ranges and form),
     ranked by the logit SQNR that buys (``calibration.sensitivity``), run in ``numerics`` (ONNX Runtime).
     ``kept``: layers already in float (the baseline the gains are measured from).
@@ -185,7 +203,7 @@ def rank_layers(prepared: Path, cache: Path, cfg: Any, inputs: np.ndarray, numer
     weight scale in Python), ~75 s a ranking on a 2-core CPU. A ranking is a pure function of its
     inputs, so it is kept in :func:`cache_dir` under their sha256 (``_ranking_key``): compiling one
     run for several targets whose rankings run in the same numerics ranks once."""
-    key = _ranking_key(prepared, cache, cfg, inputs, numerics, kept)
+    key = _ranking_key(prepared, cache, cfg, inputs, numerics, kept, metric)
     stored = cache_dir() / "sensitivity" / f"{key}.json"
     try:
         ranking = [sens.LayerSensitivity(**row) for row in json.loads(stored.read_text(encoding="utf-8"))]
@@ -193,7 +211,7 @@ def rank_layers(prepared: Path, cache: Path, cfg: Any, inputs: np.ndarray, numer
         return ranking
     except (OSError, ValueError, TypeError):
         pass
-    ranking = _rank_layers(prepared, cache, cfg, inputs, numerics, kept)
+    ranking = _rank_layers(prepared, cache, cfg, inputs, numerics, kept, metric)
     try:  # a cache: failing to write it (read-only home, full disk) costs only the next ranking
         stored.parent.mkdir(parents=True, exist_ok=True)
         tmp = stored.with_name(f".{stored.name}.{os.getpid()}.tmp")
@@ -205,7 +223,7 @@ def rank_layers(prepared: Path, cache: Path, cfg: Any, inputs: np.ndarray, numer
 
 
 def _rank_layers(prepared: Path, cache: Path, cfg: Any, inputs: np.ndarray, numerics: Numerics,
-                 kept: list[str] | tuple = ()) -> list[sens.LayerSensitivity]:
+                 kept: list[str] | tuple = (), metric: RankMetric = LOGITS) -> list[sens.LayerSensitivity]:
     from .quantize import render_qdq
 
     probe = prepared.parent / "sensitivity_probe.onnx"
@@ -213,7 +231,7 @@ def _rank_layers(prepared: Path, cache: Path, cfg: Any, inputs: np.ndarray, nume
     def logits(model: Path) -> np.ndarray:
         runner = numerics.open(model, None)
         try:
-            return runner.infer_many(inputs)
+            return metric.outputs(runner, inputs)
         finally:
             runner.close()
 
@@ -221,7 +239,8 @@ def _rank_layers(prepared: Path, cache: Path, cfg: Any, inputs: np.ndarray, nume
         return render_qdq(prepared, cache, probe, cfg.form, exclude=[*kept, *exclude], reduce_range=cfg.reduce_range)
 
     layers = [x for x in weighted_nodes(prepared) if x[0] not in kept]
-    return sens.rank_layers(layers, lambda node: logits(render([node])), logits(prepared), logits(render([])))
+    return sens.rank_layers(layers, lambda node: logits(render([node])), logits(prepared), logits(render([])),
+                            error=metric.error)
 
 
 def _round_row(rnd: int, exclude: list[str], gate: GateResult) -> dict[str, Any]:
@@ -240,9 +259,71 @@ def better(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return key(a) > key(b)
 
 
+@dataclass
+class Verdict:
+    """A task's judgement of one fallback round: ``passed``; ``row``, the round's record (the keys
+    ``better`` orders by); ``gate``, the task's gate object; ``line``, what the log says of it."""
+
+    passed: bool
+    row: dict[str, Any]
+    gate: Any
+    line: str = ""
+
+
+def fallback_rounds(render: Callable[[list[str]], Path], judge_round: Callable[[Path], Verdict],
+                    rank: Callable[[list[str]], list], max_rounds: int, step: int | Callable[[int], int], log: Log,
+                    ranking: list | None = None, order: Callable[[dict, dict], bool] = better,
+                    ranker_label: str = "") -> tuple[Verdict, list[str], list[dict[str, Any]], list | None]:
+    """The mixed-precision loop of any task: render the graph with ``exclude`` in float, judge it;
+    while it misses, add the next ``step`` layers of the sensitivity ranking that gain in float
+    (``rank(kept)``, layers with ``node`` and ``gain_db``; ``step`` may be a function of the number
+    already in float, e.g. doubling them), up to ``max_rounds``; when every round
+    misses, re-render and re-judge the best by ``order``. ``ranking``: computed up front, or None
+    (ranked when round 0 misses). Returns the kept verdict, its float layers, every round's row and
+    the first full ranking."""
+    full_ranking, ranked_from = ranking, []
+    exclude: list[str] = []
+    rounds: list[dict[str, Any]] = []
+    for rnd in range(max_rounds + 1):
+        v = judge_round(render(exclude))
+        rounds.append({"round": rnd, "float_layers": list(exclude), **v.row})
+        log(f"round {rnd}: {len(exclude)} float layer(s)  {v.line}")
+        if v.passed or rnd == max_rounds:
+            break
+        if ranking is None:
+            log(f"sensitivity: ranking layers for the mixed-precision fallback ({ranker_label})")
+            ranking = full_ranking = rank([])
+            ranked_from = []
+        candidates = [r.node for r in ranking if r.node not in exclude and r.gain_db > 0]
+        if not candidates and exclude != ranked_from:
+            # the layers kept so far dominated the error, so the others ranked as gaining nothing: rank
+            # them again from the current mixed-precision model
+            log(f"sensitivity: ranking again with {len(exclude)} layer(s) in float ({ranker_label})")
+            ranked_from = list(exclude)
+            ranking = rank(ranked_from)
+            candidates = [r.node for r in ranking if r.gain_db > 0]
+        if not candidates:
+            log("fallback: no remaining layer gains anything in float; stopping")
+            break
+        exclude += candidates[:step(len(exclude)) if callable(step) else step]
+    if not v.passed and len(rounds) > 1:
+        best = rounds[0]
+        for x in rounds[1:]:
+            if order(x, best):
+                best = x
+        if best is not rounds[-1]:
+            exclude = list(best["float_layers"])
+            log(f"fallback: keeping round {best['round']} (the best), {len(exclude)} float layer(s)")
+            v = judge_round(render(exclude))
+        for x in rounds:
+            x["kept"] = x is best
+    return v, exclude, rounds, full_ranking
+
+
 def quantize_with_fallback(mat: Material, cand: Candidate, numerics: Numerics, out: Path, log: Log) -> Rendered:
     """Render ``cand`` into ``out`` and judge it in ``numerics``; while it misses the gate keep the
-    next most sensitive layer in float, up to ``max_fallback_rounds``; keep the best round."""
+    next most sensitive layer in float, up to ``max_fallback_rounds``; keep the best round
+    (:func:`fallback_rounds` with the classification gate)."""
     from .quantize import render_qdq
 
     cfg = cand.cfg
@@ -251,53 +332,28 @@ def quantize_with_fallback(mat: Material, cand: Candidate, numerics: Numerics, o
     sens_inputs = mat.cal_inputs[:cfg.sensitivity_images]
     ranker = ranking_numerics(numerics)
     ranking = None
-    ranked_from: list[str] = []
     if cfg.sensitivity:
         log(f"sensitivity: keeping each of {len(weighted_nodes(cand.prepared))} layers in float in turn, "
             f"on {len(sens_inputs)} calibration images ({ranker.label})")
         ranking = rank_layers(cand.prepared, cache, cfg, sens_inputs, ranker, log=log)
-    full_ranking = ranking
-    exclude: list[str] = []
-    rounds: list[dict[str, Any]] = []
-    for rnd in range(cfg.max_fallback_rounds + 1):
-        render_qdq(cand.prepared, cache, out, cfg.form, exclude, reduce_range=cfg.reduce_range)
-        gate = judge(numerics, out, mat, cfg, work)
-        rounds.append(_round_row(rnd, exclude, gate))
+
+    def render(exclude: list[str]) -> Path:
+        return render_qdq(cand.prepared, cache, out, cfg.form, exclude, reduce_range=cfg.reduce_range)
+
+    def judge_round(model: Path) -> Verdict:
+        gate = judge(numerics, model, mat, cfg, work)
+        row = {k: v for k, v in _round_row(0, [], gate).items() if k not in ("round", "float_layers")}
         st = f", stability {gate.stability['min_agreement']:.4f}" if gate.stability else ""
-        log(f"round {rnd}: {len(exclude)} float layer(s)  top-1 {gate.quant_top1:.4f} (float {gate.float_top1:.4f})  "
-            f"agreement {gate.agreement:.4f}{st}  {'ok' if gate.accuracy_passed else 'misses the gate'}  "
-            f"[{numerics.label}]")
-        if gate.accuracy_passed or rnd == cfg.max_fallback_rounds:
-            break
-        if ranking is None:
-            log(f"sensitivity: ranking layers for the mixed-precision fallback ({ranker.label})")
-            ranking = full_ranking = rank_layers(cand.prepared, cache, cfg, sens_inputs, ranker, log=log)
-            ranked_from = []
-        candidates = [r.node for r in ranking if r.node not in exclude and r.gain_db > 0]
-        if not candidates and exclude != ranked_from:
-            # the layers kept so far dominated the error, so the others ranked as gaining nothing: rank
-            # them again from the current mixed-precision model
-            log(f"sensitivity: ranking again with {len(exclude)} layer(s) in float ({ranker.label})")
-            ranked_from = list(exclude)
-            ranking = rank_layers(cand.prepared, cache, cfg, sens_inputs, ranker, kept=ranked_from, log=log)
-            candidates = [r.node for r in ranking if r.gain_db > 0]
-        if not candidates:
-            log("fallback: no remaining layer gains anything in float; stopping")
-            break
-        exclude += candidates[:cfg.fallback_step]
-    if not gate.accuracy_passed and len(rounds) > 1:
-        best = rounds[0]
-        for x in rounds[1:]:
-            if better(x, best):
-                best = x
-        if best is not rounds[-1]:
-            exclude = list(best["float_layers"])
-            log(f"fallback: keeping round {best['round']} (the best), {len(exclude)} float layer(s)")
-            render_qdq(cand.prepared, cache, out, cfg.form, exclude, reduce_range=cfg.reduce_range)
-            gate = judge(numerics, out, mat, cfg, work)
-        for x in rounds:
-            x["kept"] = x is best
-    return Rendered(gate, exclude, rounds, full_ranking, out)
+        line = (f"top-1 {gate.quant_top1:.4f} (float {gate.float_top1:.4f})  agreement {gate.agreement:.4f}{st}  "
+                f"{'ok' if gate.accuracy_passed else 'misses the gate'}  [{numerics.label}]")
+        return Verdict(gate.accuracy_passed, row, gate, line)
+
+    def rank(kept: list[str]) -> list:
+        return rank_layers(cand.prepared, cache, cfg, sens_inputs, ranker, kept=kept, log=log)
+
+    v, exclude, rounds, full = fallback_rounds(render, judge_round, rank, cfg.max_fallback_rounds, cfg.fallback_step,
+                                               log, ranking, better, ranker.label)
+    return Rendered(v.gate, exclude, rounds, full, out)
 
 
 # ------------------------------------------------------------------------------------------
@@ -411,5 +467,5 @@ def _verdict(rows: list[dict[str, Any]], kept: dict[str, Any], numerics: Numeric
             "images from the deployment scene (--calib-size, --calib-dir), or QAT with more epochs or images")
 
 
-__all__ = ["Candidate", "Escalation", "Material", "Rendered", "escalate", "judge", "ladder", "make_candidate",
-           "quantize_with_fallback", "rank_layers"]
+__all__ = ["Candidate", "Escalation", "Material", "RankMetric", "Rendered", "Verdict", "escalate", "fallback_rounds", "judge", "ladder",
+           "make_candidate", "quantize_with_fallback", "rank_layers"]
