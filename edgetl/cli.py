@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "train": "edgetl.commands.train:train",
     "eval": "edgetl.commands.train:eval_cmd",
     "predict": "edgetl.commands.train:predict",
+    "adapt": "edgetl.commands.adapt:adapt",
     "quantize": "edgetl.commands.quantize:quantize",
     "check": "edgetl.commands.check:check",
     "run": "edgetl.commands.run:run",
