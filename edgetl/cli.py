@@ -26,6 +26,7 @@ from typing import Any
 
 import click
 
+from . import logs
 from .runtime.errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EdgetlError,
                              MissingDependencyError, Terminated, missing_dependency)
 
@@ -106,7 +107,10 @@ class LazyGroup(click.Group):
 @click.option("--debug", is_flag=True,  # EDGETL_DEBUG is read by main(), which reports the errors
               help="On an internal error, print the full traceback (instead of saving it to a file). "
                    "Also EDGETL_DEBUG=1.")
-def cli(debug: bool) -> None:
+@click.option("--verbose", is_flag=True,  # read by main(), which owns the capture (edgetl.logs)
+              help="Show the output of NNCF, ONNX Runtime, OpenVINO, PyTorch and OpenCV live (by default it goes "
+                   "to a log file, named at the end when it holds a warning). Also EDGETL_VERBOSE=1.")
+def cli(debug: bool, verbose: bool) -> None:
     """edgetl: fine-tune, quantize, compile and run image classifiers and object detectors on edge devices.
 
     \b
@@ -314,17 +318,29 @@ def _restore_sigterm(previous: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code of the contract (see the module docstring)."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    """Run the CLI; returns the exit code of the contract (see the module docstring). Third-party
+    output of the commands in ``logs.CAPTURED`` goes to a log file (``edgetl.logs``), named at the
+    end when it holds a warning or the command failed."""
+    args = logs.hoist_verbose(list(sys.argv[1:] if argv is None else argv))
     previous = _install_sigterm()
+    command = _command_name(args)
+    capture = command in logs.CAPTURED and not logs.verbose_requested(args)
+    if command in logs.CAPTURED and not capture:
+        logs.show_live()
+    cap, rc = None, EXIT_INTERNAL
     try:
-        try:
-            return _main(args)
-        except Terminated:
-            click.echo("terminated (SIGTERM)", err=True)
-            return EXIT_TERMINATED
+        with logs.captured(command, capture) as cap:
+            try:
+                rc = _main(args)
+            except Terminated:
+                click.echo("terminated (SIGTERM)", err=True)
+                rc = EXIT_TERMINATED
+        return rc
     finally:
         _restore_sigterm(previous)
+        note = cap.summary(failed=rc != 0) if cap is not None else None
+        if note:
+            click.secho(f"note: {note}", err=True, dim=True)
 
 
 def _main(args: list[str]) -> int:
