@@ -831,6 +831,30 @@ def with_verdict(manifest: Manifest) -> Manifest:
                                   "decided_by": what})
 
 
+def next_steps(gate: Mapping[str, Any], quantization: Mapping[str, Any] | None) -> str:
+    """The hint of a failed gate, from what was tried: the gate's suggestions less what the
+    quantization already did (QAT, the other calibrators, float layers), named as tried."""
+    q = quantization or {}
+    steps = [x for x in q.get("ladder") or [] if "skipped" not in x]
+    tried = [x["step"] for x in steps] or ([q["method"]] if q.get("method") else [])
+    qat = any(t.startswith("qat") for t in tried) or q.get("method") == "qat"
+    calibrators = {t.split()[-1] for t in tried if t.startswith("ptq ")}
+    out = []
+    for s in gate.get("suggestions") or []:
+        if "--method qat" in s and qat:
+            epochs = (q.get("qat") or {}).get("epochs")
+            s = f"QAT for longer (--qat-epochs {2 * epochs if epochs else 'N'}) or on more images (--qat-max-images)"
+        elif "another calibrator" in s and len(calibrators) > 1:
+            continue
+        elif "more layers in float" in s and q.get("fallback_rounds", 0) >= q.get("max_fallback_rounds", 99):
+            s = f"allow more float layers than the {q['fallback_rounds']} rounds tried (--max-fallback-rounds)"
+        out.append(s)
+    if not out:
+        return "report.md has the repair ladder and what would reach the gate"
+    done = f"tried: {', '.join(tried)}; " if tried else ""
+    return done + "next: " + "; ".join(out[:3]) + " (report.md has the details)"
+
+
 def deployable(manifest: Manifest) -> bool:
     """Whether the artifact may ship: the decisive gate (:func:`decisive`) passed."""
     g = decisive(manifest)[1]
@@ -838,6 +862,7 @@ def deployable(manifest: Manifest) -> bool:
 
 
 __all__ = ["Checkset", "GateResult", "Speed", "Thresholds", "check_artifact", "decisive", "deployable", "evaluate",
+           "next_steps",
            "gate_from_logits", "with_verdict",
            "load_checkset", "measure_speed", "paired_bootstrap_drop", "record_gate", "render_report_md", "wilson",
            "write_report"]

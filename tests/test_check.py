@@ -184,3 +184,25 @@ def test_no_update_leaves_the_artifact_alone(copy: Path):
 def test_check_of_a_missing_build_backend(copy: Path):
     with pytest.raises(EdgetlError, match="has no openvino build"):
         check_artifact(copy, backend="openvino")
+
+
+def test_failed_gate_hint_comes_from_what_was_tried():
+    """The hint of a failed gate never suggests what the compile already did (issue #18)."""
+    from edgetl.check import SUGGEST_ACCURACY, SUGGEST_SPEED, next_steps
+
+    gate = {"passed": False, "failures": ["agreement: 0.9700 < --min-agreement 0.98 (2 image(s) short)"],
+            "suggestions": list(SUGGEST_ACCURACY)}
+    ptq_only = {"method": "ptq", "fallback_rounds": 1, "max_fallback_rounds": 3,
+                "ladder": [{"step": "ptq minmax"}, {"step": "qat mse", "skipped": "--time-budget"}]}
+    hint = next_steps(gate, ptq_only)
+    assert hint.startswith("tried: ptq minmax; next:") and "--method qat" in hint and "another calibrator" in hint
+    everything = {"method": "qat", "fallback_rounds": 3, "max_fallback_rounds": 3, "qat": {"epochs": 2},
+                  "ladder": [{"step": "ptq minmax"}, {"step": "ptq percentile"}, {"step": "qat mse"}]}
+    hint = next_steps(gate, everything)
+    assert "tried: ptq minmax, ptq percentile, qat mse" in hint
+    assert "--method qat" not in hint and "another calibrator" not in hint
+    assert "--qat-epochs 4" in hint and "more float layers than the 3 rounds" in hint
+    assert "--no-speed-check" not in hint  # only a failed speed check suggests it
+    speed = {"passed": False, "failures": ["speed: ..."], "suggestions": list(SUGGEST_SPEED)}
+    assert "--no-speed-check" in next_steps(speed, ptq_only)
+    assert "report.md" in next_steps({"passed": False, "failures": ["x"]}, None)

@@ -106,13 +106,16 @@ def build(artifact: Path, target: str | None, backend: str | None, precision: st
     elif outcome.gate is not None:
         console.print(f"pre-build gate (the same graph in reference numerics: Q/DQ as float ops): "
                       f"{gate_cell(outcome.gate)}")
-    raise_if_gate_failed(outcome.gate, f"{artifact}: the {profile.backend} build")
+    raise_if_gate_failed(outcome.gate, f"{artifact}: the {profile.backend} build", artifact)
 
 
-def raise_if_gate_failed(gate: Any, what: str) -> None:
+def raise_if_gate_failed(gate: Any, what: str, artifact: Path) -> None:
+    """Exit 1 on a failed gate, with a hint built from what the artifact's quantization tried."""
     from ..backends import GateFailed
+    from ..check import next_steps
+    from ..runtime.manifest import read_manifest
 
     if isinstance(gate, dict) and not gate.get("passed"):
         raise GateFailed(f"{what} failed its gate: " + "; ".join(gate.get("failures") or ["see report.md"]),
-                         hint="the build is recorded as not deployable (report.md names the classes that lost "
-                              "most); try --method qat, more calibration images, or --no-speed-check for toy models")
+                         hint="the build is recorded as not deployable; recompile on the host, "
+                              + next_steps(gate, read_manifest(artifact).quantization))

@@ -248,9 +248,11 @@ def _raise_if_failed(result, out: Path) -> None:
     if result.passed:
         return
     from ..backends import GateFailed
+    from ..check import next_steps
+    from ..runtime.manifest import read_manifest
 
     gate = result.build_gate if result.build.entry is None else result.decisive_gate
     raise GateFailed(f"{out}: {result.decided_by if result.build.entry is not None else 'the pre-build gate'} "
                      "failed its gate: " + "; ".join((gate or {}).get("failures") or ["see report.md"]),
-                     hint="the artifact is written and marked not deployable; report.md has the repair ladder "
-                          "and what would reach the gate")
+                     hint="the artifact is written and marked not deployable; "
+                          + next_steps(gate or {}, read_manifest(out).quantization))
