@@ -268,6 +268,8 @@ def qat_finetune(model, cal_inputs: np.ndarray, train_paths: list[tuple[Path, in
     params = AdvancedQuantizationParameters(
         activations_range_estimator_params=getattr(RangeEstimatorParametersSet, cal.nncf_estimator),
         overflow_fix=OverflowFix.ENABLE if cfg.reduce_range else OverflowFix.DISABLE)
+    log(f"qat: initialising the quantizers on {len(cal_inputs)} calibration images (NNCF; the first QAT on a "
+        "machine also builds NNCF's C++ extension, about a minute on 2 cores, cached afterwards)")
     t0 = time.perf_counter()
     qmodel = nncf.quantize(copy.deepcopy(model).eval(), nncf.Dataset(batches), subset_size=len(batches),
                            advanced_parameters=params)
@@ -278,11 +280,19 @@ def qat_finetune(model, cal_inputs: np.ndarray, train_paths: list[tuple[Path, in
     opt = torch.optim.Adam([p for p in qmodel.parameters() if p.requires_grad], lr=cfg.qat_lr)
     losses, trained, stopped = [], 0, False
     per_epoch = min(len(train_paths), cfg.qat_max_images or len(train_paths))
+
+    def estimate(rate: float) -> None:  # announced once the first batches give the rate
+        total = cfg.qat_epochs * per_epoch / rate
+        log(f"qat: about {_duration(total)} for {cfg.qat_epochs} epoch(s) x {per_epoch} images at {rate:.1f} img/s "
+            f"(the first batches); --method ptq needs no training (a calibration pass like the {init_s:.0f} s just "
+            f"done), --qat-max-images or --time-budget cap it")
+
     for epoch in range(cfg.qat_epochs):
         order = rng.permutation(len(train_paths))[:per_epoch]
         t_epoch = time.perf_counter()
         loss, seen, stopped = _qat_epoch(qmodel, teacher, opt, [train_paths[j] for j in order], spec, cfg,
-                                         lambda m: log(f"qat: epoch {epoch + 1}/{cfg.qat_epochs}  {m}"), deadline)
+                                         lambda m: log(f"qat: epoch {epoch + 1}/{cfg.qat_epochs}  {m}"), deadline,
+                                         estimate if epoch == 0 else None)
         losses.append(loss)
         trained += seen
         log(f"qat: epoch {epoch + 1}/{cfg.qat_epochs}  loss {loss:.4f}  ({time.perf_counter() - t_epoch:.0f} s)"
@@ -297,9 +307,14 @@ def qat_finetune(model, cal_inputs: np.ndarray, train_paths: list[tuple[Path, in
     return qmodel, info
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 def _qat_epoch(qmodel, teacher, opt, samples: list[tuple[Path, int]], spec, cfg: QuantizeConfig, log: Log,
-               deadline: float | None) -> tuple[float, int, bool]:
-    """One pass over ``samples``: ``(mean loss, images seen, stopped at the deadline)``."""
+               deadline: float | None, estimate: Callable[[float], None] | None = None) -> tuple[float, int, bool]:
+    """One pass over ``samples``: ``(mean loss, images seen, stopped at the deadline)``. ``estimate``
+    gets the training rate (images/s) once, after the second batch (the first one warms up)."""
     import torch
 
     qmodel.train()
@@ -326,6 +341,10 @@ def _qat_epoch(qmodel, teacher, opt, samples: list[tuple[Path, int]], spec, cfg:
         opt.step()
         total += loss.item() * len(batch)
         seen += len(batch)
+        if i == 0:
+            t_first, seen_first = time.perf_counter(), seen
+        elif estimate is not None and i == cfg.qat_batch_size:
+            estimate((seen - seen_first) / max(time.perf_counter() - t_first, 1e-9))
         if seen / len(samples) >= next_report and seen < len(samples):  # a sign of life every quarter epoch
             rate = seen / (time.perf_counter() - t0)
             log(f"{seen}/{len(samples)} images  {rate:.1f} img/s  ~{(len(samples) - seen) / rate:.0f} s left in the epoch")
