@@ -54,6 +54,7 @@ from .runtime.manifest import Manifest, seal
 from .runtime.preprocess import RESIZE_POLICIES, PreprocessSpec
 
 MODES = ("feature-extract", "fine-tune", "gradual-unfreeze")
+SCALE_LR = ("none", "linear")
 BALANCES = ("none", "weighted-loss", "sampler")
 SELECTION_METRICS = ("macro_f1", "accuracy")
 DEVICES = ("auto", "cpu", "cuda")
@@ -125,6 +126,7 @@ class TrainConfig:
     lr: float = 1e-3
     backbone_lr_factor: float = 0.1
     backbone_lr: float | None = None
+    scale_lr: str = "none"  # linear: learning rates x the number of processes (batch_size is per process)
     weight_decay: float = 0.01
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
@@ -134,6 +136,7 @@ class TrainConfig:
     balance: str = "none"
     unfreeze_every: int = 1
     freeze_bn: bool = False
+    sync_bn: bool = False  # SyncBatchNorm across processes (CUDA/NCCL only)
     augment: bool | None = None  # None = on, except for cached feature-extract
     aug_scale: float = 0.6
     aug_hflip: float = 0.5
@@ -288,6 +291,7 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     choice("metric", SELECTION_METRICS)
     choice("device", DEVICES)
     choice("pretrained", PRETRAINED_CHOICES)
+    choice("scale_lr", SCALE_LR)
     if cfg.resize is not None:
         choice("resize", RESIZE_POLICIES)
     get_backbone(cfg.backbone)
@@ -305,6 +309,9 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
             raise EdgetlError(f"{key} = {getattr(cfg, key)} must not be negative")
     if not 0 <= cfg.label_smoothing < 1 or not 0 <= cfg.dropout < 1:
         raise EdgetlError("label_smoothing and dropout must be in [0, 1)")
+    if cfg.sync_bn and (cfg.freeze_bn or cfg.mode == "feature-extract"):
+        raise EdgetlError(f"sync_bn = true has nothing to synchronise: BatchNorm is frozen "
+                          f"({'--freeze-bn' if cfg.freeze_bn else '--mode feature-extract'})", hint="drop --sync-bn")
     if cfg.mode != "feature-extract" and cfg.cache:
         raise EdgetlError(f"cache = true only applies to --mode feature-extract (mode is {cfg.mode})",
                           hint="drop --cache")
@@ -323,32 +330,59 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def resolve_config(cli: Mapping[str, Any], config_file: str | Path | None = None, resume: bool = False) -> TrainConfig:
-    """Merge defaults < the interrupted run's config (``resume``) < ``config_file`` < ``cli``."""
+def resolve_config(cli: Mapping[str, Any], config_file: str | Path | None = None, resume: bool = False,
+                   world_size: int | None = None) -> TrainConfig:
+    """Merge defaults < the interrupted run's config (``resume``) < ``config_file`` < ``cli``.
+
+    ``world_size``: processes of this run (None: torchrun's WORLD_SIZE, else 1). A resumed run may
+    change ``batch_size`` (per process) only together with the number of processes, keeping the
+    global batch of the interrupted run."""
+    from .distributed import world_size_from_env
+
+    world = world_size if world_size is not None else world_size_from_env()
     given = _check_keys({k: v for k, v in cli.items() if v is not None}, "command line")
     from_file = read_config_toml(config_file) if config_file else {}
     merged = {**from_file, **given}
     base: dict[str, Any] = {}
     if resume:
-        out = merged.get("out")
-        if not out:
-            raise EdgetlError("--resume needs --out (the run to continue)", hint="edgetl train --resume --out runs/NAME")
-        part = partial_dir(out)
-        if not (part / CHECKPOINT_FILE).is_file():
-            raise EdgetlError(f"{part}: no interrupted run to resume",
-                              hint=f"start it without --resume, e.g. edgetl train DATA --out {out}")
-        base = read_config_toml(part / CONFIG_FILE)
-        for key, value in merged.items():
-            if key not in RESUME_MAY_CHANGE and key != "out" and value != base.get(key):
-                raise EdgetlError(f"--resume: {key} = {value!r} differs from the interrupted run ({base.get(key)!r})",
-                                  hint=f"only these may change when resuming: {', '.join(RESUME_MAY_CHANGE)}; "
-                                       "or start over with --overwrite")
+        base = _resume_base(merged, world)
     cfg = TrainConfig(**{**base, **merged})
     if not cfg.data:
         raise EdgetlError("no training data given", hint="edgetl train DATA --out runs/NAME (DATA: a folder or CSV)")
     if not cfg.out:
         raise EdgetlError("no output folder given", hint="pass --out runs/NAME")
     return validate_config(cfg)
+
+
+def _resume_base(merged: Mapping[str, Any], world: int) -> dict[str, Any]:
+    """The interrupted run's config, after checking that ``merged`` changes only what may change."""
+    from .distributed import LAUNCH_FILE
+
+    out = merged.get("out")
+    if not out:
+        raise EdgetlError("--resume needs --out (the run to continue)", hint="edgetl train --resume --out runs/NAME")
+    part = partial_dir(out)
+    if not (part / CHECKPOINT_FILE).is_file():
+        raise EdgetlError(f"{part}: no interrupted run to resume",
+                          hint=f"start it without --resume, e.g. edgetl train DATA --out {out}")
+    base = read_config_toml(part / CONFIG_FILE)
+    try:
+        was = json.loads((part / LAUNCH_FILE).read_text()).get("world_size", 1)
+    except (OSError, ValueError):
+        was = 1  # a single-process run (or one from before distributed training)
+    batch = merged.get("batch_size", base.get("batch_size", TrainConfig.batch_size))
+    before = base.get("batch_size", TrainConfig.batch_size)
+    if batch * world != before * was:
+        raise EdgetlError(f"--resume: the interrupted run trained with a global batch of {before * was} ({was} "
+                          f"process(es) x batch_size {before}); this one would have {batch * world} ({world} x {batch})",
+                          hint=f"keep the global batch: --batch-size {before * was // world} with {world} process(es)"
+                               if before * was % world == 0 else f"resume with {was} process(es)")
+    for key, value in merged.items():
+        if key not in RESUME_MAY_CHANGE + ("batch_size",) and key != "out" and value != base.get(key):
+            raise EdgetlError(f"--resume: {key} = {value!r} differs from the interrupted run ({base.get(key)!r})",
+                              hint=f"only these may change when resuming: {', '.join(RESUME_MAY_CHANGE)}; "
+                                   "or start over with --overwrite")
+    return base
 
 
 def resolve_spec(spec: PreprocessSpec, cfg: TrainConfig) -> PreprocessSpec:
@@ -463,13 +497,14 @@ def single_threaded_cv2(active: bool = True) -> Iterator[None]:
 
 
 def make_loader(ds: ImageDataset, batch_size: int, workers: int, device, shuffle: bool = False,
-                seed: int = 0, sample_weights: Sequence[float] | None = None):
+                seed: int = 0, sample_weights: Sequence[float] | None = None, sampler=None):
+    """A DataLoader; training passes its ``sampler`` (:func:`edgetl.distributed.train_sampler`)."""
     import torch
     from torch.utils.data import DataLoader, WeightedRandomSampler
 
     g = torch.Generator().manual_seed(seed)
-    sampler = (WeightedRandomSampler(list(sample_weights), len(ds), replacement=True, generator=g)
-               if sample_weights is not None else None)
+    if sampler is None and sample_weights is not None:
+        sampler = WeightedRandomSampler(list(sample_weights), len(ds), replacement=True, generator=g)
     # Workers start from a fork server, not a fork of this process: a process that has already loaded
     # OpenVINO/ONNX Runtime/OpenMP thread pools (a notebook, the test suite, the Python API after a
     # runner) can crash in a forked child. Persistent workers pay the start-up once per run.
@@ -516,12 +551,13 @@ def run_model(fn: Callable, ds: ImageDataset, *, batch_size: int, workers: int, 
     return torch.cat(outs) if outs else torch.zeros(0)
 
 
-def _param_groups(model, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Head and backbone groups, no weight decay on biases and normalisation parameters."""
+def _param_groups(model, cfg: TrainConfig, lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """Head and backbone groups, no weight decay on biases and normalisation parameters; learning
+    rates x ``lr_scale`` (``--scale-lr linear``: the number of processes)."""
     groups = []
-    parts = [("head", list(model.head.named_parameters()), cfg.lr)]
+    parts = [("head", list(model.head.named_parameters()), cfg.lr * lr_scale)]
     if cfg.mode != "feature-extract":
-        parts.append(("backbone", list(model.backbone.named_parameters()), cfg.head_backbone_lr))
+        parts.append(("backbone", list(model.backbone.named_parameters()), cfg.head_backbone_lr * lr_scale))
     for name, params, lr in parts:
         decay = [p for _, p in params if p.ndim > 1]
         no_decay = [p for _, p in params if p.ndim <= 1]
@@ -593,14 +629,20 @@ def _state_copy(model, head_only: bool) -> dict[str, Any]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if not head_only or k.startswith("head.")}
 
 
-def _save_checkpoint(part: Path, state: dict[str, Any], cfg: TrainConfig) -> None:
+def _save_checkpoint(part: Path, state: dict[str, Any], cfg: TrainConfig, launch: dict[str, Any] | None = None) -> None:
+    """The resumable state; ``launch``: world size, per-process batch and epoch (``distributed.json``,
+    read by ``--resume`` before torch loads the checkpoint)."""
     import torch
+
+    from .distributed import LAUNCH_FILE
 
     part.mkdir(parents=True, exist_ok=True)
     (part / CONFIG_FILE).write_text(to_toml(cfg.to_dict(), "edgetl train: config of the interrupted run"))
     tmp = part / (CHECKPOINT_FILE + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, part / CHECKPOINT_FILE)
+    if launch is not None:
+        (part / LAUNCH_FILE).write_text(json.dumps(launch) + "\n")
 
 
 def _load_checkpoint(part: Path) -> dict[str, Any]:
@@ -649,9 +691,19 @@ def _log_data(rep: Reporter, data: LabelledData, cfg: TrainConfig) -> None:
 
 def run_training(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                  callbacks: Sequence[EpochCallback] = (), reporter: Reporter | None = None) -> TrainResult:
-    """Train per ``cfg`` (already resolved) and write the run folder ``cfg.out``."""
-    with out_lock(cfg.out), single_threaded_cv2(cfg.workers > 0), sigchld_restored():
-        return _run_training(cfg, resume, overwrite, callbacks, reporter)
+    """Train per ``cfg`` (already resolved) and write the run folder ``cfg.out``.
+
+    Under torchrun (``edgetl train --nproc N``, or ``torchrun ... -m edgetl train``) every process
+    calls this: DistributedDataParallel on its shard, rank 0 alone holds the lock and writes."""
+    from .distributed import setup
+
+    dist = setup(cfg.device)
+    try:
+        lock = out_lock(cfg.out) if dist.is_main else contextlib.nullcontext()
+        with lock, single_threaded_cv2(cfg.workers > 0), sigchld_restored():
+            return _run_training(cfg, resume, overwrite, callbacks, reporter, dist)
+    finally:
+        dist.close()
 
 
 @contextlib.contextmanager
@@ -684,27 +736,84 @@ def out_lock(out: str | Path):
     return folder_lock(out)
 
 
-def _run_training(cfg: TrainConfig, resume: bool, overwrite: bool, callbacks: Sequence[EpochCallback],
-                  reporter: Reporter | None) -> TrainResult:
-    import torch
-    import torch.nn.functional as F
+@dataclass
+class _Job:
+    """What one training process holds while it trains (one rank of it under DDP)."""
 
-    rep = reporter or Reporter()
+    cfg: TrainConfig
+    rep: Reporter
+    dist: Any  # edgetl.distributed.Dist
+    out: Path
+    part: Path
+    spec: PreprocessSpec
+    data: LabelledData
+    ckpt: dict[str, Any] | None
+    t_start: float
+    device: Any = None
+    amp: bool = False
+    model: Any = None
+    built: Any = None
+    sync_bn: bool = False
+    lr_scale: float = 1.0
+    ds: dict[str, ImageDataset] = field(default_factory=dict)
+    feats: dict[str, Any] = field(default_factory=dict)
+    train_y: Any = None
+    sampler: Any = None
+    loss_w: Any = None
+    run_kw: dict[str, Any] = field(default_factory=dict)
+    opt: Any = None
+    sched: Any = None
+    scaler: Any = None
+    net: Any = None  # what a training step calls (DDP-wrapped under torchrun)
+    net_groups: int | None = None  # the unfrozen layer groups ``net`` was wrapped for
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {"state": None, "epoch": 0, "metric": -1.0, "loss": math.inf})
+    bad_epochs: int = 0
+    start_epoch: int = 0
+    elapsed_before: float = 0.0
+
+    @property
+    def frozen_all(self) -> bool:
+        return self.cfg.mode == "feature-extract"
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.model.layer_groups)
+
+
+def _run_training(cfg: TrainConfig, resume: bool, overwrite: bool, callbacks: Sequence[EpochCallback],
+                  reporter: Reporter | None, dist) -> TrainResult:
+    rep = (reporter or Reporter()) if dist.is_main else Reporter(quiet=True)
+    job = _prepare(cfg, resume, overwrite, rep, dist)
+    _build_model(job)
+    _build_data(job)
+    _build_optimizer(job)
+    train_time = _epoch_loop(job, callbacks)
+    return _finish(job, overwrite, train_time)
+
+
+def _prepare(cfg: TrainConfig, resume: bool, overwrite: bool, rep: Reporter, dist) -> _Job:
+    """Output checks, the interrupted run's checkpoint, the data (decoded once, split, fingerprinted)."""
     t_start = time.time()
     out, part = Path(cfg.out), partial_dir(cfg.out)
-    entry = get_backbone(cfg.backbone)
-    spec = resolve_spec(entry.preprocess, cfg)
+    spec = resolve_spec(get_backbone(cfg.backbone).preprocess, cfg)
     cfg = dataclasses.replace(cfg, input_size=list(spec.input_size), resize=spec.resize)  # saved resolved
     check_output_dir(out, overwrite)
     ckpt = None
     if resume:
         ckpt = _load_checkpoint(part)
+        was = int(ckpt.get("world_size", 1)) * int(ckpt.get("batch_size", cfg.batch_size))
+        if was != dist.world_size * cfg.batch_size:
+            raise EdgetlError(f"--resume: the interrupted run's global batch was {was}; this run's is "
+                              f"{dist.world_size} x {cfg.batch_size} = {dist.world_size * cfg.batch_size}",
+                              hint="resume with a --batch-size (per process) x processes that keeps the global batch")
     elif part.exists():
         if not overwrite:
             raise EdgetlError(f"{part}: an interrupted run of {out} is waiting there",
                               hint=f"continue it with `edgetl train --resume --out {out}`, or pass --overwrite "
                                    "to start over")
-        shutil.rmtree(part)
+        if dist.is_main:
+            shutil.rmtree(part)
 
     data = load_data(cfg.data, val=cfg.val, test=cfg.test, val_fraction=cfg.val_fraction,
                      test_fraction=cfg.test_fraction, seed=cfg.split_seed)
@@ -713,251 +822,434 @@ def _run_training(cfg: TrainConfig, resume: bool, overwrite: bool, callbacks: Se
                           f"{data.fingerprint[:12]} vs {ckpt['fingerprint'][:12]})",
                           hint="restore the data, or start over with --overwrite")
     _log_data(rep, data, cfg)
-    labels, k = data.labels, len(data.labels)
-    device = resolve_device(cfg.device)
-    amp = cfg.amp and device.type == "cuda"
-    cl = cfg.channels_last
+    return _Job(cfg, rep, dist, out, part, spec, data, ckpt, t_start)
+
+
+def _build_model(job: _Job) -> None:
+    """Device, seed, the classifier (SyncBatchNorm across processes with --sync-bn), the model line."""
+    import torch
+
+    cfg, dist = job.cfg, job.dist
+    job.device = dist.device if dist.active else resolve_device(cfg.device)
+    job.amp = cfg.amp and job.device.type == "cuda"
     torch.manual_seed(cfg.seed)
-    if device.type == "cuda":
+    if job.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    model, built = build_classifier(cfg.backbone, len(job.data.labels), cfg.pretrained, cfg.weights, cfg.dropout)
+    if cfg.sync_bn:
+        if job.device.type != "cuda":
+            raise EdgetlError("--sync-bn needs CUDA: torch's SyncBatchNorm runs on GPUs (NCCL), not on the CPU (gloo)",
+                              hint="drop --sync-bn: each process then normalises with its own batch's statistics")
+        if dist.world_size > 1:
+            from .distributed import convert_sync_batchnorm
 
-    model, built = build_classifier(cfg.backbone, k, cfg.pretrained, cfg.weights, cfg.dropout)
-    model.to(device)
-    if cl:
+            model = convert_sync_batchnorm(model)
+            job.sync_bn = True
+    model.to(job.device)
+    if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    n_groups = len(model.layer_groups)
-    frozen_all = cfg.mode == "feature-extract"
-    aug = cfg.augment_config
-    rep.log(f"model: {cfg.backbone} ({cfg.pretrained}{', ' + built.weights.get('source', '') if cfg.pretrained != 'none' else ''}), "
-            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {n_groups} layer groups; "
-            f"mode {cfg.mode}; input {spec.input_size[0]}x{spec.input_size[1]} {spec.resize}; device {device}"
-            f"{' (AMP)' if amp else ''}; augment {'on' if aug else 'off'}; balance {cfg.balance}")
+    job.model, job.built = model, built
+    job.lr_scale = float(dist.world_size) if cfg.scale_lr == "linear" else 1.0
+    spec, aug = job.spec, cfg.augment_config
+    ddp = (f"; {dist.world_size} processes ({dist.backend}{', SyncBatchNorm' if job.sync_bn else ''}), batch "
+           f"{cfg.batch_size} each = {dist.world_size * cfg.batch_size} global, lr x {job.lr_scale:g}") if dist.active else ""
+    job.rep.log(f"model: {cfg.backbone} ({cfg.pretrained}{', ' + built.weights.get('source', '') if cfg.pretrained != 'none' else ''}), "
+                f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {job.n_groups} layer groups; "
+                f"mode {cfg.mode}; input {spec.input_size[0]}x{spec.input_size[1]} {spec.resize}; device {job.device}"
+                f"{' (AMP)' if job.amp else ''}; augment {'on' if aug else 'off'}; balance {cfg.balance}{ddp}")
 
+
+def _build_data(job: _Job) -> None:
+    """Datasets, class weights, this rank's training sampler, the cached features."""
+    import torch
+
+    from .distributed import train_sampler
+
+    cfg, data = job.cfg, job.data
+    k = len(data.labels)
     train_items = data.indexed("train")
     train_y = np.array([y for _, y in train_items])
     class_n = np.bincount(train_y, minlength=k).astype(np.float64)
     class_w = np.where(class_n > 0, len(train_y) / (k * np.maximum(class_n, 1)), 0.0)
     sample_w = class_w[train_y] if cfg.balance == "sampler" else None
-    loss_w = torch.tensor(class_w, dtype=torch.float32, device=device) if cfg.balance == "weighted-loss" else None
-    ds_train = ImageDataset(train_items, spec, aug, seed=cfg.seed)
-    ds_val = ImageDataset(data.indexed("val"), spec)
-    ds_test = ImageDataset(data.indexed("test"), spec)
-    run_kw = dict(batch_size=eval_batch_size(device, cfg.batch_size),
-                  workers=cfg.workers, device=device, channels_last=cl, amp=amp, reporter=rep)
-
-    feats: dict[str, Any] = {}
+    job.loss_w = torch.tensor(class_w, dtype=torch.float32, device=job.device) if cfg.balance == "weighted-loss" else None
+    job.train_y = train_y
+    # one seeded order of the whole set per epoch (seed x 1000003 + epoch), cut [rank::world]
+    job.sampler = train_sampler(len(train_y), job.dist, cfg.seed * 1_000_003, sample_w)
+    job.ds = {"train": ImageDataset(train_items, job.spec, cfg.augment_config, seed=cfg.seed),
+              "val": ImageDataset(data.indexed("val"), job.spec), "test": ImageDataset(data.indexed("test"), job.spec)}
+    job.run_kw = dict(batch_size=eval_batch_size(job.device, cfg.batch_size), workers=cfg.workers,
+                      device=job.device, channels_last=cfg.channels_last, amp=job.amp, reporter=job.rep)
     if cfg.cached:
-        feats = _cached_features(model, built, data, {"train": ds_train, "val": ds_val, "test": ds_test},
-                                 cfg, spec, run_kw, rep)
+        job.feats = _cached_features(job)
 
-    def head(f):
-        return model.head(model.dropout(f))
 
-    def logits_of(split: str, ds: ImageDataset):
-        model.eval()
-        if cfg.cached:
-            with torch.inference_mode():
-                return model.head(feats[split].to(device)).float().cpu()
-        return run_model(model, ds, desc=f"{split}", **run_kw)
+def _build_optimizer(job: _Job) -> None:
+    """AdamW, linear warm-up then cosine per step, the AMP scaler; the interrupted run's state."""
+    import torch
 
-    steps_per_epoch = math.ceil(len(ds_train) / cfg.batch_size)
-    opt = torch.optim.AdamW(_param_groups(model, cfg))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, _lr_lambda(int(round(cfg.warmup_epochs * steps_per_epoch)), cfg.epochs * steps_per_epoch))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    cfg, ck = job.cfg, job.ckpt
+    steps_per_epoch = math.ceil(len(job.sampler) / cfg.batch_size)  # this rank's steps = the global steps
+    job.opt = torch.optim.AdamW(_param_groups(job.model, cfg, job.lr_scale))
+    job.sched = torch.optim.lr_scheduler.LambdaLR(
+        job.opt, _lr_lambda(int(round(cfg.warmup_epochs * steps_per_epoch)), cfg.epochs * steps_per_epoch))
+    job.scaler = torch.amp.GradScaler(job.device.type, enabled=job.amp)
+    if ck is None:
+        return
+    job.model.load_state_dict(ck["model"], strict=not job.frozen_all)
+    job.opt.load_state_dict(ck["optimizer"])
+    job.sched.load_state_dict(ck["scheduler"])  # its base learning rates too: a resumed run keeps its own
+    job.scaler.load_state_dict(ck["scaler"])
+    job.best = dict(ck["best"])
+    job.best["state"] = {kk: v.to(job.device) for kk, v in job.best["state"].items()}
+    job.bad_epochs, job.start_epoch, job.history = ck["bad_epochs"], ck["epoch"], list(ck["history"])
+    if not job.dist.active:  # under DDP each epoch reseeds (distributed.rank_seed)
+        torch.set_rng_state(ck["rng"]["torch"])
+        if job.device.type == "cuda" and ck["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ck["rng"]["cuda"])
+    job.elapsed_before = float(ck["elapsed"])
+    job.rep.log(f"resuming {job.out} after epoch {job.start_epoch} (best so far: epoch {job.best['epoch']}, "
+                f"{cfg.metric} {job.best['metric']:.4f})")
 
-    history: list[dict[str, Any]] = []
-    best = {"state": None, "epoch": 0, "metric": -1.0, "loss": math.inf}
-    bad_epochs, start_epoch = 0, 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"], strict=not frozen_all)
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        best = dict(ckpt["best"])
-        best["state"] = {kk: v.to(device) for kk, v in best["state"].items()}
-        bad_epochs, start_epoch, history = ckpt["bad_epochs"], ckpt["epoch"], list(ckpt["history"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        rep.log(f"resuming {out} after epoch {start_epoch} (best so far: epoch {best['epoch']}, "
-                f"{cfg.metric} {best['metric']:.4f})")
-    elapsed_before = float(ckpt["elapsed"]) if ckpt is not None else 0.0
+
+def _epoch_loop(job: _Job, callbacks: Sequence[EpochCallback]) -> float:
+    """Train, validate and checkpoint each epoch until the last one or an early stop; the training time."""
+    import torch
+
+    from .distributed import fault
+
+    cfg = job.cfg
     t_train = time.time()
-
-    saved_epoch = start_epoch if ckpt is not None else None
-    epoch = start_epoch
+    saved_epoch = job.start_epoch if job.ckpt is not None else None
     # A linear head on cached features is tiny work: one thread avoids OpenMP hand-offs that cost
     # 50x on a busy machine (measured: 4.2 s vs 0.07 s per ELPV epoch with 2 threads vs 1).
     threads = torch.get_num_threads()
     if cfg.cached:
         torch.set_num_threads(1)
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            n_unf = unfrozen_groups(cfg, epoch, n_groups)
-            set_trainable(model, n_unf, cfg.freeze_bn)
-            set_train_mode(model, n_unf, cfg.freeze_bn)
-            frozen_backbone = n_unf == 0
-            t0 = time.perf_counter()
-            tot_loss, tot_correct, seen = 0.0, 0, 0
-            epoch_seed = cfg.seed * 1_000_003 + epoch
-            if cfg.cached:
-                g = torch.Generator().manual_seed(epoch_seed)
-                order = (torch.multinomial(torch.tensor(sample_w), len(train_y), replacement=True, generator=g)
-                         if sample_w is not None else torch.randperm(len(train_y), generator=g))
-                ys = torch.as_tensor(train_y)
-                batches = ((feats["train"][idx], ys[idx]) for idx in order.split(cfg.batch_size))
-            else:
-                ds_train.epoch = epoch
-                batches = make_loader(ds_train, cfg.batch_size, cfg.workers, device, shuffle=True,
-                                      seed=epoch_seed, sample_weights=sample_w)
-            with rep.progress(f"epoch {epoch + 1}/{cfg.epochs}", len(ds_train)) as advance:
-                for x, y in batches:
-                    y = y.to(device, non_blocking=True)
-                    with _autocast(device, amp):
-                        if cfg.cached:
-                            logits = head(x.to(device))
-                        elif frozen_backbone:
-                            with torch.no_grad():
-                                f = model.backbone(_to_device(x, device, cl))
-                            logits = head(f)
-                        else:
-                            logits = model(_to_device(x, device, cl))
-                        loss = F.cross_entropy(logits.float(), y, weight=loss_w, label_smoothing=cfg.label_smoothing)
-                    opt.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                    sched.step()
-                    tot_loss += float(loss.detach()) * len(y)
-                    tot_correct += int((logits.detach().argmax(1) == y).sum())
-                    seen += len(y)
-                    advance(len(y))
-            train_s = time.perf_counter() - t0
-            vl = logits_of("val", ds_val)
-            vy = torch.tensor([y for _, y in ds_val.samples])
-            vm = classification_metrics(vy.numpy(), vl.argmax(1).numpy(), labels)
-            rec = {"epoch": epoch + 1, "train_loss": tot_loss / max(1, seen), "train_accuracy": tot_correct / max(1, seen),
-                   "val_loss": float(F.cross_entropy(vl, vy)), "val_accuracy": vm["accuracy"],
-                   "val_macro_f1": vm["macro_f1"], "lr": opt.param_groups[0]["lr"],
-                   "backbone_lr": next((g["lr"] for g in opt.param_groups if g["name"] == "backbone"), 0.0),
-                   "unfrozen_groups": n_unf, "images_per_s": seen / max(train_s, 1e-9),
-                   "seconds": time.perf_counter() - t0}
-            history.append(rec)
-            score = vm[cfg.metric]
-            improved = score > best["metric"] + 1e-9 or (abs(score - best["metric"]) <= 1e-9 and rec["val_loss"] < best["loss"])
-            if improved:
-                best = {"state": _state_copy(model, frozen_all), "epoch": epoch + 1, "metric": score, "loss": rec["val_loss"]}
-                bad_epochs = 0
-            else:
-                bad_epochs += 1
-            rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-            _save_checkpoint(part, {"format": 1, "epoch": epoch + 1, "model": _state_copy(model, frozen_all),
-                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                    "scaler": scaler.state_dict(), "best": best, "bad_epochs": bad_epochs,
-                                    "history": history, "rng": rng, "fingerprint": data.fingerprint,
-                                    "elapsed": elapsed_before + time.time() - t_train}, cfg)
+        for epoch in range(job.start_epoch, cfg.epochs):
+            rec, improved, stop = _validate(job, epoch, _train_epoch(job, epoch))
+            _checkpoint(job, epoch, t_train)
             saved_epoch = epoch + 1
-            rep.log(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {rec['train_loss']:.4f} acc {rec['train_accuracy']:.3f}"
-                    f"  |  val loss {rec['val_loss']:.4f} acc {rec['val_accuracy']:.3f} macro-F1 {rec['val_macro_f1']:.3f}"
-                    f"  |  lr {rec['lr']:.2e}" + (f" groups {n_unf}/{n_groups}" if cfg.mode == "gradual-unfreeze" else "")
-                    + f"  {rec['images_per_s']:.0f} img/s {rec['seconds']:.1f}s" + ("  *best" if improved else ""))
+            fault(job.dist, epoch + 1, "checkpoint")
+            _log_epoch(job, rec, improved)
             for cb in callbacks:
                 cb(epoch + 1, rec)
-            if cfg.patience and bad_epochs >= cfg.patience:
-                rep.log(f"early stop: no {cfg.metric} improvement for {cfg.patience} epochs (best epoch {best['epoch']})")
+            if stop:
+                job.rep.log(f"early stop: no {cfg.metric} improvement for {cfg.patience} epochs "
+                            f"(best epoch {job.best['epoch']})")
                 break
     except KeyboardInterrupt:
-        if saved_epoch:
-            rep.log(f"interrupted: epoch {saved_epoch} of {cfg.epochs} is saved in {part}; "
-                    f"continue with: edgetl train --resume --out {out}")
-        else:
-            rep.log("interrupted before the first epoch finished: nothing to resume")
+        _log_interrupted(job, saved_epoch)
         raise
     finally:
         torch.set_num_threads(threads)
+    return job.elapsed_before + time.time() - t_train
 
-    train_time = elapsed_before + time.time() - t_train
-    model.load_state_dict(best["state"], strict=not frozen_all)
+
+def _step_net(job: _Job, n_unfrozen: int):
+    """The module a training step calls: DDP-wrapped under torchrun, and wrapped again when the
+    trainable parameters change (gradual unfreezing), since DDP registers them when it is built."""
+    if job.net is None or job.net_groups != n_unfrozen:
+        job.net = job.dist.wrap(_steps_module(job.model))
+        job.net_groups = n_unfrozen
+    return job.net
+
+
+_STEPS: list[type] = []
+
+
+def _steps_module(model):
+    """``net(x, how)``: ``features`` (x: cached backbone features -> the head), ``frozen`` (the
+    backbone without gradients, then the head) or ``full`` (the classifier). One module, so DDP's
+    forward (which prepares its gradient all-reduce) is what every step calls."""
+    if not _STEPS:
+        import torch
+
+        class Steps(torch.nn.Module):
+            def __init__(self, model):
+                super().__init__()
+                self.model = model
+
+            def forward(self, x, how: str):
+                m = self.model
+                if how == "features":
+                    return m.head(m.dropout(x))
+                if how == "frozen":
+                    with torch.no_grad():
+                        x = m.backbone(x)
+                    return m.head(m.dropout(x))
+                return m(x)
+
+        _STEPS.append(Steps)
+    return _STEPS[0](model)
+
+
+def _train_batches(job: _Job, epoch: int):
+    """This rank's batches of ``epoch``: cached features, or the (augmented) images."""
+    cfg = job.cfg
+    job.sampler.set_epoch(epoch)
+    if cfg.cached:
+        import torch
+
+        order = torch.tensor(list(job.sampler), dtype=torch.long)
+        ys = torch.as_tensor(job.train_y)
+        return ((job.feats["train"][idx], ys[idx]) for idx in order.split(cfg.batch_size))
+    job.ds["train"].epoch = epoch
+    return make_loader(job.ds["train"], cfg.batch_size, cfg.workers, job.device, seed=cfg.seed * 1_000_003 + epoch,
+                       sampler=job.sampler)
+
+
+def _train_epoch(job: _Job, epoch: int) -> dict[str, Any]:
+    """One epoch on this rank's shard; loss, accuracy and images/s summed over the ranks."""
+    import torch
+    import torch.nn.functional as F
+
+    from .distributed import fault, rank_seed
+
+    cfg, dist, device = job.cfg, job.dist, job.device
+    n_unf = unfrozen_groups(cfg, epoch, job.n_groups)
+    set_trainable(job.model, n_unf, cfg.freeze_bn)
+    set_train_mode(job.model, n_unf, cfg.freeze_bn)
+    net = _step_net(job, n_unf)
+    how = "features" if cfg.cached else "frozen" if n_unf == 0 else "full"
+    if dist.active:
+        torch.manual_seed(rank_seed(cfg.seed, epoch, dist.rank))
+    fault(dist, epoch + 1, "start")
+    t0 = time.perf_counter()
+    tot_loss, tot_correct, seen = 0.0, 0, 0
+    with job.rep.progress(f"epoch {epoch + 1}/{cfg.epochs}", len(job.sampler) * dist.world_size) as advance:
+        for x, y in _train_batches(job, epoch):
+            y = y.to(device, non_blocking=True)
+            x = x.to(device) if cfg.cached else _to_device(x, device, cfg.channels_last)
+            with _autocast(device, job.amp):
+                logits = net(x, how)
+                loss = F.cross_entropy(logits.float(), y, weight=job.loss_w, label_smoothing=cfg.label_smoothing)
+            job.opt.zero_grad(set_to_none=True)
+            job.scaler.scale(loss).backward()
+            job.scaler.step(job.opt)
+            job.scaler.update()
+            job.sched.step()
+            tot_loss += float(loss.detach()) * len(y)
+            tot_correct += int((logits.detach().argmax(1) == y).sum())
+            seen += len(y)
+            advance(len(y) * dist.world_size)
+    train_s = time.perf_counter() - t0
+    tot_loss, tot_correct, seen = dist.all_sum([tot_loss, tot_correct, seen])
+    return {"t0": t0, "train_loss": tot_loss / max(1, seen), "train_accuracy": tot_correct / max(1, seen),
+            "unfrozen_groups": n_unf, "images_per_s": seen / max(train_s, 1e-9)}
+
+
+def _logits(job: _Job, split: str):
+    """A split's logits (CPU): the head on cached features, or the model over the split's images,
+    sharded over the ranks and gathered, so every rank has all of them."""
+    import torch
+
+    model, dist = job.model, job.dist
     model.eval()
+    if job.cfg.cached:
+        with torch.inference_mode():
+            return model.head(job.feats[split].to(job.device)).float().cpu()
+    ds = job.ds[split]
+    if not dist.active:
+        return run_model(model, ds, desc=split, **job.run_kw)
+    local = run_model(model, ImageDataset(dist.shard(ds.samples), ds.spec), desc=split, **job.run_kw)
+    return dist.gather_rows(local, len(ds), len(job.data.labels))
+
+
+def _validate(job: _Job, epoch: int, tr: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
+    """The epoch's record with validation metrics; the best epoch and early stopping are decided on
+    rank 0 and broadcast, so every rank keeps the same best state and stops at the same epoch."""
+    import torch
+    import torch.nn.functional as F
+
+    cfg, opt = job.cfg, job.opt
+    job.dist.sync_buffers(job.model)  # BatchNorm statistics: rank 0's, the model that is saved
+    vl = _logits(job, "val")
+    vy = torch.tensor([y for _, y in job.ds["val"].samples])
+    vm = classification_metrics(vy.numpy(), vl.argmax(1).numpy(), job.data.labels)
+    rec = {"epoch": epoch + 1, "train_loss": tr["train_loss"], "train_accuracy": tr["train_accuracy"],
+           "val_loss": float(F.cross_entropy(vl, vy)), "val_accuracy": vm["accuracy"],
+           "val_macro_f1": vm["macro_f1"], "lr": opt.param_groups[0]["lr"],
+           "backbone_lr": next((g["lr"] for g in opt.param_groups if g["name"] == "backbone"), 0.0),
+           "unfrozen_groups": tr["unfrozen_groups"], "images_per_s": tr["images_per_s"],
+           "seconds": time.perf_counter() - tr["t0"]}
+    job.history.append(rec)
+    score, best = vm[cfg.metric], job.best
+    improved = score > best["metric"] + 1e-9 or (abs(score - best["metric"]) <= 1e-9 and rec["val_loss"] < best["loss"])
+    bad = 0 if improved else job.bad_epochs + 1
+    improved, stop = (bool(v) for v in job.dist.from_main([improved, bool(cfg.patience) and bad >= cfg.patience]))
+    if improved:
+        job.best = {"state": _state_copy(job.model, job.frozen_all), "epoch": epoch + 1, "metric": score,
+                    "loss": rec["val_loss"]}
+    job.bad_epochs = 0 if improved else job.bad_epochs + 1
+    return rec, improved, stop
+
+
+def _checkpoint(job: _Job, epoch: int, t_train: float) -> None:
+    """The resumable state after ``epoch``, written by rank 0 (every rank holds the same)."""
+    import torch
+
+    if not job.dist.is_main:
+        return
+    cfg, world = job.cfg, job.dist.world_size
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if job.device.type == "cuda" else None}
+    state = {"format": 1, "epoch": epoch + 1, "model": _state_copy(job.model, job.frozen_all),
+             "optimizer": job.opt.state_dict(), "scheduler": job.sched.state_dict(), "scaler": job.scaler.state_dict(),
+             "best": job.best, "bad_epochs": job.bad_epochs, "history": job.history, "rng": rng,
+             "fingerprint": job.data.fingerprint, "elapsed": job.elapsed_before + time.time() - t_train,
+             "world_size": world, "batch_size": cfg.batch_size}
+    _save_checkpoint(job.part, state, cfg, {"epoch": epoch + 1, "world_size": world, "batch_size": cfg.batch_size,
+                                            "global_batch": world * cfg.batch_size, "backend": job.dist.backend})
+
+
+def _log_epoch(job: _Job, rec: dict[str, Any], improved: bool) -> None:
+    cfg = job.cfg
+    job.rep.log(f"epoch {rec['epoch']:>3}/{cfg.epochs}  train loss {rec['train_loss']:.4f} acc {rec['train_accuracy']:.3f}"
+                f"  |  val loss {rec['val_loss']:.4f} acc {rec['val_accuracy']:.3f} macro-F1 {rec['val_macro_f1']:.3f}"
+                f"  |  lr {rec['lr']:.2e}"
+                + (f" groups {rec['unfrozen_groups']}/{job.n_groups}" if cfg.mode == "gradual-unfreeze" else "")
+                + f"  {rec['images_per_s']:.0f} img/s {rec['seconds']:.1f}s" + ("  *best" if improved else ""))
+
+
+def _log_interrupted(job: _Job, saved_epoch: int | None) -> None:
+    """What Ctrl-C (or SIGTERM) leaves. Under ``edgetl train --nproc`` the launcher says it (this
+    goes to the rank's log), under a user's torchrun the same torchrun command resumes."""
+    dist, out = job.dist, job.out
+    if saved_epoch:
+        again = f"edgetl train --resume --out {out}"
+        if dist.active and not dist.launched:
+            again = f"the same torchrun command with: {again}"
+        msg = f"interrupted: epoch {saved_epoch} of {job.cfg.epochs} is saved in {job.part}; continue with: {again}"
+    else:
+        msg = "interrupted before the first epoch finished: nothing to resume"
+    if dist.launched:
+        print(msg, file=sys.stderr, flush=True)
+    else:
+        job.rep.log(msg)
+
+
+def _finish(job: _Job, overwrite: bool, train_time: float) -> TrainResult:
+    """The best epoch's model on val and test (sharded under DDP); rank 0 writes the run folder."""
+    cfg, rep, labels = job.cfg, job.rep, job.data.labels
+    job.model.load_state_dict(job.best["state"], strict=not job.frozen_all)
+    job.model.eval()
     results: dict[str, Any] = {}
-    for split, ds in (("val", ds_val), ("test", ds_test)):
-        if len(ds):
-            lg = logits_of(split, ds)
-            results[split] = classification_metrics([y for _, y in ds.samples], lg.argmax(1).numpy(), labels)
+    for split in ("val", "test"):
+        if len(job.ds[split]):
+            lg = _logits(job, split)
+            results[split] = classification_metrics([y for _, y in job.ds[split].samples], lg.argmax(1).numpy(), labels)
     final = results.get("test") or results["val"]
     if "test" in results:
-        rep.log("test split, best epoch " + str(best["epoch"]) + ":\n" + format_metrics(results["test"], labels))
+        rep.log("test split, best epoch " + str(job.best["epoch"]) + ":\n" + format_metrics(results["test"], labels))
     else:
         rep.log("note: the test split is empty; the summary uses the validation split")
+    metrics = {"labels": list(labels), "selection_metric": cfg.metric, "best_epoch": job.best["epoch"],
+               "epochs_run": len(job.history), "history": job.history, "val": results.get("val"),
+               "test": results.get("test"), "train_time_s": train_time, "total_time_s": time.time() - job.t_start}
+    if job.dist.is_main:
+        _write_run(job, results, metrics, overwrite, train_time)
+        rep.log(f"wrote {job.out} (best epoch {job.best['epoch']}, {'test' if 'test' in results else 'val'} accuracy "
+                f"{final['accuracy']:.4f}, macro-F1 {final['macro_f1']:.4f}; {train_time:.0f}s training)")
+    job.dist.barrier()  # every rank ends with the folder written (a failure there stops them through torchrun)
+    return TrainResult(job.out, metrics, cfg, job.history)
 
-    metrics = {"labels": list(labels), "selection_metric": cfg.metric, "best_epoch": best["epoch"],
-               "epochs_run": len(history), "history": history, "val": results.get("val"), "test": results.get("test"),
-               "train_time_s": train_time, "total_time_s": time.time() - t_start}
+
+def _write_run(job: _Job, results: dict[str, Any], metrics: dict[str, Any], overwrite: bool, train_time: float) -> None:
+    """The run folder, built hidden and renamed into place whole (``atomic_output_dir``); then the
+    resumable state goes."""
+    import torch
+
+    from .plots import plot_confusion, plot_curves
+
+    cfg, out, model, data, dist = job.cfg, job.out, job.model, job.data, job.dist
+    final = results.get("test") or results["val"]
     model.to("cpu")
-    if cl:
+    if cfg.channels_last:
         model.to(memory_format=torch.contiguous_format)
     with atomic_output_dir(out, overwrite=overwrite, locked=True) as d:
-        from .plots import plot_confusion, plot_curves
-
         save_weights(model, d)
         (d / SPLIT_FILE).write_text(json.dumps(data.split_json(), indent=1) + "\n")
         (d / CONFIG_FILE).write_text(to_toml(cfg.to_dict(), f"edgetl train: resolved config of {out.name}\n"
                                              f"reproduce with: edgetl train --config {CONFIG_FILE}"))
         (d / DATA_REPORT_FILE).write_text(json.dumps(data.report, indent=1) + "\n")
         (d / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
-        plot_confusion(final["confusion"], labels, d / CONFUSION_PNG,
+        plot_confusion(final["confusion"], data.labels, d / CONFUSION_PNG,
                        title=f"{out.name}: {'test' if 'test' in results else 'val'}")
-        plot_curves(history, d / CURVES_PNG, best_epoch=best["epoch"], metric=cfg.metric)
+        plot_curves(job.history, d / CURVES_PNG, best_epoch=job.best["epoch"], metric=cfg.metric)
         summary = lambda m: None if m is None else {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],  # noqa: E731
                                                    "per_class_recall": m["per_class_recall"], "n": m["n"]}
+        device = job.device
         manifest = Manifest(
-            kind="run", labels=labels, preprocess=spec,
-            backbone={"name": cfg.backbone, "pretrained": cfg.pretrained, "weights": dict(built.weights),
-                      "dropout": cfg.dropout, "feature_dim": built.feature_dim},
+            kind="run", labels=data.labels, preprocess=job.spec,
+            backbone={"name": cfg.backbone, "pretrained": cfg.pretrained, "weights": dict(job.built.weights),
+                      "dropout": cfg.dropout, "feature_dim": job.built.feature_dim},
             training={"mode": cfg.mode, "data_fingerprint": data.fingerprint, "split_seed": cfg.split_seed,
                       "seed": cfg.seed, "class_counts": {s: data.counts(s) for s in SPLITS},
                       "metrics": {"val": summary(results.get("val")), "test": summary(results.get("test"))},
-                      "selection_metric": cfg.metric, "best_epoch": best["epoch"], "epochs_run": len(history),
-                      "epochs": cfg.epochs, "augment": bool(aug), "balance": cfg.balance, "freeze_bn": cfg.freeze_bn,
+                      "selection_metric": cfg.metric, "best_epoch": job.best["epoch"], "epochs_run": len(job.history),
+                      "epochs": cfg.epochs, "augment": bool(cfg.augment_config), "balance": cfg.balance,
+                      "freeze_bn": cfg.freeze_bn,
                       "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-                      "amp": amp, "time_s": round(train_time, 2), "torch": torch.__version__, "config": CONFIG_FILE})
+                      "amp": job.amp, "time_s": round(train_time, 2), "torch": torch.__version__, "config": CONFIG_FILE,
+                      "world_size": dist.world_size, "backend": dist.backend or "none", "sync_bn": job.sync_bn,
+                      "batch_size": cfg.batch_size, "global_batch": dist.world_size * cfg.batch_size,
+                      "lr_scale": job.lr_scale})
         seal(d, manifest)
         load_run(d)  # the contract every later stage relies on
-    shutil.rmtree(part, ignore_errors=True)
-    rep.log(f"wrote {out} (best epoch {best['epoch']}, {'test' if 'test' in results else 'val'} accuracy "
-            f"{final['accuracy']:.4f}, macro-F1 {final['macro_f1']:.4f}; {train_time:.0f}s training)")
-    return TrainResult(out, metrics, cfg, history)
+    shutil.rmtree(job.part, ignore_errors=True)
 
 
-def _cached_features(model, built, data: LabelledData, datasets: dict[str, ImageDataset], cfg: TrainConfig,
-                     spec: PreprocessSpec, run_kw: dict[str, Any], rep: Reporter) -> dict[str, Any]:
-    """Backbone features of every split, computed once (eval mode); optionally kept on disk."""
+def _cached_features(job: _Job) -> dict[str, Any]:
+    """Backbone features of every split, computed once (eval mode), sharded over the ranks and
+    gathered (every rank holds all of them); optionally kept on disk (rank 0 decides and writes)."""
+    cfg, rep, dist, built, data = job.cfg, job.rep, job.dist, job.built, job.data
     path = None
     if cfg.cache_dir:
         key = hashlib.sha256(json.dumps({"fingerprint": data.fingerprint, "backbone": cfg.backbone,
                                          "pretrained": cfg.pretrained, "weights": built.weights,
-                                         "spec": spec.to_dict(), "splits": data.split_json()["splits"]},
+                                         "spec": job.spec.to_dict(), "splits": data.split_json()["splits"]},
                                         sort_keys=True).encode()).hexdigest()
         path = Path(cfg.cache_dir) / f"features-{cfg.backbone}-{key[:20]}.safetensors"
-        if path.is_file():
-            from safetensors.torch import load_file
-
-            rep.log(f"features: loaded from {path}")
-            return load_file(str(path))
+        if dist.from_main([path.is_file()])[0]:
+            return _load_features(job, path)
+    model = job.model
     model.eval()
     t0 = time.perf_counter()
-    feats = {s: run_model(model.backbone, ds, desc=f"features {s}", **run_kw) for s, ds in datasets.items()}
-    n = sum(len(ds) for ds in datasets.values())
+    feats = {}
+    for s, ds in job.ds.items():
+        mine = ImageDataset(dist.shard(ds.samples), ds.spec) if dist.active else ds
+        local = run_model(model.backbone, mine, desc=f"features {s}", **job.run_kw)
+        feats[s] = dist.gather_rows(local, len(ds), built.feature_dim) if dist.active else local
+    n = sum(len(ds) for ds in job.ds.values())
     dt = time.perf_counter() - t0
-    rep.log(f"features: {n} images through the frozen backbone once in {dt:.1f}s ({n / max(dt, 1e-9):.0f} img/s)")
-    if path is not None:
+    rep.log(f"features: {n} images through the frozen backbone once in {dt:.1f}s ({n / max(dt, 1e-9):.0f} img/s"
+            + (f", {dist.world_size} processes" if dist.active else "") + ")")
+    if path is not None and dist.is_main:
         from safetensors.torch import save_file
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
         save_file({s: f.contiguous() for s, f in feats.items()}, str(tmp))
         os.replace(tmp, path)
+    return feats
+
+
+def _load_features(job: _Job, path: Path) -> dict[str, Any]:
+    """The features kept on disk: rank 0 reads them, the others receive them (their file system
+    need not hold the cache)."""
+    import torch
+    from safetensors.torch import load_file
+
+    dist = job.dist
+    feats = load_file(str(path)) if dist.is_main else {}
+    if dist.active:
+        for s, ds in job.ds.items():
+            if not dist.is_main:
+                feats[s] = torch.zeros(len(ds), job.built.feature_dim)
+            if len(ds):
+                dist.broadcast_(feats[s])
+    job.rep.log(f"features: loaded from {path}")
     return feats
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from ..backbones import REGISTRY
-from ..train import BALANCES, DEVICES, MODES, SELECTION_METRICS, TrainConfig
+from ..train import BALANCES, DEVICES, MODES, SCALE_LR, SELECTION_METRICS, TrainConfig
 
 D = TrainConfig()
 _RESIZES = ("shorter_crop", "stretch", "letterbox")
@@ -83,6 +83,19 @@ def _d(value) -> str:
 @click.option("--amp/--no-amp", default=None, help="Mixed precision on CUDA. [default: on]")
 @click.option("--channels-last/--no-channels-last", default=None, help="channels_last memory format. [default: on]")
 @click.option("--num-workers", type=int, help="DataLoader worker processes. [default: min(2, CPUs - 2): none on 2 cores]")
+@click.option("--nproc", type=int,
+              help="Train with N processes on this node through torchrun (DistributedDataParallel: NCCL with one GPU "
+                   "each on CUDA, gloo on the CPU); --batch-size is per process, the global batch N x it. [default: 1, "
+                   "no torchrun]")
+@click.option("--nnodes", type=int, help="Several nodes: how many (each runs the same command with its --node-rank).")
+@click.option("--node-rank", type=int, help="Several nodes: this node's rank, 0..nnodes-1 (node 0 hosts the rendezvous).")
+@click.option("--master-addr", help="Several nodes: the address of node 0, reachable from every node.")
+@click.option("--master-port", type=int, help="Several nodes: a free port on node 0. [default: 29500]")
+@click.option("--sync-bn/--no-sync-bn", default=None,
+              help="SyncBatchNorm across the processes (CUDA/NCCL only: torch's SyncBatchNorm does not run on the CPU). "
+                   "[default: off: each process normalises with its own batch]")
+@click.option("--scale-lr", type=click.Choice(SCALE_LR),
+              help="linear: learning rates x the number of processes (the global batch grows with them)." + _d(D.scale_lr))
 @click.option("--resume", is_flag=True, help="Continue the interrupted run of --out (from OUT.partial).")
 @click.option("--overwrite", is_flag=True, help="Replace --out (and any interrupted run of it).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or log lines.")
@@ -92,6 +105,9 @@ def train(data, out, config_file, resume, overwrite, quiet, **options) -> None:
     DATA is an image folder with one sub-folder per class, a folder laid out as DATA/train,
     DATA/val, DATA/test, or a CSV with path,label columns (paths relative to the CSV).
     Splits not given are drawn stratified (70/15/15) with --split-seed and saved in split.json.
+
+    --nproc N trains with N processes (torchrun, DistributedDataParallel; torchrun ... -m edgetl
+    train works too); several nodes add --nnodes, --node-rank and --master-addr (docs/training.md).
 
     With --task detect, DATA is COCO JSON, a YOLO folder or Pascal VOC XML (a folder of
     train.json/val.json/test.json: those splits as given); the run holds an SSDLite detector on the
@@ -105,16 +121,26 @@ def train(data, out, config_file, resume, overwrite, quiet, **options) -> None:
       edgetl train data/elpv --mode fine-tune --resize stretch --epochs 12 --out runs/elpv-ft
       edgetl train --config runs/elpv-ft/config.toml --epochs 20 --out runs/elpv-ft20
       edgetl train --resume --out runs/elpv-ft          # after Ctrl-C
+      edgetl train data/elpv --nproc 4 --batch-size 16 --out runs/elpv-ddp   # 4 GPUs, global batch 64
       edgetl train data/cells --task detect --epochs 20 --out runs/cells
       edgetl train data/trees --task detect --tile 400 --out runs/trees
     """
     from ..runtime.errors import require
 
     require("edgetl train", "torch", "safetensors", "matplotlib")  # before any work (curves.png is last)
+    from ..distributed import LAUNCH_KEYS
+
     task = options.pop("task")
     det = {k: options.pop(k) for k in ("det_format", "tile", "tile_overlap", "score_threshold")}
+    launch = {k: options.pop(k) for k in LAUNCH_KEYS}
     if task == "detect":
         require("edgetl train --task detect", "pycocotools")
+        given = [k for k, v in launch.items() if v is not None]
+        if given:
+            from ..runtime.errors import EdgetlError
+
+            raise EdgetlError(f"--{given[0].replace('_', '-')}: distributed training is for classification only so far",
+                              hint="train the detector in one process (drop the option)")
         return _train_detection(data, out, config_file, resume, overwrite, quiet, det, options)
     given = [k for k, v in det.items() if v is not None]
     if given:
@@ -122,12 +148,51 @@ def train(data, out, config_file, resume, overwrite, quiet, **options) -> None:
 
         flag = "--" + given[0].replace("det_format", "format").replace("_", "-")
         raise EdgetlError(f"{flag} is an option of --task detect", hint="add --task detect, or leave it out")
+    from ..distributed import planned_world, rank_failures
     from ..train import Reporter, resolve_config, run_training
 
     cli = {"data": str(data) if data else None, "out": str(out) if out else None,
            **{k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}}
-    cfg = resolve_config(cli, config_file, resume=resume)
-    run_training(cfg, resume=resume, overwrite=overwrite, reporter=Reporter(quiet=quiet))
+    with rank_failures():  # a worker of --nproc: its failure is reported by the launcher
+        world = planned_world(launch)
+        cfg = resolve_config(cli, config_file, resume=resume, world_size=world)
+        if launch["nproc"] is not None:
+            return _launch(cfg, launch, resume, overwrite, quiet)
+        run_training(cfg, resume=resume, overwrite=overwrite, reporter=Reporter(quiet=quiet))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _launch(cfg, launch: dict, resume: bool, overwrite: bool, quiet: bool) -> None:
+    """``edgetl train --nproc N``: the checks that need no data here, then torchrun runs
+    ``python -m edgetl train --config <this resolved config>`` in N processes per node."""
+    import tempfile
+
+    from ..distributed import launch as torchrun_launch
+    from ..fsutil import check_output_dir
+    from ..runs import partial_dir
+    from ..runtime.errors import EdgetlError
+    from ..train import to_toml
+
+    check_output_dir(Path(cfg.out), overwrite)
+    part = partial_dir(cfg.out)
+    if not resume and not overwrite and part.exists():
+        raise EdgetlError(f"{part}: an interrupted run of {cfg.out} is waiting there",
+                          hint=f"continue it with `edgetl train --resume --out {cfg.out} --nproc {launch['nproc']}`, "
+                               "or pass --overwrite to start over")
+    if cfg.sync_bn and (cfg.device == "cpu" or (cfg.device == "auto" and not _cuda_available())):
+        raise EdgetlError("--sync-bn needs CUDA: torch's SyncBatchNorm runs on GPUs (NCCL), not on the CPU (gloo)",
+                          hint="drop --sync-bn: each process then normalises with its own batch's statistics")
+    with tempfile.TemporaryDirectory(prefix="edgetl-train-config-") as tmp:
+        config = Path(tmp) / "config.toml"
+        config.write_text(to_toml(cfg.to_dict(), "edgetl train --nproc: the resolved config every process trains"))
+        worker = ["train", "--config", str(config), "--out", str(cfg.out)]
+        worker += ["--resume"] * resume + ["--overwrite"] * overwrite + ["--quiet"] * quiet
+        torchrun_launch(worker, launch, cfg.out)
 
 
 # classification options that mean the same for detection: CLI name -> DetTrainConfig key
