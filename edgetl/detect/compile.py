@@ -27,8 +27,9 @@ from ..runtime.manifest import Manifest, default_input, read_manifest, seal
 from ..runtime.preprocess import PreprocessSpec, preprocess
 
 Progress = Callable[[str], None]
-# (calibrator, keep the head in float): the PTQ ladder, cheapest first
-LADDER = (("minmax", False), ("percentile", False), ("minmax", True), ("percentile", True))
+# the PTQ ladder's calibrators, cheapest first; each with the sensitivity-ranked mixed-precision fallback
+LADDER = ("minmax", "percentile")
+MAX_FALLBACK_ROUNDS = 6  # float layers double a round: 1, 2, 4, ... 32 (of ~85 on Lite0)
 ANCHORS = "anchors.npy"
 
 
@@ -108,43 +109,36 @@ def judge(numerics: Any, model: Path, mat: Material, thresholds: Any, work: Path
     return gate
 
 
-def _better(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
-    if b is None:
-        return True
-    def key(g: dict[str, Any]) -> tuple:  # an INT8 mAP above float is no gain: a drop below 0 counts as 0
-        return g["passed"], g["agreement"] - max(g["drop"], 0.0) / 100
-
-    return key(a) > key(b)
-
-
 def ladder(mat: Material, form: Any, reduce_range: bool, numerics: Any, thresholds: Any, work: Path,
-           steps: Sequence[tuple[str, bool]], progress: Progress) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Climb ``steps``; returns the kept step (its ``model`` path in ``work``) and every row."""
+           steps: Sequence[str], progress: Progress, max_rounds: int = MAX_FALLBACK_ROUNDS
+           ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Climb ``steps`` (calibrators), each PTQ with the mixed-precision fallback (``detect.repair``)
+    judged on ``numerics``; returns the kept step (its ``model`` path in ``work``) and every row."""
     from ..calibration.cache import save_ranges
     from ..calibration.calibrators import calibrate
-    from ..quantize import render_qdq
+    from .repair import det_better, fallback
 
-    ranges: dict[str, Any] = {}
     rows, best = [], None
-    for i, (calibrator, head_float) in enumerate(steps):
+    for i, calibrator in enumerate(steps):
         t0 = time.perf_counter()
-        if calibrator not in ranges:
-            ranges[calibrator] = save_ranges(calibrate(mat.prepared, mat.cal_inputs, calibrator,
-                                                       form.symmetric_activations, 1), work / f"ranges_{calibrator}.json")
-        exclude = head_nodes(mat.prepared) if head_float else []
-        model = render_qdq(mat.prepared, ranges[calibrator], work / f"step{i}.onnx", form, exclude,
-                           reduce_range=reduce_range)
-        gate = judge(numerics, model, mat, thresholds, work)
-        row = {"step": f"ptq {calibrator}" + (" + head in float" if head_float else ""), "calibrator": calibrator,
-               "float_layers": exclude, "passed": gate["passed"], "drop": round(gate["drop"], 3),
+        progress(f"  step {i + 1}/{len(steps)}: ptq {calibrator} + mixed-precision fallback (up to {max_rounds} rounds)")
+        ranges = save_ranges(calibrate(mat.prepared, mat.cal_inputs, calibrator, form.symmetric_activations, 1),
+                             work / f"ranges_{calibrator}.json")
+        (work / f"step{i}").mkdir(exist_ok=True)
+        r = fallback(mat, ranges, form, reduce_range, numerics, thresholds, work / f"step{i}" / "model_int8.onnx",
+                     max_rounds, progress)
+        gate = r["gate"]
+        n = len(r["float_layers"])
+        row = {"step": f"ptq {calibrator}" + (f" + {n} float layer(s)" if n else ""), "calibrator": calibrator,
+               "float_layers": r["float_layers"], "passed": gate["passed"], "drop": round(gate["drop"], 3),
                "agreement": round(gate["agreement"], 4), "quant_map50": gate["quant_map50"],
-               "seconds": round(time.perf_counter() - t0, 1), "kept": False}
+               "rounds": r["rounds"], "seconds": round(time.perf_counter() - t0, 1), "kept": False}
         rows.append(row)
-        progress(f"  {row['step']}: mAP@0.5 {100 * gate['float_map50']:.1f} -> {100 * gate['quant_map50']:.1f} "
-                 f"(drop {gate['drop']:+.2f} pts), agreement {gate['agreement']:.3f} -> "
+        progress(f"  ptq {calibrator}: kept {n} float layer(s) after {len(r['rounds'])} round(s): drop "
+                 f"{gate['drop']:+.2f} pts, agreement {gate['agreement']:.3f} -> "
                  f"{'PASSED' if gate['passed'] else 'failed'} ({row['seconds']} s)")
-        if _better(gate, best and best["gate"]):
-            best = {"gate": gate, "model": model, "row": row}
+        if best is None or det_better(row, best["row"]):
+            best = {"gate": gate, "model": r["model"], "row": row, "ranking": r["ranking"]}
         if gate["passed"]:
             break
     best["row"]["kept"] = True
@@ -155,18 +149,26 @@ def _material(run_path: Path, work: Path, calib_size: int, checkset_cap: int, se
               opset: int | None = None) -> tuple:
     """Load the run, export the float model (at ``opset`` when the target's parser needs a lower one),
     pick calibration and checkset images."""
-    from ..quantize import prepare_float
-    from ..runtime.detect import PostprocessSpec
-    from .export import export_detector
     from .train import load_detection_run
 
     manifest, model, splits, names = load_detection_run(run_path)
+    if not (splits.get("test") or splits.get("val")) or not splits.get("train"):
+        raise EdgetlError(f"{run_path}: the run has no held-out (test/val) or no train images",
+                          hint="re-train with --test/--val fractions above 0")
+    mat, parity = material_of(manifest, model, splits, names, work, calib_size, checkset_cap, seed, progress, opset)
+    return manifest, mat, parity
+
+
+def material_of(manifest: Manifest, model: Any, splits: dict, names: Sequence[str], work: Path, calib_size: int,
+                checkset_cap: int, seed: int, progress: Progress, opset: int | None = None) -> tuple:
+    """:class:`Material` of a loaded detector (``load_detection_run``'s parts) and the export's parity."""
+    from ..quantize import prepare_float
+    from ..runtime.detect import PostprocessSpec
+    from .export import export_detector
+
     model.eval()
     spec = manifest.preprocess
     held_out = splits.get("test") or splits.get("val") or []
-    if not held_out or not splits.get("train"):
-        raise EdgetlError(f"{run_path}: the run has no held-out (test/val) or no train images",
-                          hint="re-train with --test/--val fractions above 0")
     cal = _pick(splits["train"], calib_size, seed) if calib_size else []  # 0: a float target, no calibration
     root = Path(manifest.training.get("data_root", "")) if manifest.training.get("data_root") else Path("/")
     progress((f"calibration: {len(cal)} training images; " if cal else "") +
@@ -181,7 +183,7 @@ def _material(run_path: Path, work: Path, calib_size: int, checkset_cap: int, se
     cal_inputs = _inputs(cal, spec) if cal else np.zeros((0, *checkset.inputs.shape[1:]), np.float32)
     mat = Material(work / "model_fp32.onnx", prepared, cal_inputs, [_shown_path(i, root) for i in cal],
                    checkset, post, spec, tuple(names))
-    return manifest, mat, parity
+    return mat, parity
 
 
 def _quant_record(form: Any, profile: Any, weight: tuple[str, str], mat: Material, rows: list, kept: dict,
@@ -191,15 +193,33 @@ def _quant_record(form: Any, profile: Any, weight: tuple[str, str], mat: Materia
     from ..runtime.cpu import host_cpu
 
     row = kept["row"]
-    verdict = ("passed: " + row["step"]) if row["passed"] else (
-        "FAILED: no PTQ step reached the gate; try more calibration images (--calib-size), a longer fine-tune, "
-        "or an fp16/fp32 target")
+    verdict = _verdict(rows, row, numerics, kept["gate"])
+    ranking = kept.get("ranking") or []
     return {"method": "ptq", "calibrator": row["calibrator"], "qdq_format": form.key, "for_backend": profile.backend,
             "per_channel": True, "weight_range": weight[0], "weight_bits": 7 if weight[0] == "reduced" else 8,
             "weight_range_reason": weight[1], "cpu": host_cpu().to_dict(), "judged_on": numerics.to_dict(),
             "calibration_images": len(mat.cal_inputs), "calibration_file": "calibration.txt",
             "float_layers": row["float_layers"], "ladder": rows, "verdict": verdict, "parity": parity,
+            "sensitivity": {"metric": "leave-one-out on calibration images: SQNR of foreground probabilities and "
+                                      "box regressions where float sees something (edgetl.detect.repair)",
+                            "top": [r.to_dict() for r in ranking[:15]]},
             "onnxruntime": onnxruntime.__version__, "seconds": round(seconds, 1)}
+
+
+def _verdict(rows: list[dict[str, Any]], row: dict[str, Any], numerics: Any, gate: dict[str, Any]) -> str:
+    """What the ladder found: the step that passed, or why none did and what would reach the gate."""
+    if row["passed"]:
+        return f"passed: {row['step']} on {numerics.label}"
+    near = gate.get("disagreement") or {}
+    most = max((x for r in rows for x in r.get("rounds") or []), key=lambda x: len(x.get("float_layers") or []),
+               default={})
+    why = (f"; {near.get('near_threshold', 0)} of {near.get('unmatched', 0)} disagreeing detections score within "
+           f"{near.get('band', 0.1):g} of the deployed threshold {gate.get('score_threshold', 0):g} (float's own "
+           "boxes sit there: a longer fine-tune that separates scores is what INT8 needs)") if near.get("unmatched") else ""
+    return (f"FAILED: no PTQ step reached the gate on {numerics.label}; kept the best, {row['step']} (agreement "
+            f"{row['agreement']:.4f}, drop {row['drop']:+.2f} points); with {len(most.get('float_layers') or [])} "
+            f"layer(s) in float agreement {most.get('agreement', float('nan')):.4f}{why}. What would reach it: an "
+            "fp32 build of this model, or a model trained longer")
 
 
 def write_artifact(d: Path, run_manifest: Manifest, mat: Material, kept: dict, quant: dict, ref_gate: dict,
@@ -266,11 +286,20 @@ def render_report(report: dict[str, Any]) -> str:
                    "**NOT DEPLOYABLE**: the gate that decides this artifact failed (see below)"), ""]
     esc = report.get("escalation") or []
     if esc:
-        lines += ["## Quantization ladder", "", "| step | mAP@0.5 quantized | drop (pts) | agreement | passed | s | kept |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['step']} | {100 * r['quant_map50']:.2f} | {r['drop']:+.2f} | {r['agreement']:.3f} | "
-                  f"{'yes' if r['passed'] else 'no'} | {r['seconds']} | {'**kept**' if r['kept'] else ''} |" for r in esc]
+        lines += ["## Quantization ladder", "", "| step | round | float layers | mAP@0.5 quantized | drop (pts) | "
+                  "agreement | passed | s | kept |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in esc:
+            for x in r.get("rounds") or []:
+                lines.append(f"| ptq {r['calibrator']} | {x['round']} | {len(x['float_layers'])} | "
+                             f"{100 * x['quant_map50']:.2f} | {x['drop']:+.2f} | {x['agreement']:.3f} | "
+                             f"{'yes' if x['passed'] else 'no'} | {x.get('seconds', '')} | |")
+            lines.append(f"| **{r['step']}** | kept | {len(r['float_layers'])} | {100 * r['quant_map50']:.2f} | "
+                         f"{r['drop']:+.2f} | {r['agreement']:.3f} | {'yes' if r['passed'] else 'no'} | {r['seconds']} | "
+                         f"{'**kept**' if r['kept'] else ''} |")
         lines.append("")
+    verdict = (report.get("quantization") or {}).get("verdict")
+    if verdict:
+        lines += [f"Verdict: {verdict}", ""]
     if report.get("gate"):
         lines += [det_gate_markdown(report["gate"], "Reference gate (Q/DQ as float ops)"), ""]
     for backend, g in (report.get("builds") or {}).items():

@@ -16,7 +16,10 @@ softmax, box decoding, score threshold, NMS) and reports:
 * detection agreement at the *deployed* score threshold: F1 of the quantized detections matched one
   to one to the float ones (same class, IoU >= 0.5), with a bootstrap CI over images: what the
   device shows must be what float shows, whatever the ground truth says;
-* per-class AP@0.5 of both, and the box error (px) of matched pairs.
+* per-class AP@0.5 of both, and the box error (px) of matched pairs;
+* ``disagreement``: how many detections found no partner (float or quantized) and how many of them
+  scored within :data:`NEAR_BAND` above the deployed threshold (a box near the threshold that the
+  other model scored just under it). Reported, never part of the verdict.
 
 Verdict: passed iff ``drop <= max_map_drop`` and ``agreement >= min_agreement`` (a value on the
 threshold passes; a 1e-9 tolerance keeps float rounding of an exact boundary from flipping it).
@@ -40,6 +43,7 @@ CHECKSET_NAME = "checkset.npz"
 MAP_SCORE_THRESHOLD = 0.01  # the score threshold mAP is computed at (COCO's convention)
 MATCH_IOU = 0.5  # agreement: a quantized detection matches a float one at IoU >= this, same class
 EPS = 1e-9  # a drop or agreement exactly on its threshold passes despite float rounding
+NEAR_BAND = 0.1  # reported: disagreeing detections scoring under deployed + this sat near the threshold
 
 
 # ------------------------------------------------------------------------------------------
@@ -204,9 +208,10 @@ def _decode(raw_boxes: np.ndarray, raw_scores: np.ndarray, post: Any, score_thre
 
 def _pairs(float_dets: Sequence[tuple], quant_dets: Sequence[tuple]) -> dict[str, Any]:
     """Per image: matched pairs, float and quantized counts; and the box error of the pairs (px)."""
-    matched, nf, nq, errs = [], [], [], []
+    matched, nf, nq, errs, lone = [], [], [], [], []
     for f, q in zip(float_dets, quant_dets):
         ia, ib = match_pairs(f[0], f[2], q[0], q[2], MATCH_IOU)
+        lone += [float(x) for x in np.delete(f[1], ia)] + [float(x) for x in np.delete(q[1], ib)]
         matched.append(len(ia))
         nf.append(len(f[2]))
         nq.append(len(q[2]))
@@ -214,7 +219,8 @@ def _pairs(float_dets: Sequence[tuple], quant_dets: Sequence[tuple]) -> dict[str
             errs.append(np.abs(q[0][ib].astype(np.float64) - f[0][ia].astype(np.float64)).reshape(-1))
     err = np.concatenate(errs) if errs else np.zeros(0)
     return {"matched": np.asarray(matched, np.int64), "n_float": np.asarray(nf, np.int64),
-            "n_quant": np.asarray(nq, np.int64), "max_box_error": float(err.max()) if err.size else None,
+            "n_quant": np.asarray(nq, np.int64), "unmatched_scores": np.asarray(lone, np.float64),
+            "max_box_error": float(err.max()) if err.size else None,
             "mean_box_error": float(err.mean()) if err.size else None}
 
 
@@ -292,6 +298,7 @@ def evaluate_detection(quant_raw: tuple[np.ndarray, np.ndarray], checkset: DetCh
     boot = _bootstrap(fm, qm, pairs, n_boot, seed)
     per_class = _per_class(fr, qr)
     failures = _failures(drop, agreement, per_class, th)
+    lone = pairs["unmatched_scores"]
     return {
         "task": "detection", "passed": not failures, "status": "failed" if failures else "passed",
         "n": len(checkset), "n_gt": fr["n_gt"],
@@ -303,6 +310,8 @@ def evaluate_detection(quant_raw: tuple[np.ndarray, np.ndarray], checkset: DetCh
         "thresholds": th.to_dict(), "score_threshold": deployed, "map_score_threshold": low, "match_iou": MATCH_IOU,
         "failures": failures, "per_class": per_class,
         "max_box_error": pairs["max_box_error"], "mean_box_error": pairs["mean_box_error"],
+        "disagreement": {"unmatched": int(len(lone)), "band": NEAR_BAND,
+                         "near_threshold": int((lone < deployed + NEAR_BAND).sum())},
         "n_det_float": fr["n_det"], "n_det_quant": qr["n_det"], "bootstrap": {k: boot[k] for k in ("n_boot", "n_boot_drop")},
         "checked": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
