@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgetl-detection-bench"))
     ap.add_argument("--train", default="", help="extra `edgetl train` options (one quoted string)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--reuse-run", action="store_true",
+                    help="keep the run already trained in --work by this recipe (re-measure eval, compile, run)")
     a = ap.parse_args(argv)
     from edgetl.runtime.cpu import describe, host_cpu
 
@@ -81,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     data, run = work / "data", work / "run"
     if not data.exists():
         edgetl(["data", "trees" if a.set == "trees" else "scenes", str(data)], log)
-    edgetl(["train", str(data), "--task", "detect", *RECIPES[a.set], "--epochs", str(a.epochs), *shlex.split(a.train),
-            "--out", str(run), "--overwrite"], log)
+    if a.reuse_run and (run / "manifest.json").exists():
+        log.append({"command": f"(edgetl train skipped: --reuse-run keeps {run})", "seconds": 0, "exit": 0})
+    else:
+        edgetl(["train", str(data), "--task", "detect", *RECIPES[a.set], "--epochs", str(a.epochs),
+                *shlex.split(a.train), "--out", str(run), "--overwrite"], log)
     with open(work / "eval.json", "w") as fh:
         edgetl(["eval", str(run), "--split", "test", "--json"], log, stdout=fh)
     result = {"set": a.set, "cpu": cpu, "epochs": a.epochs, "recipe": RECIPES[a.set] + shlex.split(a.train),

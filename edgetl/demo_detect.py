@@ -101,17 +101,27 @@ def print_summary(s: dict[str, Any]) -> None:
               + "\n  annotated video " + o["annotated_video"])
 
 
+def _train(scenes: Path, run: Path, train: str | None, log: list) -> None:
+    step("2. fine-tune an SSDLite detector on EfficientNet-Lite0 (ImageNet weights)",
+         ["train", str(scenes), "--task", "detect", *(shlex.split(train) if train else QUICK), "--out", str(run),
+          "--overwrite"], log)
+
+
 def main_detect(out: Path, train: str | None = None, compile_opts: str = "", bench: str = "", threads: int = 2,
-                record: bool = True) -> int:
+                record: bool = True, reuse_run: bool = False) -> int:
+    """The detection leg; ``reuse_run``: keep a run already trained in ``out`` by this recipe (the
+    compile, runtime and bench steps re-measured on the same model), said so in the summary's steps."""
     t0 = time.perf_counter()
     log: list[dict] = []
     scenes = out / "data" / "cells"
     if not (scenes / "scenes.json").exists():
         step("1. conveyor scenes of real ELPV cells (COCO + a counted video)", ["data", "scenes", str(scenes)], log)
     run = out / "runs" / "cells-lite0"
-    step("2. fine-tune an SSDLite detector on EfficientNet-Lite0 (ImageNet weights)",
-         ["train", str(scenes), "--task", "detect", *(shlex.split(train) if train else QUICK), "--out", str(run),
-          "--overwrite"], log)
+    if reuse_run and (run / "manifest.json").exists():
+        log.append({"step": "2. fine-tune (skipped: the run already trained in this folder is reused)", "run": str(run)})
+        print(f"\n2. reusing the trained run {run}", flush=True)
+    else:
+        _train(scenes, run, train, log)
     artifacts = {}
     for i, target in enumerate(TARGETS):
         art = out / "artifacts" / f"cells-{target}"
