@@ -190,7 +190,11 @@ def test_cli_runs_the_cross_validation(cli, data, tmp_path):
     cv = json.loads((tmp_path / "cv" / CV_FILE).read_text())
     assert cv["k"] == 2 and cv["group_by"] == "obj" and cv["refit"] is None
     rows = list(csv.DictReader((tmp_path / "cv" / "splits" / "fold-1.csv").open()))
-    assert {"obj", "site"} <= set(rows[0])  # the source CSV's columns travel (eval --by on a fold)
+    assert {"obj", "site"} <= set(rows[0])  # the source CSV's columns travel: eval --by on a fold
+    from edgetl.adapt import evaluate_by
+
+    by_site = evaluate_by(tmp_path / "cv" / "fold-1", None, "site", device="cpu", workers=0)
+    assert sum(m["n"] for m in by_site["domains"].values()) == by_site["overall"]["n"] == cv["folds"][0]["n_test"]
     assert cli(data, "--out", tmp_path / "plain")[:2] == (0, "trained without --cv\n")
 
 
