@@ -334,26 +334,35 @@ def finished(folder: Path, split: dict[str, list[Item]]) -> bool:
             and have["train"] | have["test"] == want["train"] | want["test"])
 
 
-def run_fold(name: str, split: dict[str, list[Item]], pool: Pool, cfg, out: Path, rep) -> dict[str, Any]:
-    """Train one fold's run folder ``OUT/NAME`` (kept if already finished; an interrupted one resumes)."""
+def write_split(name: str, split: dict[str, list[Item]], pool: Pool, out: Path) -> Path:
+    """``OUT/splits/NAME.csv`` (atomically)."""
+    from .runtime.manifest import atomic_write
+
+    path = out / SPLITS_DIR / f"{name}.csv"
+    try:
+        atomic_write(path, split_csv(split, pool))
+    except UnicodeEncodeError:
+        raise EdgetlError(f"{pool.data}: an image path is not valid UTF-8, which a CSV cannot hold",
+                          hint="rename the file(s) to UTF-8 names (e.g. with `convmv -f latin1 -t utf8`)") from None
+    return path
+
+
+def run_fold(name: str, split: dict[str, list[Item]], cfg, out: Path, rep, cache_dir: Path | None = None) -> dict[str, Any]:
+    """Train one fold's run folder ``OUT/NAME`` from ``OUT/splits/NAME.csv`` (kept if already
+    finished; an interrupted one resumes)."""
     from .runs import CHECKPOINT_FILE, METRICS_FILE, partial_dir
-    from .runtime.manifest import atomic_write, read_manifest
+    from .runtime.manifest import read_manifest
     from .train import run_training
 
     folder = out / name
     status = "kept (finished before)"
     if not finished(folder, split):
-        path = out / SPLITS_DIR / f"{name}.csv"
-        try:
-            atomic_write(path, split_csv(split, pool))
-        except UnicodeEncodeError:
-            raise EdgetlError(f"{pool.data}: an image path is not valid UTF-8, which a CSV cannot hold",
-                              hint="rename the file(s) to UTF-8 names (e.g. with `convmv -f latin1 -t utf8`)") from None
         resume = (partial_dir(folder) / CHECKPOINT_FILE).is_file()
         rep.log(f"--- {name}: train {len(split['train'])}, val {len(split['val'])}, test {len(split['test'])}"
                 + (" (resuming its interrupted training)" if resume else ""))
-        fcfg = dataclasses.replace(cfg, data=str(path), out=str(folder), val=None, test=None,
-                                   test_fraction=0.0 if not split["test"] else cfg.test_fraction)
+        fcfg = dataclasses.replace(cfg, data=str(out / SPLITS_DIR / f"{name}.csv"), out=str(folder), val=None,
+                                   test=None, test_fraction=0.0 if not split["test"] else cfg.test_fraction,
+                                   cache_dir=str(cache_dir) if cache_dir else cfg.cache_dir)
         run_training(fcfg, resume=resume, overwrite=True, reporter=rep)
         status = "resumed" if resume else "trained"
     else:
@@ -367,6 +376,72 @@ def run_fold(name: str, split: dict[str, list[Item]], pool: Pool, cfg, out: Path
             "accuracy": test["accuracy"] if test else None, "macro_f1": test["macro_f1"] if test else None,
             "confusion": test["confusion"] if test else None,
             "val_accuracy": m["val"]["accuracy"], "val_macro_f1": m["val"]["macro_f1"]}
+
+
+# ------------------------------------------------------------------------------------------
+# cached feature-extract: the frozen backbone runs once for all folds
+# ------------------------------------------------------------------------------------------
+
+FEATURE_CACHE = "feature-cache"
+
+
+def _feature_key_path(cache: Path, cfg, data, built, spec) -> Path:
+    """Where ``edgetl.train`` looks for a run's cached features (its ``_cached_features`` key: data
+    fingerprint, backbone, weights, preprocessing, splits). Were the two to differ, a fold would
+    only compute its features itself (a cache miss, never other features); tests/test_cv.py checks
+    that every fold loads them."""
+    import hashlib
+
+    key = hashlib.sha256(json.dumps({"fingerprint": data.fingerprint, "backbone": cfg.backbone,
+                                     "pretrained": cfg.pretrained, "weights": built.weights,
+                                     "spec": spec.to_dict(), "splits": data.split_json()["splits"]},
+                                    sort_keys=True).encode()).hexdigest()
+    return cache / f"features-{cfg.backbone}-{key[:20]}.safetensors"
+
+
+def share_features(cfg, pool: Pool, pending: dict[str, tuple[Path, dict[str, list[Item]]]], cache: Path, rep) -> int:
+    """With cached feature-extract, compute every image's backbone features once and write each
+    pending fold's feature file where its training looks for it (``cache``): K folds cost one pass
+    of the backbone instead of K. ``pending``: name -> (fold CSV, split). Returns files written."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .backbones import build_classifier, get_backbone
+    from .data import ImageDataset, load_data
+    from .train import eval_batch_size, resolve_device, resolve_spec, run_model
+
+    spec = resolve_spec(get_backbone(cfg.backbone).preprocess, cfg)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # as training seeds before building (a random-init backbone is the same one)
+    model, built = build_classifier(cfg.backbone, len({it.label for it in pool.items}), cfg.pretrained, cfg.weights,
+                                    cfg.dropout)
+    model.to(device).eval()
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    todo = {}
+    for name, (csv_path, split) in pending.items():
+        data = load_data(csv_path, val_fraction=cfg.val_fraction, test_fraction=0.0 if not split["test"]
+                         else cfg.test_fraction, seed=cfg.split_seed)
+        path = _feature_key_path(cache, cfg, data, built, spec)
+        if not path.is_file():
+            todo[path] = data
+    if not todo:
+        return 0
+    t0 = time.perf_counter()
+    ds = ImageDataset([(it.path, 0) for it in pool.items], spec)
+    feats = run_model(model.backbone, ds, batch_size=eval_batch_size(device, cfg.batch_size), workers=cfg.workers,
+                      device=device, channels_last=cfg.channels_last, amp=cfg.amp and device.type == "cuda",
+                      reporter=rep, desc="features (all folds)")
+    row = {it.path: i for i, it in enumerate(pool.items)}
+    rep.log(f"features: {len(ds)} images through the frozen backbone once for {len(todo)} run(s) in "
+            f"{time.perf_counter() - t0:.1f}s")
+    cache.mkdir(parents=True, exist_ok=True)
+    for path, data in todo.items():
+        tensors = {s: feats[[row[it.path] for it in data.splits[s]]].contiguous() for s in ("train", "val", "test")}
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        tmp.replace(path)
+    return len(todo)
 
 
 # ------------------------------------------------------------------------------------------
@@ -423,6 +498,22 @@ def _recipe_text(cfg) -> str:
 # the whole cross-validation
 # ------------------------------------------------------------------------------------------
 
+def run_all(cfg, pool: Pool, folds: list[dict[str, list[Item]]], full: dict[str, list[Item]] | None, out: Path,
+            rep) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Every fold (and the refit): split CSVs, the shared features (cached feature-extract), training."""
+    runs = {f"fold-{i + 1}": f for i, f in enumerate(folds)} | ({REFIT: full} if full is not None else {})
+    pending = {name: (write_split(name, split, pool, out), split) for name, split in runs.items()
+               if not finished(out / name, split)}
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else out / FEATURE_CACHE
+    shared = bool(pending) and cfg.cached
+    if shared:
+        share_features(cfg, pool, pending, cache, rep)
+    rows = {name: run_fold(name, split, cfg, out, rep, cache if shared else None) for name, split in runs.items()}
+    if not cfg.cache_dir:
+        shutil.rmtree(out / FEATURE_CACHE, ignore_errors=True)  # ours: the runs hold what they learned
+    return [rows[f"fold-{i + 1}"] for i in range(len(folds))], rows.get(REFIT)
+
+
 def cross_validate(cfg, k: int, group_by: str | None = None, refit: bool = False, out: str | Path | None = None, *,
                    overwrite: bool = False, reporter=None) -> dict[str, Any]:
     """Run a K-fold cross-validation of the recipe ``cfg`` (a TrainConfig; ``cfg.data`` the data)
@@ -450,8 +541,7 @@ def cross_validate(cfg, k: int, group_by: str | None = None, refit: bool = False
     with folder_lock(out):
         for note in prepare_out(out, plan, overwrite):
             rep.log(note)
-        rows = [run_fold(f"fold-{i + 1}", f, pool, cfg, out, rep) for i, f in enumerate(folds)]
-        refit_row = run_fold(REFIT, full, pool, cfg, out, rep) if full is not None else None
+        rows, refit_row = run_all(cfg, pool, folds, full, out, rep)
         cv = {"format": 1, "k": k, "data": str(cfg.data), "data_fingerprint": pool.fingerprint,
               "group_by": group_by, "groups": len(set(pool.groups)) if pool.groups is not None else None,
               "folding": ("stratified, group-aware (sklearn StratifiedGroupKFold)" if pool.groups is not None

@@ -156,6 +156,33 @@ def test_cross_validate_summary_resume_and_lock(data, tmp_path):
         cross_validate(cfg, 3, GROUP_RE, out=out)
 
 
+def test_cached_feature_extract_runs_the_backbone_once_for_all_folds(data, tmp_path):
+    """Every fold loads the features computed once (a fold computing its own would mean the cache
+    key of edgetl.cv and edgetl.train's _cached_features differ); the result equals a fold that
+    computed them itself."""
+    from edgetl.train import Reporter, run_training
+
+    class Lines(Reporter):
+        def __init__(self):
+            super().__init__(quiet=True)
+            self.lines = []
+
+        def log(self, msg):
+            self.lines.append(msg)
+
+    rep = Lines()
+    cfg = tiny_cfg(data, mode="feature-extract", cache=True, epochs=3)
+    cv = cross_validate(cfg, 3, None, refit=True, out=tmp_path / "cv", reporter=rep)
+    assert sum("through the frozen backbone once for 4 run(s)" in line for line in rep.lines) == 1
+    assert sum(line.startswith("features: loaded from") for line in rep.lines) == 4, rep.lines
+    assert not (tmp_path / "cv" / "feature-cache").exists()
+    alone = run_training(cfg.__class__(**{**cfg.to_dict(), "data": str(tmp_path / "cv" / "splits" / "fold-2.csv"),
+                                          "out": str(tmp_path / "alone"), "cache": True, "augment": False}),
+                         reporter=Reporter(quiet=True))
+    assert alone.metrics["test"]["confusion"] == cv["folds"][1]["confusion"]
+    assert alone.metrics["val"]["accuracy"] == cv["folds"][1]["val_accuracy"]
+
+
 # ---- the CLI: a train-like command built from the decorator, run through edgetl's main -----------
 
 @click.command()
