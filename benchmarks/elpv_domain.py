@@ -47,9 +47,13 @@ def machine() -> dict:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout if shutil.which("lscpu") else ""
     field = lambda k: next((line.split(":", 1)[1].strip() for line in lscpu.splitlines()  # noqa: E731
                             if line.startswith(k + ":")), "")
+    import torch
+
+    zen3 = field("Vendor ID") == "AuthenticAMD" and field("CPU family") == "25" and field("Model") in ("1", "8")
     return {"cpu": host_cpu().to_dict(), "lscpu_model": field("Model name"), "family": field("CPU family"),
             "model": field("Model"), "cores": os.cpu_count(),
-            "note": "AMD EPYC family 25 model 1 = Zen 3 (Milan): AVX2, no AVX-512, no VNNI",
+            "note": "AMD family 25 model 1 = Zen 3 (Milan): AVX2, no AVX-512, no VNNI" if zen3 else "",
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "torch": torch.__version__,
             "loadavg_start": os.getloadavg()}
 
 
@@ -106,7 +110,7 @@ def split_target(rows: list[dict], few: int, seed: int = 0) -> tuple[list[dict],
 def evaluate(run: Path, test_csv: Path, log: Path) -> dict:
     from edgetl.train import evaluate_run
 
-    m = evaluate_run(run, test_csv, device="cpu", workers=0)["metrics"]
+    m = evaluate_run(run, test_csv, workers=0)["metrics"]  # the device training used (auto)
     with open(log, "a") as fh:
         fh.write(f"eval {run} on {test_csv}: accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f}\n")
     return {"accuracy": round(m["accuracy"], 4), "macro_f1": round(m["macro_f1"], 4), "n": m["n"],
@@ -174,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "elpv_domain", "machine": machine(), "recipe": "edgetl train " + shlex.join(recipe),
               "epochs": a.epochs, "few_per_class": a.few, "directions": []}
     slug = re.sub(r"[^a-z0-9]+", "-", host_cpu().isa_class.lower()).strip("-")
+    slug += "-" + re.sub(r"[^a-z0-9]+", "-", result["machine"]["gpu"].lower()).strip("-") if result["machine"]["gpu"] else ""
     out = a.json or ROOT / "benchmarks" / "results" / f"elpv_domain_{slug}.json"
     for pair in a.directions.split(","):  # the JSON is written after each direction (a long run keeps what it has)
         src, dst = pair.split(":")
