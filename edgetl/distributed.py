@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .runtime.errors import EXIT_INTERNAL, EdgetlError, Terminated
+from .runtime.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EdgetlError, Terminated
 
 ERRORS_ENV = "EDGETL_DDP_ERRORS"  # set by the launcher: where a failing worker leaves its marker
 FAULT_ENV = "EDGETL_DDP_FAULT"  # tests only: "RANK:EPOCH:error|crash|kill"
@@ -188,7 +188,13 @@ class Dist:
         # notes a copy once ("Grad strides do not match bucket view strides"); it costs a copy, no more
         warnings.filterwarnings("ignore", message=".*[Gg]rad strides do not match bucket view strides.*")
         ids = [self.device.index] if self.backend == "nccl" else None
-        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+        # no buffer broadcast at every forward: BatchNorm statistics come from rank 0 at each epoch's
+        # end (sync_buffers), which is what the broadcast would leave too (rank 0's own statistics)
+        import inspect
+
+        newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+        sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}  # newer torch / older (2.11)
+        return DistributedDataParallel(module, device_ids=ids, **sync)
 
     def close(self) -> None:
         if self.owns_group:
@@ -429,17 +435,16 @@ def _launch_environment(errors: Path, nproc: int) -> Iterator[None]:
     if not os.environ.get("OMP_NUM_THREADS"):
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     saved_sig = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
-    lg = logging.getLogger("torch.distributed")
-    quiet = not os.environ.get("EDGETL_DEBUG")
-    null, propagate = logging.NullHandler(), lg.propagate
-    if quiet:
-        lg.addHandler(null)
-        lg.propagate = False
+    # torch's own loggers print to stderr (their handlers sit on "torch" and "torch.distributed")
+    loggers = [logging.getLogger(n) for n in ("torch.distributed", "torch")] if not os.environ.get("EDGETL_DEBUG") else []
+    saved_log = [(lg.handlers[:], lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.handlers, lg.propagate = [logging.NullHandler()], False
     try:
         yield
     finally:
-        lg.removeHandler(null)
-        lg.propagate = propagate
+        for lg, (handlers, propagate) in zip(loggers, saved_log):
+            lg.handlers, lg.propagate = handlers, propagate
         for s, h in saved_sig.items():
             if h is not None:
                 signal.signal(s, h)
@@ -467,7 +472,9 @@ def launch(worker: list[str], launch_opts: dict[str, Any], out: str | Path) -> N
             torchrun.run(args)
         keep = False
     except ChildFailedError as exc:
-        raise failure_error(exc.failures, errors, logs, out, launch_opts) from None
+        err = failure_error(exc.failures, errors, logs, out, launch_opts)
+        keep = err.exit_code != EXIT_BAD_INPUT  # bad input says it all; else the logs are named in the hint
+        raise err from None
     except SignalException as exc:
         keep = False
         note = saved_note(out, launch_opts)
@@ -475,6 +482,7 @@ def launch(worker: list[str], launch_opts: dict[str, Any], out: str | Path) -> N
             print(note, file=sys.stderr, flush=True)
         raise (Terminated() if exc.sigval == signal.SIGTERM else KeyboardInterrupt()) from None
     except RendezvousError as exc:
+        keep = False
         raise EdgetlError(f"--master-addr {launch_opts.get('master_addr') or 'localhost'}: the processes could not "
                           f"meet ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
                           hint="check that node 0 runs the same command with --node-rank 0 and that its "
@@ -525,9 +533,9 @@ def failure_error(failures: dict[int, Any], errors: Path, logs: Path, out: str |
     elif marks:
         first = min(marks, key=lambda m: m.get("time", math.inf))
         msg = f"rank {first.get('rank')} of {world}: {first.get('message')}"
-        hint = first.get("hint") or where
         code = int(first.get("exit_code", EXIT_INTERNAL))
-        code = code if code in (2, 70, 130, 143) else EXIT_INTERNAL
+        code = code if code in (EXIT_BAD_INPUT, EXIT_INTERNAL, 130, 143) else EXIT_INTERNAL
+        hint = first.get("hint") if code == EXIT_BAD_INPUT else "; ".join(filter(None, (first.get("hint"), where)))
     else:
         rank, f = min(failures.items(), key=lambda kv: (kv[1].timestamp, kv[0])) if failures else ("?", None)
         msg = f"rank {rank} of {world} failed" + (f" (exit code {f.exitcode})" if f is not None else "")
