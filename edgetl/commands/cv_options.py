@@ -8,11 +8,11 @@ Wiring in ``edgetl/commands/train.py``::
 
     @cv_options                       # on train, below the other options
     ...
-    cv_args = pop_cv_options(options)                               # first line after require(...)
+    cv_args = pop_cv_options(options)        # after require(...), before options.pop("task")
     ...
-    cfg = resolve_config(cli, config_file, resume=resume and not cv_args["cv"])
-    if run_cv_if_asked(cfg, **cv_args, overwrite=overwrite, quiet=quiet):
-        return
+        cfg = resolve_config(cli, config_file, resume=resume and not cv_args["cv"], world_size=world)
+        if run_cv_if_asked(cfg, **cv_args, overwrite=overwrite, quiet=quiet):
+            return
 
     @by_option                        # on eval_cmd; its function takes ``by``
     ...
@@ -54,6 +54,9 @@ def pop_cv_options(options: dict[str, Any]) -> dict[str, Any]:
     if given and options.get("task") == "detect":
         raise EdgetlError(f"--{given[0].replace('_', '-')} is not available with --task detect",
                           hint="cross-validation trains image classifiers; drop it or the --task detect")
+    if given and options.get("nproc") is not None:
+        raise EdgetlError(f"--{given[0].replace('_', '-')} with --nproc: the folds train one after the other in one "
+                          "process", hint="drop --nproc (or run each fold's CSV with --nproc yourself)")
     return args
 
 
