@@ -360,7 +360,7 @@ def run_fold(name: str, split: dict[str, list[Item]], cfg, out: Path, rep, cache
         resume = (partial_dir(folder) / CHECKPOINT_FILE).is_file()
         rep.log(f"--- {name}: train {len(split['train'])}, val {len(split['val'])}, test {len(split['test'])}"
                 + (" (resuming its interrupted training)" if resume else ""))
-        fcfg = dataclasses.replace(cfg, data=str(out / SPLITS_DIR / f"{name}.csv"), out=str(folder), val=None,
+        fcfg = dataclasses.replace(cfg, data=str((out / SPLITS_DIR / f"{name}.csv").resolve()), out=str(folder), val=None,
                                    test=None, test_fraction=0.0 if not split["test"] else cfg.test_fraction,
                                    cache_dir=str(cache_dir) if cache_dir else cfg.cache_dir)
         run_training(fcfg, resume=resume, overwrite=True, reporter=rep)
