@@ -413,12 +413,13 @@ def resume_command(out: str | Path, nproc: int | None, nnodes: int | None) -> st
 
 def torchrun_args(launch: dict[str, Any], logs: Path, worker: list[str]) -> list[str]:
     """torchrun's own command line for ``worker`` (arguments of ``python -m edgetl``)."""
-    args = ["--nproc-per-node", str(launch["nproc"]), "--max-restarts", "0", "--monitor-interval", "0.5",
-            "--log-dir", str(logs), "--redirects", "2"]
+    # the underscore spellings: torch's first ones (every version has them; the dashed ones came later)
+    args = ["--nproc_per_node", str(launch["nproc"]), "--max_restarts", "0", "--monitor_interval", "0.5",
+            "--log_dir", str(logs), "--redirects", "2"]
     nnodes = launch.get("nnodes") or 1
     if nnodes > 1:
-        args += ["--nnodes", str(nnodes), "--node-rank", str(launch.get("node_rank") or 0),
-                 "--master-addr", str(launch["master_addr"]), "--master-port", str(launch.get("master_port") or 29500)]
+        args += ["--nnodes", str(nnodes), "--node_rank", str(launch.get("node_rank") or 0),
+                 "--master_addr", str(launch["master_addr"]), "--master_port", str(launch.get("master_port") or 29500)]
     else:
         args += ["--standalone"]
     return args + ["-m", "edgetl", *worker]

@@ -63,7 +63,7 @@ def cli_args(opts: dict) -> list[str]:
 
 
 def launch(args: list[str], fault: str | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")  # 2 processes on 2 cores
     env.pop(distributed.FAULT_ENV, None)
     if fault:
         env[distributed.FAULT_ENV] = fault
