@@ -169,6 +169,7 @@ class RankMetric:
     name: str
     outputs: Callable[[Any, np.ndarray], np.ndarray]
     error: Callable[[np.ndarray, np.ndarray], tuple] = sens.logit_error
+    method: Callable[..., list] | None = None  # how layers are ranked, as _rank_layers; None = leave-one-out
 
 
 LOGITS = RankMetric("logits", lambda runner, x: runner.infer_many(x))
@@ -211,7 +212,7 @@ def rank_layers(prepared: Path, cache: Path, cfg: Any, inputs: np.ndarray, numer
         return ranking
     except (OSError, ValueError, TypeError):
         pass
-    ranking = _rank_layers(prepared, cache, cfg, inputs, numerics, kept, metric)
+    ranking = (metric.method or _rank_layers)(prepared, cache, cfg, inputs, numerics, kept, metric)
     try:  # a cache: failing to write it (read-only home, full disk) costs only the next ranking
         stored.parent.mkdir(parents=True, exist_ok=True)
         tmp = stored.with_name(f".{stored.name}.{os.getpid()}.tmp")
