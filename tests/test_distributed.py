@@ -139,6 +139,9 @@ def test_an_interrupted_two_process_run_resumes(folder, two_by_8, tmp_path, caps
     assert errors == ["error: rank 1 of 2 was killed by SIGKILL (out of memory?)"], r.stderr
     assert "Traceback" not in r.stderr + r.stdout
     assert f"edgetl train --resume --out {out} --nproc 2" in r.stderr
+    logs = Path(r.stderr.split("the log of every rank is in ")[1].split(";")[0])  # kept for a failure, named
+    assert logs.name == "logs" and logs.parent.name.startswith("edgetl-ddp-")
+    shutil.rmtree(logs.parent)
     assert not out.exists() and (partial_dir(out) / "checkpoint.pt").is_file()
     assert json.loads((partial_dir(out) / "distributed.json").read_text())["epoch"] == 1
 

@@ -44,7 +44,7 @@ def _d(value) -> str:
 @click.option("--resize", type=click.Choice(_RESIZES),
               help="Resize policy of the preprocessing. [default: the backbone's, shorter_crop]")
 @click.option("--epochs", type=int, help="Max epochs. [default: 30 for cached feature-extract, 10 otherwise]")
-@click.option("--batch-size", type=int, help="Batch size." + _d(D.batch_size))
+@click.option("--batch-size", type=int, help="Batch size (per process with --nproc)." + _d(D.batch_size))
 @click.option("--lr", type=float, help="Head learning rate (AdamW)." + _d(D.lr))
 @click.option("--backbone-lr-factor", type=float, help="Backbone LR = head LR x this." + _d(D.backbone_lr_factor))
 @click.option("--backbone-lr", type=float, help="Explicit backbone LR (instead of the factor).")
