@@ -72,13 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     ensure_data(data)
     meta = data / "elpv_meta.csv"
     cfg = TrainConfig(data=str(meta), out=str(a.work / "cv"), device="cpu", epochs=a.epochs, **RECIPE)
+    host = machine()  # the load average before the work
     t0 = time.time()
     cv = cross_validate(cfg, a.k, None, False, a.work / "cv", reporter=Reporter())
     cv_s = time.time() - t0
     types = None if a.no_by_type else per_type(a.work / "cv", a.k)
     cmd = (f"edgetl train {meta} --backbone efficientnet_lite0 --pretrained imagenet --mode feature-extract"
            + (f" --epochs {a.epochs}" if a.epochs else "") + f" --cv {a.k} --out {a.work / 'cv'}")
-    result = {"benchmark": "elpv_cv", "machine": {**machine(), "loadavg_end": os.getloadavg()}, "command": cmd,
+    result = {"benchmark": "elpv_cv", "machine": {**host, "loadavg_end": os.getloadavg()}, "command": cmd,
               "recipe": cv["recipe_text"], "k": a.k, "folding": cv["folding"], "std": cv["std"],
               "accuracy": cv["accuracy"], "macro_f1": cv["macro_f1"], "pooled": cv["pooled"],
               "folds": [{k: v for k, v in f.items() if k != "confusion"} for f in cv["folds"]],
