@@ -15,6 +15,11 @@ CSV's other columns, so ``edgetl eval OUT/fold-1 --by COLUMN`` works): no privat
 training, the run contract is unchanged. ``refit`` trains on all the data (validation carved the
 same way, no test part) into ``OUT/refit``.
 
+With cached feature-extract (``mode="feature-extract"``, ``cache``) the frozen backbone runs once
+over all the images and each fold's feature file is written where its training looks for it
+(:func:`share_features`): K folds cost one backbone pass instead of K (ELPV, 5 folds, 2 busy AVX2
+cores: 10.5 min in all instead of about 5 backbone passes).
+
 ``OUT`` is owned like every edgetl folder (:mod:`edgetl.artifact`): ``folder_lock(OUT)`` for the
 whole cross-validation, ``cv_plan.json`` (the recipe, the data fingerprint and the folds) written
 first, ``cv.json`` written atomically last. Re-running the same command resumes: a fold whose run
