@@ -390,20 +390,6 @@ def run_fold(name: str, split: dict[str, list[Item]], cfg, out: Path, rep, cache
 FEATURE_CACHE = "feature-cache"
 
 
-def _feature_key_path(cache: Path, cfg, data, built, spec) -> Path:
-    """Where ``edgetl.train`` looks for a run's cached features (its ``_cached_features`` key: data
-    fingerprint, backbone, weights, preprocessing, splits). Were the two to differ, a fold would
-    only compute its features itself (a cache miss, never other features); tests/test_cv.py checks
-    that every fold loads them."""
-    import hashlib
-
-    key = hashlib.sha256(json.dumps({"fingerprint": data.fingerprint, "backbone": cfg.backbone,
-                                     "pretrained": cfg.pretrained, "weights": built.weights,
-                                     "spec": spec.to_dict(), "splits": data.split_json()["splits"]},
-                                    sort_keys=True).encode()).hexdigest()
-    return cache / f"features-{cfg.backbone}-{key[:20]}.safetensors"
-
-
 def share_features(cfg, pool: Pool, pending: dict[str, tuple[Path, dict[str, list[Item]]]], cache: Path, rep) -> int:
     """With cached feature-extract, compute every image's backbone features once and write each
     pending fold's feature file where its training looks for it (``cache``): K folds cost one pass
@@ -413,7 +399,7 @@ def share_features(cfg, pool: Pool, pending: dict[str, tuple[Path, dict[str, lis
 
     from .backbones import build_classifier, get_backbone
     from .data import ImageDataset, load_data
-    from .train import eval_batch_size, resolve_device, resolve_spec, run_model
+    from .train import eval_batch_size, feature_cache_path, resolve_device, resolve_spec, run_model
 
     spec = resolve_spec(get_backbone(cfg.backbone).preprocess, cfg)
     device = resolve_device(cfg.device)
@@ -427,7 +413,7 @@ def share_features(cfg, pool: Pool, pending: dict[str, tuple[Path, dict[str, lis
     for name, (csv_path, split) in pending.items():
         data = load_data(csv_path, val_fraction=cfg.val_fraction, test_fraction=0.0 if not split["test"]
                          else cfg.test_fraction, seed=cfg.split_seed)
-        path = _feature_key_path(cache, cfg, data, built, spec)
+        path = feature_cache_path(cache, cfg, data, built, spec)
         if not path.is_file():
             todo[path] = data
     if not todo:

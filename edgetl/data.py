@@ -406,7 +406,7 @@ def load_data(data: str | Path, *, val: str | Path | None = None, test: str | Pa
             raise EdgetlError(f"{it.path}: class {it.label!r} of the {it.split} split has no training images",
                               hint=f"the training classes are: {', '.join(labels)}")
     fixed = {s: [it for it in good if it.split == s] for s in ("val", "test")}
-    fractions = {s: f for s, f in (("val", val_fraction), ("test", test_fraction)) if not fixed[s]}
+    fractions = {s: f for s, f in (("val", val_fraction), ("test", test_fraction)) if not fixed[s] and f > 0}
     splits = stratified_split(pool, fractions, seed)
     for s in ("val", "test"):
         if fixed[s]:

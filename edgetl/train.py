@@ -1200,17 +1200,23 @@ def _write_run(job: _Job, results: dict[str, Any], metrics: dict[str, Any], over
     shutil.rmtree(job.part, ignore_errors=True)
 
 
+def feature_cache_path(cache_dir: str | Path, cfg: TrainConfig, data: LabelledData, built, spec: PreprocessSpec) -> Path:
+    """Where a run's cached backbone features live in ``cache_dir``: keyed by the data fingerprint,
+    backbone, weights, preprocessing and splits (``edgetl.cv`` writes the folds' files here too)."""
+    key = hashlib.sha256(json.dumps({"fingerprint": data.fingerprint, "backbone": cfg.backbone,
+                                     "pretrained": cfg.pretrained, "weights": built.weights,
+                                     "spec": spec.to_dict(), "splits": data.split_json()["splits"]},
+                                    sort_keys=True).encode()).hexdigest()
+    return Path(cache_dir) / f"features-{cfg.backbone}-{key[:20]}.safetensors"
+
+
 def _cached_features(job: _Job) -> dict[str, Any]:
     """Backbone features of every split, computed once (eval mode), sharded over the ranks and
     gathered (every rank holds all of them); optionally kept on disk (rank 0 decides and writes)."""
     cfg, rep, dist, built, data = job.cfg, job.rep, job.dist, job.built, job.data
     path = None
     if cfg.cache_dir:
-        key = hashlib.sha256(json.dumps({"fingerprint": data.fingerprint, "backbone": cfg.backbone,
-                                         "pretrained": cfg.pretrained, "weights": built.weights,
-                                         "spec": job.spec.to_dict(), "splits": data.split_json()["splits"]},
-                                        sort_keys=True).encode()).hexdigest()
-        path = Path(cfg.cache_dir) / f"features-{cfg.backbone}-{key[:20]}.safetensors"
+        path = feature_cache_path(cfg.cache_dir, cfg, data, built, job.spec)
         if dist.from_main([path.is_file()])[0]:
             return _load_features(job, path)
     model = job.model

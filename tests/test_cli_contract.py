@@ -136,10 +136,16 @@ def battery(p: dict[str, Path]) -> dict[str, list[list]]:
             ["train", p["images"], "--out", out / "t", "--config", p["missing"]],
             ["train", p["images"], "--out", p["file"]],
             ["train", "--out", out / "t"],
+            ["train", p["images"], "--out", out / "t", "--cv", "1"],
+            ["train", p["images"], "--out", out / "t", "--cv", "abc"],
+            ["train", p["images"], "--out", out / "t", "--cv", "2", "--group-by", "nosuch_column"],
+            ["train", p["images"], "--out", out / "t", "--cv", "2", "--nproc", "2"],
+            ["train", p["images"], "--out", out / "t", "--nproc", "0"],
             *[["train", p[k], "--task", "detect", "--out", out / "t"] for k in ("missing", "file", "empty", "images")],
             ["train", p["images"], "--task", "detect", "--out", out / "t", "--balance", "weighted"],
             ["train", p["images"], "--out", out / "t", "--tile", "320"]],
-        "eval": [["eval", p[k]] for k in runs] + [["eval", p["artifact"], "--batch-size", "abc"]],
+        "eval": [["eval", p[k]] for k in runs] + [["eval", p["artifact"], "--batch-size", "abc"],
+                                                  ["eval", p["artifact"], p["images"], "--by", "nosuch_column"]],
         "predict": [["predict", p[k], p["video"]] for k in runs] + [["predict", p["artifact"]]],
         "quantize": [["quantize", p[k], "--out", out / "q"] for k in runs] + [
             ["quantize", p["artifact"], "--out", out / "q", "--calib-size", "abc"],
@@ -179,6 +185,11 @@ def battery(p: dict[str, Path]) -> dict[str, list[list]]:
             ["bench", p["artifact"], "--backends", "nosuch"], ["bench", p["artifact"], "--threads", "abc"],
             ["bench", p["artifact"], "--frame-size", "x"]],
         "doctor": [["doctor", "--nosuch"]],
+        "adapt": [["adapt", p[k], "--images", p["images"], "--out", out / "a"] for k in runs] + [
+            ["adapt", p["artifact"], "--images", p["empty"], "--out", out / "a"],
+            ["adapt", p["artifact"], "--images", p["images"], "--out", out / "a", "--epochs", "abc"],
+            ["adapt", p["artifact"], "--images", p["images"], "--out", out / "a", "--unfreeze", "nosuch"],
+            ["adapt", p["artifact"], "--out", out / "a"]],
     }
 
 

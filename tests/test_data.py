@@ -179,3 +179,13 @@ def test_dataset_augments_per_epoch(tmp_path):
     assert np.array_equal(ds[0][0], x0)  # same epoch, same sample -> same draw
     ds.epoch = 1
     assert not np.array_equal(ds[0][0], x0)
+
+
+def test_a_zero_fraction_carves_nothing(tmp_path):
+    """--test-fraction 0 (a refit on all the data) keeps every image for training and validation."""
+    from conftest import write_image_folder
+    from edgetl.data import load_data
+
+    root = write_image_folder(tmp_path / "d", n_per_class=10)
+    d = load_data(root, val_fraction=0.2, test_fraction=0.0)
+    assert not d.splits["test"] and len(d.splits["val"]) == 4 and len(d.splits["train"]) == 16

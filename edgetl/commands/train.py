@@ -14,6 +14,7 @@ import click
 
 from ..backbones import REGISTRY
 from ..train import BALANCES, DEVICES, MODES, SCALE_LR, SELECTION_METRICS, TrainConfig
+from .cv_options import by_option, cv_options, pop_cv_options, run_cv_if_asked, run_eval_by_if_asked
 
 D = TrainConfig()
 _RESIZES = ("shorter_crop", "stretch", "letterbox")
@@ -96,6 +97,7 @@ def _d(value) -> str:
                    "[default: off: each process normalises with its own batch]")
 @click.option("--scale-lr", type=click.Choice(SCALE_LR),
               help="linear: learning rates x the number of processes (the global batch grows with them)." + _d(D.scale_lr))
+@cv_options
 @click.option("--resume", is_flag=True, help="Continue the interrupted run of --out (from OUT.partial).")
 @click.option("--overwrite", is_flag=True, help="Replace --out (and any interrupted run of it).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or log lines.")
@@ -130,6 +132,7 @@ def train(data, out, config_file, resume, overwrite, quiet, **options) -> None:
     require("edgetl train", "torch", "safetensors", "matplotlib")  # before any work (curves.png is last)
     from ..distributed import LAUNCH_KEYS
 
+    cv_args = pop_cv_options(options)
     task = options.pop("task")
     det = {k: options.pop(k) for k in ("det_format", "tile", "tile_overlap", "score_threshold")}
     launch = {k: options.pop(k) for k in LAUNCH_KEYS}
@@ -155,7 +158,9 @@ def train(data, out, config_file, resume, overwrite, quiet, **options) -> None:
            **{k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}}
     with rank_failures():  # a worker of --nproc: its failure is reported by the launcher
         world = planned_world(launch)
-        cfg = resolve_config(cli, config_file, resume=resume, world_size=world)
+        cfg = resolve_config(cli, config_file, resume=resume and not cv_args["cv"], world_size=world)
+        if run_cv_if_asked(cfg, **cv_args, overwrite=overwrite, quiet=quiet):
+            return
         if launch["nproc"] is not None:
             return _launch(cfg, launch, resume, overwrite, quiet)
         run_training(cfg, resume=resume, overwrite=overwrite, reporter=Reporter(quiet=quiet))
@@ -289,7 +294,8 @@ def _eval_detection(run, data, split, out, overwrite, as_json, device) -> None:
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--batch-size", type=int, help="Inference batch. [default: 16 on CPU, 64 on CUDA]")
 @click.option("--num-workers", type=int, help="DataLoader worker processes. [default: min(2, CPUs - 2): none on 2 cores]")
-def eval_cmd(run, data, split, out, overwrite, as_json, device, batch_size, num_workers) -> None:
+@by_option
+def eval_cmd(run, data, split, out, overwrite, as_json, device, batch_size, num_workers, by) -> None:
     """Accuracy, macro-F1, per-class recall and the confusion matrix of RUN on DATA (a detection run:
     mAP@0.5, mAP@0.5:0.95, per-class AP, class-agnostic mAP and the class accuracy of found boxes).
 
@@ -304,6 +310,9 @@ def eval_cmd(run, data, split, out, overwrite, as_json, device, batch_size, num_
     from ..runtime.errors import require
 
     require("edgetl eval", "torch", "safetensors", *(("matplotlib",) if out else ()))
+    if run_eval_by_if_asked(run, data, by, split=split, out=out, overwrite=overwrite, as_json=as_json,
+                            device=device, batch_size=batch_size, workers=num_workers):
+        return
     from ..runtime.manifest import read_manifest
 
     if read_manifest(run).task == "detection":
