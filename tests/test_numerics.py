@@ -4,6 +4,7 @@ stability perturbations, and the two numerics (reference vs deployed) of one QDQ
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,3 +186,17 @@ def test_a_deployed_verdict_from_another_cpu_class_says_so(monkeypatch):
     vnni = classify("x86_64", ZEN4.split(), "another CPU").to_dict()
     note = cpu_note(vnni)
     assert "x86 AVX-512 VNNI" in note and "x86 AVX2 (no VNNI)" in note and "--backend reference" in note
+
+
+def test_recorded_cpuinfo_samples_classify(tmp_path):
+    """Real /proc/cpuinfo records (tests/data/cpuinfo-*.txt, first processor block, saved on the machine
+    named in the file name) give the class that machine has. Only classes a session ran on are recorded:
+    x86 AVX2 without VNNI (AMD EPYC Zen 3, the 2-vCPU VM the demo records come from)."""
+    expected = {"cpuinfo-x86-avx2-amd-epyc-zen3.txt": ("x86 AVX2 (no VNNI)", False, False, "reduced")}
+    data = Path(__file__).parent / "data"
+    assert sorted(p.name for p in data.glob("cpuinfo-*.txt")) == sorted(expected)
+    for name, (cls, exact, fast, wr) in expected.items():
+        flags, model = parse_cpuinfo((data / name).read_text())
+        c = classify("x86_64", flags, model, 2)
+        assert (c.isa_class, c.int8_exact, c.int8_fast, c.weight_range) == (cls, exact, fast, wr), name
+        assert model == "AMD EPYC" and "avx2" in c.flags and "avx512_vnni" not in c.flags
