@@ -108,9 +108,11 @@ def _train(scenes: Path, run: Path, train: str | None, log: list) -> None:
 
 
 def main_detect(out: Path, train: str | None = None, compile_opts: str = "", bench: str = "", threads: int = 2,
-                record: bool = True, reuse_run: bool = False) -> int:
+                record: bool = True, reuse_run: bool = False, reuse_artifacts: bool = False) -> int:
     """The detection leg; ``reuse_run``: keep a run already trained in ``out`` by this recipe (the
-    compile, runtime and bench steps re-measured on the same model), said so in the summary's steps."""
+    compile, runtime and bench steps re-measured on the same model); ``reuse_artifacts``: also keep
+    artifacts already compiled there from that run by the same `edgetl compile` command (the
+    runtime and bench steps re-measured). Either is said so in the summary's steps."""
     t0 = time.perf_counter()
     log: list[dict] = []
     scenes = out / "data" / "cells"
@@ -125,10 +127,14 @@ def main_detect(out: Path, train: str | None = None, compile_opts: str = "", ben
     artifacts = {}
     for i, target in enumerate(TARGETS):
         art = out / "artifacts" / f"cells-{target}"
+        artifacts[target] = art
+        if reuse_artifacts and (art / "manifest.json").exists():
+            log.append({"step": f"3.{i + 1} compile for {target} (skipped: the artifact compiled from this run by "
+                                f"`edgetl compile {run} --target {target}` is reused)", "artifact": str(art)})
+            continue
         step(f"3.{i + 1} compile INT8 for {target} (gated on mAP and detection agreement on the target's build)",
              ["compile", str(run), "--target", target, "--out", str(art), "--overwrite", *shlex.split(compile_opts)],
              log, ok=(0, GATE_FAILED))
-        artifacts[target] = art
     line = json.loads((scenes / "conveyor_gt.json").read_text())["line"]
     with open(out / "run_detect.jsonl", "w") as fh:
         step("4. the device runtime on the conveyor video: track, count cells crossing the line, save the video",

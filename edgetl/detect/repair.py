@@ -156,7 +156,7 @@ def fallback(mat: Any, ranges: Path, form: Any, reduce_range: bool, numerics: An
         return Verdict(g["passed"], row, g, line)
 
     def rank(kept: list[str]) -> list:
-        progress(f"    sensitivity: each layer in float in turn on {len(probe)} calibration images ({ranker.label})")
+        progress(f"    sensitivity: layers quantized one more at a time, on {len(probe)} calibration images ({ranker.label})")
         return rank_layers(mat.prepared, ranges, cfg, probe, ranker, kept=[*first, *kept], metric=metric,
                            log=lambda s: progress("    " + s))
 
