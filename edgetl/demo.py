@@ -113,7 +113,8 @@ def summarize(out: Path, run: Path, artifacts: dict[str, Path], log: list[dict],
             "outputs": {"run": str(run), "artifacts": {k: str(v) for k, v in artifacts.items()},
                         "annotated_video": str(out / "annotated.mp4"),
                         "json_lines": [str(out / "run.jsonl"), str(out / "run_realtime.jsonl")],
-                        "reports": [str(a / "report.md") for a in artifacts.values()]},
+                        "reports": [str(a / "report.md") for a in artifacts.values()],
+                        "library_logs": os.environ.get("EDGETL_LOG_DIR", str(out / "logs"))},
             "steps": log, "total_seconds": round(t_total, 1)}
 
 
@@ -159,7 +160,8 @@ def print_summary(s: dict[str, Any]) -> None:
     o = s["outputs"]
     con.print("outputs:\n  run             " + o["run"] + "\n  artifacts       " + ", ".join(o["artifacts"].values())
               + "\n  annotated video " + o["annotated_video"] + "\n  reports         " + ", ".join(o["reports"])
-              + "\n  this summary    " + str(Path(o["annotated_video"]).with_name("summary.json")))
+              + "\n  this summary    " + str(Path(o["annotated_video"]).with_name("summary.json"))
+              + "\n  library logs    " + o.get("library_logs", "-") + "  (NNCF, ONNX Runtime, OpenVINO, PyTorch)")
 
 
 def record_path(cpu: dict[str, Any]) -> Path | None:
@@ -188,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="detect: the detection leg (conveyor scenes -> SSDLite -> INT8 -> tracked counts)")
     a = ap.parse_args(argv)
     out: Path = a.out
+    # the libraries' own output of every step (NNCF, ONNX Runtime, OpenVINO, PyTorch: edgetl.logs) is
+    # kept with the demo's outputs, not in the user's cache; the steps' terminal output is edgetl's own
+    os.environ.setdefault("EDGETL_LOG_DIR", str((out / "logs").resolve()))
     if a.task == "detect":
         from .demo_detect import main_detect
 
