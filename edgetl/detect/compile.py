@@ -113,12 +113,13 @@ def ladder(mat: Material, form: Any, reduce_range: bool, numerics: Any, threshol
            steps: Sequence[str], progress: Progress, max_rounds: int = MAX_FALLBACK_ROUNDS
            ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Climb ``steps`` (calibrators), each PTQ with the mixed-precision fallback (``detect.repair``)
-    judged on ``numerics``; returns the kept step (its ``model`` path in ``work``) and every row."""
+    judged on ``numerics``; returns the kept step (its ``model`` path in ``work``) and every row. The
+    layers are ranked once, with the first calibrator's ranges (the later steps use that order)."""
     from ..calibration.cache import save_ranges
     from ..calibration.calibrators import calibrate
     from .repair import det_better, fallback
 
-    rows, best = [], None
+    rows, best, ranking = [], None, None
     for i, calibrator in enumerate(steps):
         t0 = time.perf_counter()
         progress(f"  step {i + 1}/{len(steps)}: ptq {calibrator} + mixed-precision fallback (up to {max_rounds} rounds)")
@@ -126,7 +127,8 @@ def ladder(mat: Material, form: Any, reduce_range: bool, numerics: Any, threshol
                              work / f"ranges_{calibrator}.json")
         (work / f"step{i}").mkdir(exist_ok=True)
         r = fallback(mat, ranges, form, reduce_range, numerics, thresholds, work / f"step{i}" / "model_int8.onnx",
-                     max_rounds, progress)
+                     max_rounds, progress, ranking=ranking)  # the first step's ranking orders the later ones
+        ranking = ranking or r["ranking"]
         gate = r["gate"]
         n = len(r["float_layers"])
         row = {"step": f"ptq {calibrator}" + (f" + {n} float layer(s)" if n else ""), "calibrator": calibrator,
