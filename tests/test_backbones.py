@@ -8,22 +8,29 @@ from edgetl.runtime.errors import EdgetlError  # noqa: E402
 from edgetl.runtime.preprocess import preprocess  # noqa: E402
 
 
-def test_lite0_imagenet_weights_classify_natural_photos():
-    """Real weights + the shared preprocessing: a cat is a cat (281-285), coffee is espresso/cup (967/968)."""
+@pytest.mark.parametrize("n,size", [(0, 224), (1, 240), (2, 260)])
+def test_lite_imagenet_weights_classify_natural_photos(n, size):
+    """Each weight file + its registered preprocessing: a cat is a cat (281-285), coffee is
+    espresso/cup (967/968), at the native size and at another --input-size."""
     sk = pytest.importorskip("skimage.data")
     import timm
 
-    from edgetl.backbones import load_lite0_imagenet, lite0_weights_file
+    from edgetl.backbones import load_lite_imagenet, lite_weights_file
+    from edgetl.runtime.preprocess import PreprocessSpec
 
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
-    load_lite0_imagenet(net, lite0_weights_file())
+    net = timm.create_model(f"tf_efficientnet_lite{n}", pretrained=False, num_classes=1000)
+    load_lite_imagenet(net, lite_weights_file(n), n)
     net.eval()
-    spec = get_backbone("efficientnet_lite0").preprocess
-    for name, allowed in (("chelsea", range(281, 286)), ("coffee", (967, 968))):
-        bgr = cv2.cvtColor(getattr(sk, name)(), cv2.COLOR_RGB2BGR)
-        with torch.no_grad():
-            top1 = int(net(torch.from_numpy(preprocess(bgr, spec))[None]).argmax())
-        assert top1 in allowed, (name, top1)
+    spec = get_backbone(f"efficientnet_lite{n}").preprocess
+    assert spec.input_size == (size, size) and abs(spec.crop_fraction - size / (size + 32)) < 1e-3
+    other = PreprocessSpec(**{**spec.to_dict(), "input_size": (192, 192)})
+    assert other.input_size == (192, 192)
+    for s in (spec, other):
+        for name, allowed in (("chelsea", range(281, 286)), ("coffee", (967, 968))):
+            bgr = cv2.cvtColor(getattr(sk, name)(), cv2.COLOR_RGB2BGR)
+            with torch.no_grad():
+                top1 = int(net(torch.from_numpy(preprocess(bgr, s))[None]).argmax())
+            assert top1 in allowed, (n, s.input_size, name, top1)
 
 
 def test_lite0_classifier_shapes_and_groups():
