@@ -42,7 +42,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .data import MIN_PER_CLASS, Item, discover, fingerprint, stratified_split, validate_items
+from .data import MIN_PER_CLASS, Item, discover, fingerprint, open_csv, stratified_split, validate_items
 from .runtime.errors import EdgetlError, MissingDependencyError
 
 CV_FILE = "cv.json"
@@ -73,12 +73,7 @@ class Pool:
 def read_table(csv_path: Path) -> tuple[list[str], dict[Path, dict[str, str]]]:
     """Every column of a ``path,label,...`` CSV, keyed by the image's absolute path (resolved as
     :func:`edgetl.data.read_csv_items` resolves it); column names lower-cased and stripped."""
-    root = csv_path.parent.resolve()
-    try:
-        text = csv_path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EdgetlError(f"{csv_path}: cannot read ({exc})") from None
-    reader = csv.DictReader(text.splitlines())
+    root, reader = open_csv(csv_path)
     columns = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
     table: dict[Path, dict[str, str]] = {}
     for row in reader:

@@ -200,14 +200,18 @@ def split_layout(folder: Path) -> dict[str, Path] | None:
     return {_SPLIT_DIRS[name]: d for name, d in subs.items()}
 
 
-def read_csv_items(csv_path: Path) -> Discovered:
-    """A CSV of ``path,label[,split]`` rows, paths relative to the CSV's folder."""
-    root = csv_path.parent.resolve()
+def open_csv(csv_path: Path) -> tuple[Path, csv.DictReader]:
+    """``(the folder its relative paths start from, a reader of its rows)``; one error if unreadable."""
     try:
         text = csv_path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise EdgetlError(f"{csv_path}: cannot read ({exc})") from None
-    reader = csv.DictReader(text.splitlines())
+    return csv_path.parent.resolve(), csv.DictReader(text.splitlines())
+
+
+def read_csv_items(csv_path: Path) -> Discovered:
+    """A CSV of ``path,label[,split]`` rows, paths relative to the CSV's folder."""
+    root, reader = open_csv(csv_path)
     cols = [c.strip().lower() for c in (reader.fieldnames or [])]
     for need in ("path", "label"):
         if need not in cols:
