@@ -29,6 +29,13 @@ QUICK = ["--backbone", "efficientnet_lite0", "--mode", "fine-tune", "--epochs", 
 BENCH = ["--reps", "40"]
 
 
+def _ladder_row(x: dict[str, Any]) -> dict[str, Any]:
+    """One ladder step of the manifest, its fallback rounds without the layer names (counted)."""
+    rounds = [{k: r.get(k) for k in ("round", "passed", "drop", "agreement", "seconds")} | {
+        "float_layers": len(r.get("float_layers") or [])} for r in x.get("rounds") or []]
+    return {k: x.get(k) for k in ("step", "passed", "drop", "agreement", "seconds", "kept")} | {"rounds": rounds}
+
+
 def _gate_row(target: str, art: Path) -> dict[str, Any]:
     m = json.loads((art / "manifest.json").read_text())
     backend = (m.get("target") or {}).get("backend")
@@ -43,7 +50,9 @@ def _gate_row(target: str, art: Path) -> dict[str, Any]:
             "int8_map": g.get("quant_map"), "drop_points": g.get("drop"), "drop_ci": g.get("drop_ci"),
             "agreement": g.get("agreement"), "n_checkset": g.get("n"), "per_class": g.get("per_class"),
             "kept_step": next((x["step"] for x in q.get("ladder") or [] if x.get("kept")), None),
-            "weight_bits": q.get("weight_bits"), "reference_gate": {k: ref.get(k) for k in ("passed", "drop", "agreement")},
+            "weight_bits": q.get("weight_bits"), "float_layers": q.get("float_layers"),
+            "ladder": [_ladder_row(x) for x in q.get("ladder") or []], "verdict": q.get("verdict"),
+            "reference_gate": {k: ref.get(k) for k in ("passed", "drop", "agreement")},
             "bench": {k: bench.get(k) for k in ("rows", "speedups", "machine") if k in bench}}
 
 
