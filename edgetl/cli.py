@@ -46,6 +46,7 @@ COMMANDS: dict[str, str] = {
     "compile": "edgetl.commands.compile:compile_cmd",
     "build": "edgetl.commands.build:build",
     "bench": "edgetl.commands.bench:bench",
+    "search": "edgetl.commands.search:search",
     "doctor": "edgetl.commands.doctor:doctor",
 }
 
