@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= train,openvino,dev
 STAMP := $(VENV)/.edgetl-installed
 
-.PHONY: test demo install clean
+.PHONY: test demo install clean system-deps gst-env
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,21 @@ test: $(STAMP)
 # TASK=detect: the detection leg (conveyor scenes of real cells -> SSDLite detector -> INT8 -> tracked counts).
 demo: $(STAMP)
 	$(PY) -m edgetl.demo $(if $(FULL),--full,) $(if $(TASK),--task $(TASK),)
+
+# The stream tests' system packages (GStreamer's RTSP server, GStreamer plugins, Debian's OpenCV with
+# GStreamer, mosquitto, chromium): Debian/Ubuntu, as root. Without them those tests skip, saying so.
+system-deps:
+	.ci/system-deps.sh
+
+# A venv on the system python3 that sees Debian's OpenCV (built with GStreamer, unlike the pip wheel):
+# tests/test_streams*.py run gst:, csi:// and GStreamer RTSP through it (EDGETL_GST_PYTHON to use another).
+SYSTEM_PYTHON ?= /usr/bin/python3
+GST_PY := $(VENV)/gst/bin/python
+gst-env:
+	test -x $(GST_PY) || $(SYSTEM_PYTHON) -m venv --system-site-packages $(VENV)/gst
+	$(GST_PY) -m pip install --no-deps -e .
+	$(GST_PY) -m pip install "onnxruntime>=1.17" "click>=8.1" "rich>=13"
+	$(GST_PY) -c "from edgetl.runtime.sources import opencv_has_gstreamer as g; assert g(), 'no GStreamer in this OpenCV: sudo make system-deps'"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

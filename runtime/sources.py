@@ -65,6 +65,9 @@ URI_FORMS = ("a camera index (0), v4l2:///dev/videoN, csi://N, rtsp://…, http(
 # FFmpeg options for low-latency RTSP when OpenCV has no GStreamer (read by OpenCV at open time).
 RTSP_FFMPEG_OPTIONS = "rtsp_transport;tcp|fflags;nobuffer|flags;low_delay"
 NETWORK_TIMEOUT_MS = 5000
+# A read (or an opening) blocked this long is abandoned and the source reopened: OpenCV's GStreamer
+# backend waits for a sample forever when a stream freezes (no read timeout before OpenCV 4.7).
+STALL_TIMEOUT_S = NETWORK_TIMEOUT_MS / 1000
 MAX_LISTED = 100  # skipped image files named in the summary (all are counted)
 Note = Callable[[str], None]
 
@@ -117,8 +120,9 @@ def _gst_uri(uri: str, shown: str) -> str:
 def _rtsp_pipeline(uri: str, shown: str | None = None) -> str:
     """The low-latency GStreamer pipeline for an RTSP URI (refuses one that would inject syntax)."""
     location = _gst_uri(uri, shown or redact_uri(uri))
-    return (f"rtspsrc location={location} latency=0 ! decodebin ! videoconvert ! video/x-raw,format=BGR ! "
-            "appsink drop=1 max-buffers=1 sync=false")
+    # tcp-timeout: a server that accepts and then says nothing fails the opening after 5 s (default 20 s)
+    return (f"rtspsrc location={location} latency=0 tcp-timeout={NETWORK_TIMEOUT_MS * 1000} ! decodebin ! "
+            "videoconvert ! video/x-raw,format=BGR ! appsink drop=1 max-buffers=1 sync=false")
 
 
 @functools.lru_cache(maxsize=1)
@@ -229,8 +233,10 @@ class SourceSpec:
         if not cap.isOpened():
             cap.release()
             raise EdgetlError(f"source {self.uri!r}: OpenCV cannot open it", hint=self._open_hint())
-        if self.live:
-            cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # keep the driver/demuxer queue short (where supported)
+        if self.live and cap.getBackendName() != "GSTREAMER":
+            # keep the driver/demuxer queue short (where supported); a GStreamer pipeline has its own
+            # (appsink max-buffers=1), and OpenCV's GStreamer backend stops the pipeline on this set()
+            cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
         return CaptureReader(cap, self.uri)
 
     def _capture(self, decode_threads: int = 0) -> cv2.VideoCapture:
@@ -402,20 +408,29 @@ class FrameSource:
     and preprocessing of the next frames overlap inference of the current one. In latest-frame mode
     the loop preprocesses only the frames it takes (no work is spent on frames that get dropped).
     ``decode_threads`` caps FFmpeg's decoding threads (0 = FFmpeg's default, one per core).
+    ``ready`` (an Event shared by several sources) is set whenever a frame is published or the
+    source ends, so one loop can wait for whichever source has a frame.
+
+    A watchdog (run by :meth:`get`) abandons a capture thread that is blocked in a read or an
+    opening for ``stall_timeout`` seconds (OpenCV's GStreamer backend waits for a sample forever when
+    a stream freezes): a new thread reopens the source, within the same reconnect deadline.
     """
 
     def __init__(self, source: str | int | SourceSpec, *, realtime: bool | None = None, fps: float | None = None,
                  reconnect_timeout: float = 10.0, queue_size: int = 4, note: Note = stderr_note,
-                 prepare: Callable[[np.ndarray], np.ndarray] | None = None, decode_threads: int = 0):
+                 prepare: Callable[[np.ndarray], np.ndarray] | None = None, decode_threads: int = 0,
+                 ready: threading.Event | None = None):
         self.spec = source if isinstance(source, SourceSpec) else parse_source(source)
         self.decode_threads = max(0, int(decode_threads))
         self.latest = self.spec.live or bool(realtime)
         self.pace = self.latest and not self.spec.live
         self.prepare = None if self.latest else prepare
         self.reconnect_timeout = float(reconnect_timeout)
+        self.stall_timeout = STALL_TIMEOUT_S
         self._fps_override = fps
         self._maxlen = 1 if self.latest else max(1, int(queue_size))
         self._note = note
+        self._ready = ready
         self._queue: collections.deque[Frame] = collections.deque()
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -427,6 +442,7 @@ class FrameSource:
         self.frames_read = 0
         self.dropped = 0
         self.reconnects = 0
+        self.stalls = 0  # blocked reads/openings abandoned by the watchdog
         self.end_reason = ""
         self.unusable = 0  # image files skipped because the model input could not be made (e.g. the ROI)
         self._unusable_list: List[Dict[str, str]] = []
@@ -434,36 +450,42 @@ class FrameSource:
         self._opened = False  # the source was opened at least once
         self._last_error: EdgetlError | None = None  # why the last opening failed
         self._backoff = 0.1  # seconds before the next reopening
+        self._loss_noted = False  # the current loss was announced
+        self._gen = 0  # the capture thread's generation; an abandoned (blocked) thread has an older one
+        self._busy_since: float | None = None  # monotonic time the current thread entered a read/opening
+        self.last_frame_at: float | None = None  # monotonic time of the last frame received
+        self.shape: tuple | None = None  # (height, width) of the last frame
 
     # -- lifecycle
     def start(self) -> "FrameSource":
-        """Open the source (errors surface here, in the caller's thread) and start capturing.
-
-        A live source that does not open yet (a camera or stream not up when the device boots) is
-        retried on the capture thread for ``reconnect_timeout`` seconds, like a lost one; it then
-        fails with :class:`SourceLostError` from :meth:`get`."""
+        """Start capturing. A file or image folder is opened here (errors surface in the caller's
+        thread). A live source is opened on the capture thread, under the watchdog (a GStreamer
+        opening can block): one that does not open yet (a camera or stream not up when the device
+        boots) is retried for ``reconnect_timeout`` seconds, like a lost one, and then fails with
+        :class:`SourceLostError` from :meth:`get`."""
         if self._thread is None:
-            try:
-                self._reader = self.spec.open(self._note, self.decode_threads)
-                self._opened = True
-            except EdgetlError as exc:
-                if not self.spec.live or self.reconnect_timeout <= 0:
-                    raise
-                self._reader = None
-                self._lost_since = time.monotonic()
-                self._last_error = exc
-                self._note(f"source {self.spec.uri!r} does not open yet ({exc.message}); retrying for up to "
-                           f"{self.reconnect_timeout:g} s")
-            self._thread = threading.Thread(target=self._capture, name="edgetl-capture", daemon=True)
-            self._thread.start()
+            if self.spec.live and self.reconnect_timeout > 0:
+                self._lost_since = time.monotonic()  # a source that does not open is waited for from here
+                self._spawn(None)
+                return self
+            self._reader = self.spec.open(self._note, self.decode_threads)
+            self._opened = True
+            self._spawn(self._reader)
         return self
+
+    def _spawn(self, reader: Reader | None) -> None:
+        self._thread = threading.Thread(target=self._capture, args=(reader, self._gen),
+                                        name=f"edgetl-capture-{self._gen}", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+            since = self._busy_since
+        if self._thread is not None:  # a thread blocked in a read (a frozen GStreamer stream) is left behind
+            blocked = since is not None and time.monotonic() - since > 1.0
+            self._thread.join(timeout=1.0 if blocked else 10)
         elif self._reader is not None:
             self._reader.close()
 
@@ -499,10 +521,25 @@ class FrameSource:
         self._note(f"skipped {frame.name}: {reason}")
         self.release(frame)
 
+    def state(self) -> str:
+        """``starting`` (no frame yet), ``delivering``, ``stalled`` (no frame for 2 s, not yet given up),
+        ``reconnecting``, ``lost`` (given up: SourceLostError) or ``ended`` (end of file, stopped)."""
+        if self.error is not None:
+            return "lost"
+        if self.done or (self._ended and not self.spec.live):
+            return "ended"
+        if self._lost_since is not None:
+            return "reconnecting" if self._opened or self.frames_read else "starting"
+        if self.last_frame_at is None:
+            return "starting"
+        interval = 1.0 / self.fps if self.fps else 0.0
+        return "delivering" if time.monotonic() - self.last_frame_at < max(2.0, 3 * interval) else "stalled"
+
     # -- consumer side
     def get(self, timeout: float | None = None) -> Frame | None:
         """The next frame; None on timeout or at the end (see :attr:`done`). Raises the source's
         error (e.g. :class:`SourceLostError`) once every frame before it has been handed out."""
+        self._watch()
         with self._cond:
             if not self._queue and not self._ended:
                 self._cond.wait(timeout)
@@ -524,7 +561,60 @@ class FrameSource:
         if len(self._free) < 4:
             self._free.append(frame.image)
 
+    def _watch(self) -> None:
+        """The watchdog: a live source's capture thread blocked in a read or an opening for
+        ``stall_timeout`` (at most the reconnect timeout) is abandoned, and a new one reopens the
+        source; past the reconnect deadline the source is lost."""
+        since = self._busy_since
+        if since is None or not self.spec.live:
+            return
+        limit = min(self.stall_timeout, max(self.reconnect_timeout, 0.5))
+        with self._cond:
+            now = time.monotonic()
+            if self._busy_since is None or self._ended or self._stop.is_set() or now - self._busy_since < limit:
+                return
+            blocked = now - self._busy_since
+            self._gen += 1  # the blocked thread closes its reader and leaves, if its call ever returns
+            self._busy_since, self._reader = None, None
+            self.stalls += 1
+            if self._lost_since is None:
+                self._lost_since = self.last_frame_at if self.last_frame_at is not None else since
+            if now - self._lost_since >= self.reconnect_timeout:
+                after = f"after {self.frames_read} frames, " if self.frames_read else ""
+                self.error = SourceLostError(
+                    f"source {self.spec.uri!r} sent no frame for {self.reconnect_timeout:g} s ({after}a read or an "
+                    f"opening blocked for {blocked:.1f} s, reopened {self.reconnects} times)",
+                    hint="check the camera/stream and its network; pass a longer --reconnect-timeout to wait longer")
+                self.end_reason = "source lost"
+                self._ended = True
+                self._thread = None  # left blocked (a daemon thread): close() does not wait for it
+                self._signal()
+                return
+        self._loss_noted = True
+        self._note(f"source {self.spec.uri!r}: a read or an opening blocked for {blocked:.1f} s without a frame; "
+                   "reopening it")
+        self._spawn(None)
+
     # -- producer side (capture thread)
+    def _signal(self) -> None:
+        """Under ``self._cond``: wake the consumer (and a loop waiting on several sources)."""
+        self._cond.notify_all()
+        if self._ready is not None:
+            self._ready.set()
+
+    def _enter(self, gen: int) -> None:
+        with self._cond:
+            if gen == self._gen:
+                self._busy_since = time.monotonic()
+
+    def _leave(self, gen: int) -> bool:
+        """The read/opening returned: False when the watchdog abandoned this thread meanwhile."""
+        with self._cond:
+            if gen != self._gen:
+                return False
+            self._busy_since = None
+            return True
+
     def _publish(self, frame: Frame) -> None:
         with self._cond:
             if self.latest:
@@ -536,15 +626,14 @@ class FrameSource:
                 while len(self._queue) >= self._maxlen and not self._stop.is_set():
                     self._cond.wait(0.1)
             self._queue.append(frame)
-            self._cond.notify_all()
+            self._signal()
 
-    def _capture(self) -> None:
-        reader: Reader | None = self._reader
+    def _capture(self, reader: Reader | None, gen: int) -> None:
         interval = 1.0 / self.fps if self.pace and self.fps else 0.0
         t0 = 0.0
         try:
-            if reader is None:  # a live source that did not open at start: retry until the deadline
-                reader = self._reader = self._reconnect()
+            if reader is None:  # a live source that did not open at start (or a blocked one): retry
+                reader = self._reconnect(gen)
             while reader is not None and not self._stop.is_set():
                 if interval:  # like a camera: the frame "arrives" on its due time, then is decoded
                     if self.frames_read == 0:
@@ -553,88 +642,118 @@ class FrameSource:
                     if delay > 0 and self._stop.wait(delay):
                         break
                 buf = self._free.pop() if self._free else None
+                self._enter(gen)
                 img = reader.read(buf)
+                if not self._leave(gen):
+                    break  # abandoned by the watchdog while blocked: a newer thread owns the source
                 if img is None:
                     if not self.spec.live:
                         self.end_reason = "end of source"
                         break
                     reader.close()
-                    reader = self._reader = self._reconnect()
+                    reader = self._reader = None
+                    reader = self._reconnect(gen)
                     continue
-                self._lost_since, self._backoff = None, 0.1  # a frame came: the next loss starts a new deadline
-                frame = Frame(self.frames_read, img, time.perf_counter(), name=getattr(reader, "current", None))
-                if self.prepare is not None:
-                    try:
-                        frame.tensor = self.prepare(img)
-                    except EdgetlError as exc:
-                        if frame.name is None:  # a camera/video: every frame would fail alike
-                            raise
-                        self.skip_image(frame, exc.message)
-                        continue
-                    frame.prep_ms = (time.perf_counter() - frame.t_capture) * 1e3
-                self.frames_read += 1
-                self._publish(frame)
+                self._frame_in(img, reader)
         except EdgetlError as exc:  # e.g. an ROI outside the frame, found while preparing it
-            self.error = exc
+            if gen == self._gen:
+                self.error = exc
         except Exception as exc:  # a bug or a backend crash: end the run with it rather than hang
-            self.error = EdgetlError(f"source {self.spec.uri!r}: capture failed ({type(exc).__name__}: "
-                                     f"{redact_uri(str(exc))})")
+            if gen == self._gen:
+                self.error = EdgetlError(f"source {self.spec.uri!r}: capture failed ({type(exc).__name__}: "
+                                         f"{redact_uri(str(exc))})")
         finally:
-            if self._stop.is_set() and not self.end_reason:
-                self.end_reason = "stopped"
             if reader is not None:
                 reader.close()
             with self._cond:
-                self._ended = True
-                self._cond.notify_all()
+                if gen == self._gen:
+                    if self._stop.is_set() and not self.end_reason:
+                        self.end_reason = "stopped"
+                    self._ended = True
+                    self._signal()
 
-    def _reconnect(self) -> Reader | None:
+    def _frame_in(self, img: np.ndarray, reader: Reader) -> None:
+        """A frame came: restart the loss deadline, prepare it (every-frame mode) and publish it."""
+        self._lost_since, self._backoff, self._loss_noted = None, 0.1, False  # the next loss: a new deadline
+        self.last_frame_at = time.monotonic()
+        self.shape = img.shape[:2]
+        frame = Frame(self.frames_read, img, time.perf_counter(), name=getattr(reader, "current", None))
+        if self.prepare is not None:
+            try:
+                frame.tensor = self.prepare(img)
+            except EdgetlError as exc:
+                if frame.name is None:  # a camera/video: every frame would fail alike
+                    raise
+                self.skip_image(frame, exc.message)
+                return
+            frame.prep_ms = (time.perf_counter() - frame.t_capture) * 1e3
+        self.frames_read += 1
+        self._publish(frame)
+
+    def _reconnect(self, gen: int) -> Reader | None:
         """Reopen a lost (or not yet up) live source with back-off; None (and ``self.error`` set) once
         ``reconnect_timeout`` seconds passed since the last frame received (or since the start, when
         none came): reopening a source that then sends nothing does not restart the deadline."""
         uri, limit = self.spec.uri, self.reconnect_timeout
         if self._lost_since is None:
             self._lost_since = time.monotonic()
+        if self._opened and not self._loss_noted:  # one note per loss, not one per reopening
+            self._loss_noted = True
             self._note(f"source {uri!r}: no frame after {self.frames_read} frames; reconnecting for up to {limit:g} s")
         deadline = self._lost_since + limit
         attempts = 0
         last = self._last_error.message if self._last_error is not None else ""
-        while not self._stop.is_set():
+        first = not self._opened and self._last_error is None  # the first opening: no back-off before it
+        while not self._stop.is_set() and gen == self._gen:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            if self._stop.wait(min(self._backoff, remaining)):
-                return None
-            self._backoff = min(self._backoff * 2, 2.0)  # kept across reopenings until a frame comes
+            if not (first and attempts == 0):
+                if self._stop.wait(min(self._backoff, remaining)):
+                    return None
+                self._backoff = min(self._backoff * 2, 2.0)  # kept across reopenings until a frame comes
             attempts += 1
+            self._enter(gen)
             try:
                 reader = self.spec.open(self._note, self.decode_threads)
             except EdgetlError as exc:
                 last = exc.message
+                if not self._leave(gen):
+                    return None
+                if first and attempts == 1:
+                    self._last_error = exc
+                    self._note(f"source {uri!r} does not open yet ({exc.message}); retrying for up to {limit:g} s")
                 continue
+            if not self._leave(gen):  # abandoned while the opening blocked
+                reader.close()
+                return None
             if self._opened:
                 self.reconnects += 1
                 self._note(f"source {uri!r}: reconnected (attempt {attempts})")
-            else:
+            elif attempts > 1:
                 self._note(f"source {uri!r}: opened (attempt {attempts})")
             self._opened = True
             self._last_error = None
+            self._reader = reader
             return reader
-        if self._stop.is_set():
+        if self._stop.is_set() or gen != self._gen:
             return None
         self.end_reason = "source lost"
+        self.error = self._lost_error(attempts, last)
+        return None
+
+    def _lost_error(self, attempts: int, last: str) -> SourceLostError:
+        uri, limit = self.spec.uri, self.reconnect_timeout
         hint = "check the camera/stream and its network; pass a longer --reconnect-timeout to wait longer"
         if not self._opened:
-            self.error = SourceLostError(
-                f"source {uri!r} did not open in {limit:g} s ({attempts + 1} attempts{': ' + last if last else ''})",
+            return SourceLostError(
+                f"source {uri!r} did not open in {limit:g} s ({attempts} attempts{': ' + last if last else ''})",
                 hint=f"{self.spec._open_hint()}; or pass a longer --reconnect-timeout to wait longer")
-        elif not last:  # it opens, then nothing comes (a camera that is there but sends no frame)
+        if not last:  # it opens, then nothing comes (a camera that is there but sends no frame)
             after = f"after {self.frames_read} frames, " if self.frames_read else ""
-            self.error = SourceLostError(
+            return SourceLostError(
                 f"source {uri!r} opens but sent no frame for {limit:g} s ({after}reopened {self.reconnects} times)",
                 hint=hint)
-        else:
-            self.error = SourceLostError(
-                f"source {uri!r} stopped delivering frames after {self.frames_read} frames and could not be reopened "
-                f"in {limit:g} s ({attempts} attempts{': ' + last if last else ''})", hint=hint)
-        return None
+        return SourceLostError(
+            f"source {uri!r} stopped delivering frames after {self.frames_read} frames and could not be reopened "
+            f"in {limit:g} s ({attempts} attempts{': ' + last if last else ''})", hint=hint)

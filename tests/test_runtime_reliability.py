@@ -205,7 +205,7 @@ def test_a_clean_rtsp_uri_goes_into_the_pipeline_as_is(monkeypatch):
     monkeypatch.setattr(sources, "opencv_has_gstreamer", lambda: True)
     spec = parse_source("rtsp://user:p%21ss@[fe80::1]:8554/cam/1?channel=2&subtype=0")
     assert spec.target.startswith("rtspsrc location=rtsp://user:p%21ss@[fe80::1]:8554/cam/1?channel=2&subtype=0 "
-                                  "latency=0 ! ")
+                                  "latency=0 tcp-timeout=5000000 ! ")
     assert spec.target.count("!") == 4 and spec.uri == "rtsp://user:***@[fe80::1]:8554/cam/1?channel=2&subtype=0"
 
 
