@@ -527,15 +527,18 @@ def compile_candidate(cand: Candidate, run: Path, s: Settings, progress: Callabl
 
     folder = s.out / CANDIDATES_DIR / cand.name
     art, record = folder / "artifact", folder / "compile.json"
+    source = _digest(run, "run")
     try:
         manifest = open_verified(art, "artifact", hint="")
-        done = json.loads(record.read_text()) if record.is_file() else {}
+        done = json.loads(record.read_text())
+        if done.get("run_digest") != source:  # compiled from another run (retrained since): compile again
+            raise EdgetlError("stale artifact")
         status = "kept (compiled before)"
     except (EdgetlError, OSError, ValueError):
         t0 = time.time()
         compile_run(run, art, s.profile, s.method, s.speed_check, overwrite=True, progress=progress,
                     time_budget=s.compile_time_budget, **s.compile_overrides)
-        done = {"seconds": round(time.time() - t0, 1), "run": str(run.relative_to(s.out))}
+        done = {"seconds": round(time.time() - t0, 1), "run": str(run.relative_to(s.out)), "run_digest": source}
         atomic_write(record, json.dumps(done) + "\n")
         manifest = open_verified(art, "artifact", hint="")
         status = "compiled"
@@ -569,11 +572,12 @@ def time_candidate(cand: Candidate, s: Settings, table: Mapping[str, float], row
     return {**lat, "status": "measured"}
 
 
-def _digest(artifact: Path) -> str | None:
-    from .runtime.manifest import read_manifest
+def _digest(folder: Path, kind: str = "artifact") -> str | None:
+    """The folder's manifest digest (one id for every file in it), or None when it does not verify."""
+    from .runtime.manifest import open_verified
 
     try:
-        return read_manifest(artifact).digest
+        return open_verified(folder, kind, hint="").digest
     except (EdgetlError, OSError, ValueError):
         return None
 
@@ -618,10 +622,11 @@ def choose(records: Sequence[dict[str, Any]], budget: Budget) -> tuple[str | Non
 
 
 def pareto(records: Sequence[dict[str, Any]]) -> set[str]:
-    """Names on the accuracy/latency Pareto front among the finalists with a known latency (no other
-    is at least as fast and at least as accurate, and better in one)."""
+    """Names on the accuracy/latency Pareto front of the deployable finalists with a known latency (no
+    other is at least as fast and at least as accurate, and better in one)."""
     pts = [(r["name"], r["latency"]["ms"], r["val_metric"]) for r in records
-           if r.get("finalist") and (r.get("latency") or {}).get("ms") is not None and r.get("val_metric") is not None]
+           if r.get("finalist") and (r.get("compile") or {}).get("deployable")
+           and (r.get("latency") or {}).get("ms") is not None and r.get("val_metric") is not None]
     return {n for n, ms, acc in pts
             if not any(m2 <= ms and a2 >= acc and (m2 < ms or a2 > acc) for _, m2, a2 in pts)}
 
@@ -644,7 +649,7 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{mark:<2}{r['name']:<30}{_f(r.get('val_metric'), '.4f'):>13}{_f(r.get('test_accuracy'), '.4f'):>9}"
                      f"{_f(gate.get('quant_top1'), '.4f'):>9}{_f(lat, '.2f', '?' if r.get('finalist') else '-'):>8}"
                      f"{_f((r.get('compile') or {}).get('size_mb'), '.2f'):>7}{r.get('time_s', 0):>8.0f}  {r['why']}")
-    lines.append("* chosen   P Pareto front (accuracy vs latency, finalists with a known latency)")
+    lines.append("* chosen   P Pareto front (validation metric vs latency, deployable finalists with a known latency)")
     lines.append(f"chosen: {result['chosen'] or 'none'} ({result['chosen_reason']})")
     return "\n".join(lines)
 

@@ -185,6 +185,16 @@ def battery(p: dict[str, Path]) -> dict[str, list[list]]:
             ["bench", p["artifact"], "--backends", "nosuch"], ["bench", p["artifact"], "--threads", "abc"],
             ["bench", p["artifact"], "--frame-size", "x"]],
         "doctor": [["doctor", "--nosuch"]],
+        "search": [["search", p[k], "--target", TARGET, "--latency-ms", "5", "--out", out / "s"]
+                   for k in ("missing", "file", "empty")] + [
+            ["search", p["images"], "--target", "nosuch", "--latency-ms", "5", "--out", out / "s"],
+            ["search", p["images"], "--target", TARGET, "--out", out / "s"],  # no budget
+            ["search", p["images"], "--target", TARGET, "--latency-ms", "abc", "--out", out / "s"],
+            ["search", p["images"], "--target", TARGET, "--latency-ms", "5", "--rungs", "abc", "--out", out / "s"],
+            ["search", p["images"], "--target", TARGET, "--latency-ms", "5", "--candidates", p["toml"], "--out", out / "s"],
+            ["search", p["images"], "--target", TARGET, "--latency-ms", "5", "--latency-table", p["missing"],
+             "--out", out / "s"],
+            ["search", p["images"], "--target", TARGET, "--latency-ms", "5", "--out", under_file]],
         "adapt": [["adapt", p[k], "--images", p["images"], "--out", out / "a"] for k in runs] + [
             ["adapt", p["artifact"], "--images", p["empty"], "--out", out / "a"],
             ["adapt", p["artifact"], "--images", p["images"], "--out", out / "a", "--epochs", "abc"],
