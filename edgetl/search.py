@@ -876,8 +876,13 @@ def run_search(s: Settings, cands: Sequence[Candidate], budget: Budget, latency_
                    for c in cands}
         for name, why in skipped.items():
             records[name]["why"] = f"skipped: {why}"
-        finalists = _halving(live, s, clock, records, rep)
-        _finalists(finalists, s, clock, records, table, rep)
+        try:
+            finalists = _halving(live, s, clock, records, rep)
+            _finalists(finalists, s, clock, records, table, rep)
+        except KeyboardInterrupt:
+            rep.log(f"interrupted after {clock.text()}: finished trainings and compiles are kept in {s.out}; "
+                    "run the same command again to resume")
+            raise
         result = summarise(s, records, budget, fingerprint, clock)
         atomic_write(s.out / SEARCH_FILE, json.dumps(result, indent=1) + "\n")
         plot_pareto(result, s.out / PLOT_FILE)
