@@ -730,7 +730,7 @@ def _halving(live: Sequence[Candidate], s: Settings, clock: Clock, records: dict
             rec = records[c.name]
             left = clock.left()
             if left is not None and left <= 0:
-                rec["why"] = f"not trained at rung {r + 1}: the --hours budget was spent"
+                rec["why"] = rec["note"] = f"not trained at rung {r + 1}: the --hours budget was spent"
                 continue
             cfg = rung_config(c, r, s)
             rep.log(f"=== rung {r + 1}/{len(s.rungs)} · candidate {i + 1}/{len(racing)} {c.name} · {cfg.mode} "
