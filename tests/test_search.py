@@ -289,3 +289,14 @@ def test_an_out_folder_that_is_not_a_search_is_refused(tiny, capsys, tmp_path):
     rc, _, err = run_cli(capsys, images, "--target", TARGET, "--candidates", root / "cands.toml", "--latency-ms", "5",
                          *FAST, "--out", out)
     assert rc == 2 and "is not an edgetl search folder" in err and sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+
+
+def test_a_spent_hours_budget_starts_no_training(tiny, capsys, tmp_path):
+    root, images = tiny
+    out = tmp_path / "hours"
+    rc, _, err = run_cli(capsys, images, "--target", TARGET, "--out", out, "--candidates", root / "cands.toml",
+                         "--latency-ms", "5", "--hours", "1e-9", *FAST)
+    res = json.loads((out / "search.json").read_text())
+    assert rc == 1 and res["chosen"] is None and "no candidate reached the finalist stage" in err
+    assert all(r["why"] == "not trained at rung 1: the --hours budget was spent" and not r["rungs"]
+               for r in res["candidates"])
