@@ -18,7 +18,7 @@ def _rungs(value: str | None) -> tuple[int, ...] | None:
         raise click.BadParameter("give the epochs of each rung, e.g. 2,6", param_hint="--rungs") from None
 
 
-@click.command("search")
+@click.command("search", short_help="The most accurate deployable model within a latency, fps or size budget.")
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--target", required=True, help="Target profile name (see `edgetl targets`) or a TOML path.")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
