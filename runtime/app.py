@@ -138,6 +138,8 @@ class Result:
     counts: Optional[Dict[str, int]] = None
     tracks: Optional[List[Any]] = None
     events: List[Dict[str, Any]] = field(default_factory=list)
+    source: Optional[str] = None  # several sources: the source's name
+    batch: Optional[int] = None  # several sources: how many frames were inferred together
 
 
 _RESULT_EXTRA = ("detections", "counts", "tracks", "events")
@@ -221,6 +223,9 @@ class Stream:
                 self._t_last = clock()
             src.close()
 
+    def head_of(self, r: Result) -> Any:
+        return self.head
+
     def summary(self) -> dict[str, Any]:
         src = self.source
         elapsed = max(self._t_last - self._t_start, 1e-9)
@@ -246,6 +251,7 @@ class AppOptions:
     save: Path | None = None
     summary_json: Path | None = None
     window: str = "edgetl"
+    serve: str | None = None  # HOST:PORT: the annotated stream(s) as MJPEG, a status page, /health
 
 
 def display_available() -> tuple[bool, str]:
@@ -383,7 +389,8 @@ def _json_line(r: Result, head: Any) -> str:
     carry ``"file"``: the image's path."""
     t = r.timings_ms
     file = f',"file":{json.dumps(r.file)}' if r.file is not None else ""
-    return (f'{{"t":{r.time:.3f},"frame":{r.frame_index},{head.json_fields(r)},'
+    src = f'"source":{json.dumps(r.source)},"batch":{r.batch},' if r.source is not None else ""
+    return (f'{{"t":{r.time:.3f},{src}"frame":{r.frame_index},{head.json_fields(r)},'
             f'"latency_ms":{r.latency_ms:.3f},"timings_ms":{{"wait":{t["wait"]:.3f},'
             f'"preprocess":{t["preprocess"]:.3f},"infer":{t["infer"]:.3f},"post":{t["post"]:.3f}}},'
             f'"dropped":{r.dropped}{file}}}\n')
@@ -443,10 +450,98 @@ def _write_summary_json(dest: Path, summary: dict[str, Any]) -> None:
                           hint="give a path in a folder you can write to") from None
 
 
+def make_stream(model: Model, source: Any, options: StreamOptions, stop: threading.Event, note: Note) -> Any:
+    """A :class:`Stream` for one source; a :class:`~edgetl.runtime.multi.MultiStream` for a list of
+    several (``NAME=URI`` names a source)."""
+    if isinstance(source, (list, tuple)):
+        if len(source) > 1:
+            from .multi import MultiStream, name_sources
+            return MultiStream(model, name_sources(source), options, stop=stop, note=note)
+        from .multi import name_sources
+        source = name_sources(source)[0][1]
+    return Stream(model, source, options, stop=stop, note=note)
+
+
+class _Outputs:
+    """What ``edgetl run`` does with each result: JSON lines, the window, ``--save``, ``--serve``."""
+
+    def __init__(self, stream: Any, app: AppOptions, headless: bool, out: IO[str], note: Note, server: Any = None):
+        self.stream, self.app, self.headless, self.out, self.server = stream, app, headless, out, server
+        self.json_out = headless or app.events
+        self.saver = VideoSaver(app.save, note=note) if app.save is not None else None  # checked before the start
+        self.multi = not isinstance(stream, Stream)
+        self.dt_ema: Dict[Any, Tuple[float, float]] = {}  # per source: (EMA of the result interval, last time)
+
+    def _fps(self, key: Any) -> float:
+        """The overlay's FPS: 1 / EMA of the interval between results (an EMA of 1/interval would be
+        biased up by the back-to-back results of a batch)."""
+        now = time.perf_counter()
+        ema, prev = self.dt_ema.get(key, (0.0, 0.0))
+        if prev:
+            dt = now - prev
+            ema = 0.9 * ema + 0.1 * dt if ema else dt
+        self.dt_ema[key] = (ema, now)
+        return 1.0 / ema if ema > 0 else 0.0
+
+    def result(self, r: Result) -> None:
+        head = self.stream.head_of(r)
+        if self.server is not None:
+            self.server.observe(r)
+        if self.json_out and (head.wanted(r) or not self.app.events):
+            try:
+                self.out.write(_json_line(r, head))
+                self.out.flush()
+            except BrokenPipeError:  # e.g. `edgetl run ... | head`: stop quietly
+                self.json_out = False
+                if self.out is sys.stdout:  # python docs' recipe: no second error at exit
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                self.stream.stop_reason = "stdout closed"
+                self.stream.stop.set()
+        watched = self.server is not None and self.server.watched()
+        if self.saver is None and self.headless and not watched:
+            return
+        head.draw(r.image, r, self._fps(r.source), self.stream.options.roi)
+        if self.saver is not None:
+            self.saver.fps = self.saver.fps or self.stream.source.fps  # the source is open now
+            self.saver.write(r.image)
+        if watched:
+            self.server.publish(r.source, r.image)
+        if not self.headless:
+            window = self.app.window if r.source is None else f"{self.app.window} [{r.source}]"
+            cv2.imshow(window, r.image)
+            key = cv2.waitKey(1) & 0xFF
+            if key in (27, ord("q")) or cv2.getWindowProperty(window, cv2.WND_PROP_VISIBLE) < 1:
+                self.stream.stop_reason = "window closed"
+                self.stream.stop.set()
+
+    def tail(self) -> None:
+        """The end of the stream: e.g. the exits of the tracks still in view when a source ended."""
+        heads = [lane.head for lane in self.stream.lanes] if self.multi else [self.stream.head]
+        for head in heads:
+            tail = head.finish()
+            if self.json_out and tail:
+                self.out.write(json.dumps({"t": round(time.time(), 3), "events": tail}) + "\n")
+                self.out.flush()
+
+    def close(self) -> None:
+        if self.saver is not None:
+            self.saver.close()
+        if not self.headless:
+            with contextlib.suppress(cv2.error):
+                cv2.destroyAllWindows()
+
+
+def _check_multi(stream: Any, app: AppOptions) -> None:
+    if app.save is not None and not isinstance(stream, Stream):
+        raise EdgetlError(f"--save {app.save}: writes one video, and this run has {len(stream.lanes)} sources",
+                          hint="watch them with --serve HOST:PORT, or run one edgetl per source with --save")
+
+
 def run_app(model: Model, source: Any, options: StreamOptions, app: AppOptions,
             out: IO[str] | None = None, err: IO[str] | None = None) -> dict[str, Any]:
     """``edgetl run``: returns the summary; raises SourceLostError (after the summary) when a live
-    source was lost for good."""
+    source was lost for good (several sources: when every source is gone and one was lost).
+    ``source`` may be a list: several sources in one process (:mod:`edgetl.runtime.multi`)."""
     out = out or sys.stdout
     err = err or sys.stderr
 
@@ -456,70 +551,54 @@ def run_app(model: Model, source: Any, options: StreamOptions, app: AppOptions,
     for w in model.warnings:
         note(w)
     stop = threading.Event()
-    stream = Stream(model, source, options, stop=stop, note=note)
-    headless = app.headless or not _open_window(app.window, note)
-    json_out = headless or app.events
-    summary_out = err if json_out else out  # stdout stays pure JSON lines
-    saver = None
+    stream = make_stream(model, source, options, stop, note)
+    _check_multi(stream, app)
     if app.summary_json is not None:
         _writable_file(Path(app.summary_json), "--summary-json")  # before the run, not after it
-    if app.save is not None:
-        saver = VideoSaver(app.save, note=note)  # checks type, folder and permissions before anything starts
-    roi = options.roi
-    head = stream.head
-    fps_ema, t_prev = 0.0, 0.0
-    error: EdgetlError | None = None
-    with stop_on_signals(stop) as signals:
-        try:
-            for r in stream:
-                if json_out and (head.wanted(r) or not app.events):
-                    try:
-                        out.write(_json_line(r, head))
-                        out.flush()
-                    except BrokenPipeError:  # e.g. `edgetl run ... | head`: stop quietly
-                        json_out = False
-                        if out is sys.stdout:  # python docs' recipe: no second error at exit
-                            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-                        stream.stop_reason = "stdout closed"
-                        stop.set()
-                if saver is not None or not headless:
-                    now = time.perf_counter()
-                    if t_prev:
-                        fps_ema = 0.9 * fps_ema + 0.1 / max(now - t_prev, 1e-6) if fps_ema else 1.0 / max(now - t_prev, 1e-6)
-                    t_prev = now
-                    head.draw(r.image, r, fps_ema, roi)
-                    if saver is not None:
-                        saver.fps = saver.fps or stream.source.fps  # the source is open now
-                        saver.write(r.image)
-                    if not headless:
-                        cv2.imshow(app.window, r.image)
-                        key = cv2.waitKey(1) & 0xFF
-                        if key in (27, ord("q")) or cv2.getWindowProperty(app.window, cv2.WND_PROP_VISIBLE) < 1:
-                            stream.stop_reason = "window closed"
-                            stop.set()
-            tail = head.finish()  # e.g. the exits of the tracks still in view when the source ended
-            if json_out and tail:
-                out.write(json.dumps({"t": round(time.time(), 3), "events": tail}) + "\n")
-                out.flush()
-        except SourceLostError as exc:
-            error = exc
-        finally:
-            if saver is not None:
-                saver.close()
-            if not headless:
-                with contextlib.suppress(cv2.error):
-                    cv2.destroyAllWindows()
-    summary = stream.summary()
-    if signals:
-        summary["stop_reason"] = signals[0]
-    if error is not None:
-        summary["stop_reason"] = "source lost"
-        summary["error"] = error.message
-    if saver is not None:
-        summary["saved"] = {"path": str(app.save), "frames": saver.frames, "fps": saver.fps}
-    print(format_summary(summary), file=summary_out, flush=True)
+    server = None
+    if app.serve is not None:
+        from .serve import StatusServer
+        server = StatusServer(stream, app.serve, note=note).start()
+    try:
+        headless = app.headless or not _open_window(app.window, note)
+        outputs = _Outputs(stream, app, headless, out, note, server)
+        summary, error = _drive(stream, outputs, stop)
+    finally:
+        if server is not None:
+            server.close()
+    if outputs.saver is not None:
+        summary["saved"] = {"path": str(app.save), "frames": outputs.saver.frames, "fps": outputs.saver.fps}
+    summary_out = err if outputs.json_out else out  # stdout stays pure JSON lines
+    if outputs.multi:
+        from .multi import format_multi_summary
+        print(format_multi_summary(summary), file=summary_out, flush=True)
+    else:
+        print(format_summary(summary), file=summary_out, flush=True)
     if app.summary_json is not None:
         _write_summary_json(Path(app.summary_json), summary)
     if error is not None:
         raise error
     return summary
+
+
+def _drive(stream: Any, outputs: _Outputs, stop: threading.Event) -> Tuple[dict, Optional[EdgetlError]]:
+    """Run the stream through the outputs until it ends; the summary, and the SourceLostError to raise."""
+    error: Optional[EdgetlError] = None
+    with stop_on_signals(stop) as signals:
+        try:
+            for r in stream:
+                outputs.result(r)
+            outputs.tail()
+        except SourceLostError as exc:
+            error = exc
+        finally:
+            outputs.close()
+    summary = stream.summary()
+    if outputs.multi and error is None:
+        error = stream.gone_error()
+    if signals:
+        summary["stop_reason"] = signals[0]
+    if error is not None:
+        summary["stop_reason"] = "source lost"
+        summary["error"] = error.message
+    return summary, error

@@ -25,9 +25,15 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 
 @click.command("run")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--source", "-s", required=True, metavar="URI",
+@click.option("--source", "-s", "sources", multiple=True, metavar="URI",
               help="0 (camera index), v4l2:///dev/video0, csi://0, rtsp://…, http(s)://…, a video file, "
-                   "an image folder or glob, or gst:<pipeline … ! appsink>.")
+                   "an image folder or glob, or gst:<pipeline … ! appsink>. Repeat it for several sources in "
+                   "one process (NAME=URI names one; JSON lines then carry \"source\").")
+@click.option("--sources", "sources_file", default=None, type=click.Path(path_type=Path), metavar="FILE",
+              help="Sources from a file: one per line, URI or NAME=URI (# comments).")
+@click.option("--serve", default=None, metavar="HOST:PORT",
+              help="Serve the annotated stream(s) as MJPEG over HTTP, a status page and /health (JSON), e.g. "
+                   "127.0.0.1:8080 (a port alone binds 127.0.0.1; 0.0.0.0:8080 opens it to the network).")
 @click.option("--backend", default=None, help="Which build of the artifact to run (default: its first build).")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Override a backend option of the build (repeatable), e.g. intra_op_threads=2.")
@@ -65,7 +71,7 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--summary-json", default=None, type=click.Path(path_type=Path), metavar="FILE",
               help="Also write the end-of-run summary as JSON.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifact's files at start.")
-def run(artifact: Path, source: str, backend: str | None, options: tuple[str, ...], headless: bool, events: bool,
+def run(artifact: Path, sources: tuple[str, ...], sources_file: Path | None, serve: str | None, backend: str | None, options: tuple[str, ...], headless: bool, events: bool,
         top_k: int, roi: str | None, smooth: float, threshold: float, track: bool, count_line: str | None,
         realtime: bool, fps: float | None,
         save: Path | None, max_frames: int | None, duration: float | None, reconnect_timeout: float,
@@ -86,6 +92,11 @@ def run(artifact: Path, source: str, backend: str | None, options: tuple[str, ..
     Credentials in a URI (user:password@) are shown as user:***@. --option names are checked
     against the backend's options. Exit codes: 0 done, 2 bad input, 3 source lost.
 
+    Several sources (--source A --source B ..., or --sources FILE): one capture thread each, the
+    frames that are ready inferred as one batch; each JSON line carries "source" (its name) and
+    "batch"; one source lost or ended never stops the others, and the run ends when all are gone
+    (exit 3 if one of them was lost). --max-frames counts per source.
+
     \b
     Examples:
       edgetl run artifacts/elpv --source 0                          # USB camera, window
@@ -95,18 +106,31 @@ def run(artifact: Path, source: str, backend: str | None, options: tuple[str, ..
       edgetl run artifacts/elpv --source line.mp4 --realtime --headless --duration 30
       edgetl run artifacts/elpv --source 'shots/*.png' --headless --top-k 2 --backend openvino
       edgetl run artifacts/cells-det --source belt.mp4 --headless --count-line 640,0,640,720 --events
+      edgetl run artifacts/elpv -s left=rtsp://10.0.0.5/a -s right=rtsp://10.0.0.6/a --headless --serve :8080
     """
     from ..runtime.app import AppOptions, StreamOptions, run_app
+    from ..runtime.errors import EdgetlError
     from ..runtime.model import load
+
+    uris = list(sources)
+    if sources_file is not None:
+        from ..runtime.multi import read_sources_file
+        uris += read_sources_file(sources_file)
+    if not uris:
+        raise EdgetlError("no --source given", hint="give --source URI (repeatable) or --sources FILE, "
+                                                     "e.g. --source 0 or --source rtsp://10.0.0.5/stream")
+    if serve is not None:
+        from ..runtime.serve import parse_address
+        parse_address(serve)  # a bad HOST:PORT is refused before the artifact loads
 
     stream_opts = StreamOptions(top_k=top_k, roi=roi, smooth=smooth, threshold=threshold,
                                 realtime=True if realtime else None, fps=fps, reconnect_timeout=reconnect_timeout,
                                 max_frames=max_frames, duration=duration, decode_threads=decode_threads,
                                 track=track or bool(count_line), count_line=count_line)
-    app_opts = AppOptions(headless=headless, events=events, save=save, summary_json=summary_json)
+    app_opts = AppOptions(headless=headless, events=events, save=save, summary_json=summary_json, serve=serve)
     model = load(artifact, backend=backend, options=_parse_options(options), verify=not no_verify)
     try:
-        run_app(model, source, stream_opts, app_opts)
+        run_app(model, uris, stream_opts, app_opts)
     finally:
         model.close()
     return 0
