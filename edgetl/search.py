@@ -508,6 +508,8 @@ def train_rung(cand: Candidate, rung: int, s: Settings, rep) -> dict[str, Any]:
             "val_accuracy": val.get("accuracy"), "val_macro_f1": val.get("macro_f1"),
             "test_accuracy": test.get("accuracy"), "test_macro_f1": test.get("macro_f1"),
             "best_epoch": m.get("best_epoch"), "train_time_s": round(float(m.get("train_time_s", 0.0)), 1),
+            # the whole run: data, feature pass, epochs, evaluation (kept in metrics.json, so a resume keeps it)
+            "total_time_s": round(float(m.get("total_time_s", m.get("train_time_s", 0.0))), 1),
             "wall_s": round(time.time() - t0, 1)}
 
 
@@ -808,7 +810,7 @@ def summarise(s: Settings, records: dict[str, dict[str, Any]], budget: Budget, f
         last = rec["rungs"][-1] if rec["rungs"] else {}
         rec.update({"metric": last.get("metric"), "val_metric": last.get("val_metric"),
                     "test_accuracy": last.get("test_accuracy"), "run": last.get("run")})
-        rec["time_s"] = round(sum(x.get("train_time_s") or 0 for x in rec["rungs"])
+        rec["time_s"] = round(sum(x.get("total_time_s") or 0 for x in rec["rungs"])
                               + ((rec.get("compile") or {}).get("seconds") or 0), 1)
         if rec.get("finalist"):
             rec["within_budget"], rec["why"] = verdict(rec, budget)
