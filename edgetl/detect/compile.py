@@ -213,8 +213,8 @@ def _verdict(rows: list[dict[str, Any]], row: dict[str, Any], numerics: Any, gat
     if row["passed"]:
         return f"passed: {row['step']} on {numerics.label}"
     near = gate.get("disagreement") or {}
-    most = max((x for r in rows for x in r.get("rounds") or []), key=lambda x: len(x.get("float_layers") or []),
-               default={})
+    most = max((x for r in rows for x in r.get("rounds") or []),
+               key=lambda x: (len(x.get("float_layers") or []), x["agreement"]), default={})
     why = (f"; {near.get('near_threshold', 0)} of {near.get('unmatched', 0)} disagreeing detections score within "
            f"{near.get('band', 0.1):g} of the deployed threshold {gate.get('score_threshold', 0):g} (float's own "
            "boxes sit there: a longer fine-tune that separates scores is what INT8 needs)") if near.get("unmatched") else ""
