@@ -255,13 +255,15 @@ class SourceSpec:
         if self.kind in ("gst", "csi") or (self.kind == "rtsp" and self.target.startswith("rtspsrc ")):
             return cv2.VideoCapture(self.target, cv2.CAP_GSTREAMER)
         # FFmpeg: files, http(s), and rtsp without GStreamer
+        # (OpenCV < 4.7, e.g. JetPack's 4.5 and Debian 12's 4.6, has no CAP_PROP_N_THREADS: FFmpeg's default then)
         params: list[int] = []
         if self.kind in ("rtsp", "http"):
-            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, NETWORK_TIMEOUT_MS,
-                      cv2.CAP_PROP_READ_TIMEOUT_MSEC, NETWORK_TIMEOUT_MS]
+            for name in ("CAP_PROP_OPEN_TIMEOUT_MSEC", "CAP_PROP_READ_TIMEOUT_MSEC"):
+                if hasattr(cv2, name):
+                    params += [getattr(cv2, name), NETWORK_TIMEOUT_MS]
         if self.kind == "rtsp":
             os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", RTSP_FFMPEG_OPTIONS)
-        if decode_threads > 0:
+        if decode_threads > 0 and hasattr(cv2, "CAP_PROP_N_THREADS"):
             params += [cv2.CAP_PROP_N_THREADS, int(decode_threads)]
         return cv2.VideoCapture(self.target, cv2.CAP_FFMPEG, params)
 

@@ -209,6 +209,18 @@ def test_a_source_slower_than_inference_is_waited_for_not_dropped(tmp_path, arti
 
 # ---- GStreamer pipelines through OpenCV: gst: and the csi:// pipeline ------------------------------------
 
+def test_a_file_and_an_mjpeg_stream_run_on_the_distributions_opencv(tmp_path, artifact):
+    """OpenCV < 4.7 (Debian 12's 4.6, JetPack's 4.5) has no CAP_PROP_N_THREADS: the FFmpeg sources
+    (files, HTTP) open without it (before: AttributeError on every file with a CPU build)."""
+    from _tinyartifact import write_video
+    py = python_for("gstreamer")
+    video = write_video(tmp_path / "clip.avi", n=8)
+    with mjpeg_server("--fps", "20") as cam:
+        run = Run(py, artifact, "-s", video, "-s", cam.url, "--headless", "--max-frames", "8")
+        assert run.finish() == 0, run.err
+    assert len(run.lines) == 16 and "Traceback" not in run.err
+
+
 def test_gst_pipeline_source_runs(tmp_path, artifact):
     py = python_for("gstreamer")
     pipe = ("gst:videotestsrc is-live=true pattern=white ! video/x-raw,width=160,height=120,framerate=30/1 ! "
