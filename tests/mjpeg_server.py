@@ -13,8 +13,8 @@ S seconds after the server started.
 
 import argparse
 import http.server
+import os
 import signal
-import sys
 import threading
 import time
 
@@ -84,8 +84,10 @@ def main():
     http.server.ThreadingHTTPServer.daemon_threads = True
     server = http.server.ThreadingHTTPServer(("127.0.0.1", a.port), handler_for(a, time.monotonic()))
     print("PORT %d" % server.server_address[1], flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    threading.Timer(a.lifetime, lambda: server.shutdown()).start()
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # at once: client threads are mid-write
+    timer = threading.Timer(a.lifetime, server.shutdown)
+    timer.daemon = True
+    timer.start()
     server.serve_forever(poll_interval=0.1)
 
 
