@@ -177,15 +177,15 @@ LOGITS = RankMetric("logits", lambda runner, x: runner.infer_many(x))
 
 def _ranking_key(prepared: Path, cache: Path, cfg: Any, inputs: np.ndarray, numerics: Numerics, kept,
                  metric: RankMetric = LOGITS) -> str:
-    """Everything the ranking depends on: the graph, its ranges, the QDQ form and weight range, the
-    layers already in float, the numerics that ran it, the probe images and the tool versions."""
+    """Everything the ranking depends on but the ranges (compared with a tolerance, see
+    :func:`rank_layers`): the graph, the QDQ form and weight range, the layers already in float, the
+    numerics that ran it, the probe images and the tool versions."""
     import hashlib
 
     import onnxruntime
 
     h = hashlib.sha256()
-    for path in (prepared, cache):
-        h.update(Path(path).read_bytes())
+    h.update(Path(prepared).read_bytes())
     h.update(np.ascontiguousarray(inputs).tobytes())
     h.update(json.dumps([cfg.form.key, cfg.reduce_range, sorted(kept), numerics.kind, numerics.backend,
                          sorted((k, str(v)) for k, v in numerics.options.items()), onnxruntime.__version__,
@@ -203,24 +203,47 @@ def rank_layers(prepared: Path, cache: Path, cfg: Any, inputs: np.ndarray, numer
     One render per layer costs ~1.3 s on Lite0 (ONNX Runtime's quantizer recomputes every per-channel
     weight scale in Python), ~75 s a ranking on a 2-core CPU. A ranking is a pure function of its
     inputs, so it is kept in :func:`cache_dir` under their sha256 (``_ranking_key``): compiling one
-    run for several targets whose rankings run in the same numerics ranks once."""
+    run for several targets whose rankings run in the same numerics ranks once. The ranges are matched
+    within a relative 1e-4, not by their bytes: two calibrations of the same images differ in their
+    last bits between processes (threaded reductions), and a detector's compile ranked again every
+    time (~8-13 min on 2 cores); a difference that small does not change a ranking."""
+    from .calibration.cache import load_ranges
+
     key = _ranking_key(prepared, cache, cfg, inputs, numerics, kept, metric)
     stored = cache_dir() / "sensitivity" / f"{key}.json"
+    ranges = load_ranges(cache)
     try:
-        ranking = [sens.LayerSensitivity(**row) for row in json.loads(stored.read_text(encoding="utf-8"))]
-        log(f"sensitivity: the same graph, ranges and numerics were ranked before: reusing {stored}")
-        return ranking
-    except (OSError, ValueError, TypeError):
-        pass
+        entries = json.loads(stored.read_text(encoding="utf-8"))
+        for e in entries:
+            if _same_ranges(e["ranges"], ranges):
+                ranking = [sens.LayerSensitivity(**row) for row in e["ranking"]]
+                log(f"sensitivity: the same graph, ranges and numerics were ranked before: reusing {stored}")
+                return ranking
+    except (OSError, ValueError, TypeError, KeyError):
+        entries = []
     ranking = (metric.method or _rank_layers)(prepared, cache, cfg, inputs, numerics, kept, metric)
+    entries = [*entries[-3:], {"ranges": {k: list(v) for k, v in ranges.items()},
+                               "ranking": [r.to_dict() for r in ranking]}]
     try:  # a cache: failing to write it (read-only home, full disk) costs only the next ranking
         stored.parent.mkdir(parents=True, exist_ok=True)
         tmp = stored.with_name(f".{stored.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps([r.to_dict() for r in ranking]), encoding="utf-8")
+        tmp.write_text(json.dumps(entries), encoding="utf-8")
         tmp.replace(stored)
     except OSError:
         pass
     return ranking
+
+
+def _same_ranges(a: dict, b: dict, rtol: float = 1e-4) -> bool:
+    """The same tensors with ranges equal within ``rtol`` of their span (a stored entry vs now)."""
+    if set(a) != set(b):
+        return False
+    for k, (lo, hi) in b.items():
+        lo2, hi2 = a[k]
+        tol = rtol * max(abs(hi - lo), abs(hi), abs(lo), 1e-12)
+        if abs(lo2 - lo) > tol or abs(hi2 - hi) > tol:
+            return False
+    return True
 
 
 def _rank_layers(prepared: Path, cache: Path, cfg: Any, inputs: np.ndarray, numerics: Numerics,

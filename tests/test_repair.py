@@ -116,10 +116,20 @@ def test_the_ranking_is_computed_once_for_the_same_graph_ranges_and_numerics(wor
     assert again == first and not calls and "reusing" in said[0]
     other = repair.rank_layers(cand.prepared, ranges, cfg(), mat.cal_inputs[:8], reference())  # other images
     assert len(calls) == 1 and other == first
+    # another process's calibration of the same images: the ranges differ in their last bits -> reused
+    from edgetl.calibration.cache import load_ranges
+
+    r0 = load_ranges(ranges)
+    jitter = save_ranges({k: (lo * (1 + 2e-6), hi * (1 - 2e-6)) for k, (lo, hi) in r0.items()}, mat.work / "j.json")
+    repair.rank_layers(cand.prepared, jitter, cfg(), mat.cal_inputs[:16], reference())
+    assert len(calls) == 1
+    moved = save_ranges({k: (lo, hi * 1.01) for k, (lo, hi) in r0.items()}, mat.work / "m.json")  # other ranges
+    repair.rank_layers(cand.prepared, moved, cfg(), mat.cal_inputs[:16], reference())
+    assert len(calls) == 2
     for f in (tmp_path / "cache" / "sensitivity").iterdir():
         f.write_text("damaged")
     repair.rank_layers(cand.prepared, ranges, cfg(), mat.cal_inputs[:16], reference())
-    assert len(calls) == 2  # a damaged entry is recomputed, not trusted
+    assert len(calls) == 3  # a damaged entry is recomputed, not trusted
 
 
 def test_a_passing_round_0_keeps_everything_in_int8(world, tmp_path):
