@@ -184,7 +184,41 @@ def compile_run(run_path: str | Path, out: str | Path, profile: TargetProfile, m
         outcome = steps.run(f"build ({profile.backend})",
                             lambda: build_artifact(d, profile, speed_check=speed_check, progress=progress),
                             _build_detail)
-    return _result(out, profile, quantized, outcome, steps, list(outcome.notes))
+        foreign = foreign_kernels_note(profile)
+        if foreign:
+            _add_report_notes(d, [foreign])
+    return _result(out, profile, quantized, outcome, steps, ([foreign] if foreign else []) + list(outcome.notes))
+
+
+def foreign_kernels_note(profile: TargetProfile) -> str | None:
+    """A note when ``profile`` is a CPU target of another architecture than this machine's (an
+    ``arm64-cpu-onnxruntime`` artifact compiled on x86): its gate ran on this machine's kernels, whose
+    INT8 arithmetic is not the device's, and the note says how to gate it on the device's."""
+    from .runtime.cpu import host_cpu
+
+    want = profile.hardware.cpu_arch
+    if profile.backend == "tensorrt" or not want:
+        return None
+    host = host_cpu()
+    if want == host.arch:
+        return None
+    return (f"the gate of this {profile.name} artifact ran on this machine's {host.arch} kernels "
+            f"({host.short}), not on the {want} kernels the device runs; INT8 results differ between "
+            f"them. Re-gate on {want}: `edgetl check ARTIFACT --backend {profile.backend}` on the board, or "
+            "`make arm64-check` (the same check in an emulated Debian arm64 root, see docs/targets.md)")
+
+
+def _add_report_notes(folder: Path, notes: list[str]) -> None:
+    """Record ``notes`` in report.json (``notes``) and under "Notes" in report.md, then reseal."""
+    from .check import REPORT_JSON, REPORT_MD
+
+    report = json.loads((folder / REPORT_JSON).read_text(encoding="utf-8"))
+    report["notes"] = list(report.get("notes") or []) + [n for n in notes if n not in (report.get("notes") or [])]
+    (folder / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    md = (folder / REPORT_MD).read_text(encoding="utf-8").split("\n## Notes\n")[0].rstrip()
+    md += "\n\n## Notes\n\n" + "\n".join(f"- {n}" for n in report["notes"]) + "\n"
+    (folder / REPORT_MD).write_text(md, encoding="utf-8")
+    seal(folder, read_manifest(folder))
 
 
 def _compile_detection(run_path: str | Path, out: str | Path, profile: TargetProfile, method: str | None,
@@ -545,7 +579,12 @@ def compile_onnx(model: str | Path, labels: tuple[str, ...], spec: PreprocessSpe
         outcome = steps.run(f"build ({profile.backend})",
                             lambda: build_artifact(d, profile, speed_check=speed_check, progress=progress),
                             _build_detail)
-    notes = [f"method: PTQ ({why}: QAT fine-tunes the PyTorch model on labelled images)"] if quantized else []
+        foreign = foreign_kernels_note(profile)
+        if foreign:
+            _add_report_notes(d, [foreign])
+    notes = [foreign] if foreign else []
+    if quantized:
+        notes.append(f"method: PTQ ({why}: QAT fine-tunes the PyTorch model on labelled images)")
     if not labelled:
         notes.append("no labels (--images has no class sub-folders): the gate checks agreement with the float "
                      "model only; the accuracy drop is not measured")
