@@ -75,6 +75,9 @@ class QuantizeConfig:
     thresholds: Thresholds = field(default_factory=Thresholds)
     max_fallback_rounds: int = 3
     fallback_step: int = 1  # layers kept in float per round
+    # a pass closer than this many images to a threshold tries up to 2 more fallback rounds and keeps
+    # the passing one with the largest margin (repair.fallback_rounds): a pass on the line is luck
+    seek_margin: int = 2
     sensitivity: bool = False  # rank every layer even when round 0 passes (else: only when a fallback needs it)
     sensitivity_images: int = 32
     qat_epochs: int = 2
@@ -103,6 +106,7 @@ class QuantizeConfig:
         for opt, v, lo in (("--calib-size", self.calib_size, 1), ("--calib-min", self.calib_min, 1),
                            ("--checkset-cap", self.checkset_cap, 1), ("--max-fallback-rounds", self.max_fallback_rounds, 0),
                            ("--fallback-step", self.fallback_step, 1), ("--sensitivity-images", self.sensitivity_images, 1),
+                           ("--seek-margin", self.seek_margin, 0),
                            ("--qat-epochs", self.qat_epochs, 1), ("--qat-batch-size", self.qat_batch_size, 1)):
             if int(v) < lo:
                 raise bad(opt, v, f"give an integer ≥ {lo}")

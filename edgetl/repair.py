@@ -297,23 +297,38 @@ class Verdict:
 def fallback_rounds(render: Callable[[list[str]], Path], judge_round: Callable[[Path], Verdict],
                     rank: Callable[[list[str]], list], max_rounds: int, step: int | Callable[[int], int], log: Log,
                     ranking: list | None = None, order: Callable[[dict, dict], bool] = better,
-                    ranker_label: str = "") -> tuple[Verdict, list[str], list[dict[str, Any]], list | None]:
+                    ranker_label: str = "", seek_margin: int = 0,
+                    seek_rounds: int = 2) -> tuple[Verdict, list[str], list[dict[str, Any]], list | None]:
     """The mixed-precision loop of any task: render the graph with ``exclude`` in float, judge it;
     while it misses, add the next ``step`` layers of the sensitivity ranking that gain in float
     (``rank(kept)``, layers with ``node`` and ``gain_db``; ``step`` may be a function of the number
     already in float, e.g. doubling them), up to ``max_rounds``; when every round
     misses, re-render and re-judge the best by ``order``. ``ranking``: computed up front, or None
     (ranked when round 0 misses). Returns the kept verdict, its float layers, every round's row and
-    the first full ranking."""
+    the first full ranking.
+
+    ``seek_margin`` (images): a round that passes with less margin than this to one of its
+    thresholds (``row["margins"]``) is a pass on the line, which another CPU, another rendering of the
+    same images or a few more images can turn into a failure; up to ``seek_rounds`` more rounds are
+    tried, and the passing round with the largest margin is kept (ties: fewer float layers)."""
     full_ranking, ranked_from = ranking, []
     exclude: list[str] = []
     rounds: list[dict[str, Any]] = []
+    passed: list[bool] = []
+    first_pass: int | None = None
     for rnd in range(max_rounds + 1):
         v = judge_round(render(exclude))
         rounds.append({"round": rnd, "float_layers": list(exclude), **v.row})
+        passed.append(v.passed)
         log(f"round {rnd}: {len(exclude)} float layer(s)  {v.line}")
-        if v.passed or rnd == max_rounds:
+        if v.passed and first_pass is None:
+            first_pass = rnd
+        if rnd == max_rounds or (v.passed and (_margin(v.row) >= seek_margin or _perfect(v.row))) or \
+                (first_pass is not None and rnd - first_pass >= seek_rounds):
             break
+        if first_pass is not None:
+            log(f"round {first_pass} passed {_margin(rounds[first_pass])} image(s) from a threshold "
+                f"(< {seek_margin}): one more round in search of margin")
         if ranking is None:
             log(f"sensitivity: ranking layers for the mixed-precision fallback ({ranker_label})")
             ranking = full_ranking = rank([])
@@ -330,18 +345,41 @@ def fallback_rounds(render: Callable[[list[str]], Path], judge_round: Callable[[
             log("fallback: no remaining layer gains anything in float; stopping")
             break
         exclude += candidates[:step(len(exclude)) if callable(step) else step]
-    if not v.passed and len(rounds) > 1:
-        best = rounds[0]
-        for x in rounds[1:]:
-            if order(x, best):
-                best = x
+    best = _kept_round(rounds, passed, order)
+    if len(rounds) > 1:
         if best is not rounds[-1]:
             exclude = list(best["float_layers"])
-            log(f"fallback: keeping round {best['round']} (the best), {len(exclude)} float layer(s)")
+            why = "the largest margin" if passed[rounds.index(best)] else "the best"
+            log(f"fallback: keeping round {best['round']} ({why}), {len(exclude)} float layer(s)")
             v = judge_round(render(exclude))
         for x in rounds:
             x["kept"] = x is best
     return v, exclude, rounds, full_ranking
+
+
+def _margin(row: dict[str, Any]) -> int:
+    """The smallest margin, in images, of a round to its thresholds (a large number when unrecorded)."""
+    margins = [m for m in (row.get("margins") or {}).values() if isinstance(m, (int, float))]
+    return int(min(margins)) if margins else 10 ** 9
+
+
+def _perfect(row: dict[str, Any]) -> bool:
+    """Nothing left to gain: every image agrees, no accuracy lost, stable wherever float is (a small
+    checkset's margin is at its largest then, however few images that is)."""
+    return row.get("agreement") == 1.0 and (row.get("drop") or 0.0) <= 0.0 and row.get("stability") in (None, 1.0)
+
+
+def _kept_round(rounds: list[dict[str, Any]], passed: list[bool], order: Callable[[dict, dict], bool]) -> dict:
+    """The passing round with the largest margin (ties: the earlier, fewer float layers); when none
+    passed, the best by ``order``."""
+    ok = [x for x, p in zip(rounds, passed) if p]
+    if ok:
+        return max(ok, key=lambda x: (_margin(x), -x["round"]))
+    best = rounds[0]
+    for x in rounds[1:]:
+        if order(x, best):
+            best = x
+    return best
 
 
 def quantize_with_fallback(mat: Material, cand: Candidate, numerics: Numerics, out: Path, log: Log) -> Rendered:
@@ -376,7 +414,7 @@ def quantize_with_fallback(mat: Material, cand: Candidate, numerics: Numerics, o
         return rank_layers(cand.prepared, cache, cfg, sens_inputs, ranker, kept=kept, log=log)
 
     v, exclude, rounds, full = fallback_rounds(render, judge_round, rank, cfg.max_fallback_rounds, cfg.fallback_step,
-                                               log, ranking, better, ranker.label)
+                                               log, ranking, better, ranker.label, seek_margin=cfg.seek_margin)
     return Rendered(v.gate, exclude, rounds, full, out)
 
 

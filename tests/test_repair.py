@@ -296,3 +296,56 @@ def test_check_reference_is_the_artifact_gate_and_the_same_verdict(world, tmp_pa
     assert after["agreement"] == before["agreement"] and after["numerics"] == "reference"
     assert {k: after["margins"][k] for k in ("agreement", "drop")} == before["margins"] and after["deployable"] is True
     assert after["stability"]["perturbations"]  # `check --backend reference` measures stability too
+
+
+def _scripted_rounds(script, seek_margin, max_rounds=3, perfect=False):
+    """fallback_rounds over a scripted judge: ``script[n]`` = (passed, smallest margin) of the round
+    with n layers in float; the ranking gains for layers L0, L1, ..."""
+    from types import SimpleNamespace
+
+    from edgetl.repair import Verdict, fallback_rounds
+
+    rendered: list[list[str]] = []
+
+    def render(exclude):
+        rendered.append(list(exclude))
+        return len(exclude)
+
+    def judge(n):
+        ok, margin = script[n]
+        row = {"agreement": 1.0 if perfect else 0.99 if ok else 0.9, "drop": 0.0 if perfect else 0.1,
+               "stability": None, "accuracy_passed": ok,
+               "margins": {"agreement": margin, "drop": margin + 5}}
+        return Verdict(ok, row, n, f"{n} float")
+
+    ranking = [SimpleNamespace(node=f"L{i}", gain_db=10.0 - i) for i in range(6)]
+    v, exclude, rounds, _ = fallback_rounds(render, judge, lambda kept: ranking, max_rounds, 1, lambda s: None,
+                                            ranking=ranking, seek_margin=seek_margin)
+    return v, exclude, rounds, rendered
+
+
+def test_a_pass_on_the_line_seeks_margin_and_keeps_the_largest():
+    """Round 0 passes 0 images from a threshold: with seek_margin 2 one more layer goes to float,
+    that round passes with 3 images to spare and is kept; without seeking round 0 is kept as before."""
+    v, exclude, rounds, _ = _scripted_rounds({0: (True, 0), 1: (True, 3)}, seek_margin=2)
+    assert exclude == ["L0"] and v.gate == 1 and [x["kept"] for x in rounds] == [False, True]
+    v, exclude, rounds, _ = _scripted_rounds({0: (True, 0), 1: (True, 3)}, seek_margin=0)
+    assert exclude == [] and len(rounds) == 1
+    # the margin already enough: no extra round
+    _, exclude, rounds, _ = _scripted_rounds({0: (True, 2), 1: (True, 9)}, seek_margin=2)
+    assert exclude == [] and len(rounds) == 1
+    # a perfect round on a small checkset (margin 0 is its largest): nothing to seek
+    _, exclude, rounds, _ = _scripted_rounds({0: (True, 0), 1: (True, 3)}, seek_margin=2, perfect=True)
+    assert exclude == [] and len(rounds) == 1
+
+
+def test_seeking_margin_never_trades_a_pass_for_a_miss_and_stops_after_two_rounds():
+    # the extra rounds miss, or pass with less margin: round 0 is re-rendered and kept
+    v, exclude, rounds, rendered = _scripted_rounds({0: (True, 1), 1: (False, -2), 2: (True, 0)}, seek_margin=2)
+    assert exclude == [] and v.gate == 0 and v.passed and rendered[-1] == [] and rounds[0]["kept"]
+    # at most two rounds spent seeking; the best margin among the passes is kept (ties: fewer float layers)
+    v, exclude, rounds, _ = _scripted_rounds({0: (True, 0), 1: (True, 1), 2: (True, 1), 3: (True, 9)}, seek_margin=2)
+    assert len(rounds) == 3 and exclude == ["L0"] and v.gate == 1
+    # a miss first, then a pass on the line, then a pass with margin: the margin is found
+    v, exclude, rounds, _ = _scripted_rounds({0: (False, -3), 1: (True, 0), 2: (True, 4)}, seek_margin=2)
+    assert exclude == ["L0", "L1"] and v.gate == 2

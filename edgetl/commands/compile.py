@@ -109,6 +109,9 @@ def summary_table(result):
                    "miss the gate: on ELPV 640 was enough for one model and not for another.")
 @click.option("--max-fallback-rounds", type=int,
               help="Mixed-precision rounds per step: each keeps the next most sensitive layer in float. [default: 3]")
+@click.option("--seek-margin", type=int,
+              help="A step that passes closer than this many checkset images to a threshold tries up to 2 more "
+                   "fallback rounds and keeps the pass with the largest margin (0: keep the first pass). [default: 2]")
 @click.option("--no-speed-check", is_flag=True,
               help="Do not require the quantized model to be faster than float (toy models).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
@@ -130,7 +133,8 @@ def compile_cmd(source: Path, target: str, out: Path, method: str | None, time_b
                 weight_range: str | None, precision: str | None,
                 sets: tuple[str, ...], calib_size: int | None, calib_min: int | None, calibrator: str | None,
                 qat_epochs: int | None, qat_max_images: int | None, max_fallback_rounds: int | None,
-                no_speed_check: bool, overwrite: bool, arch: str | None, labels: Path | None, images: Path | None,
+                seek_margin: int | None, no_speed_check: bool, overwrite: bool, arch: str | None,
+                labels: Path | None, images: Path | None,
                 preprocess: Path | None, input_size: str | None, mean: str | None, std: str | None,
                 resize: str | None, color: str | None, layout: str | None) -> None:
     """Quantize SOURCE as the target profile says, build it for the target, gate it, and write the
@@ -180,7 +184,8 @@ def compile_cmd(source: Path, target: str, out: Path, method: str | None, time_b
     overrides = {k: v for k, v in (("calib_size", calib_size), ("calib_min", calib_min), ("calibrator", calibrator),
                                    ("qat_epochs", qat_epochs), ("qat_max_images", qat_max_images),
                                    ("weight_range", weight_range), ("time_budget", time_budget),
-                                   ("max_fallback_rounds", max_fallback_rounds)) if v is not None}
+                                   ("max_fallback_rounds", max_fallback_rounds),
+                                   ("seek_margin", seek_margin)) if v is not None}
     if calib_size is not None:
         overrides["calib_exact"] = True
 
