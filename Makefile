@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= train,openvino,dev
 STAMP := $(VENV)/.edgetl-installed
 
-.PHONY: test demo install clean system-deps gst-env
+.PHONY: test demo install clean system-deps gst-env arm64-check jetson-userland-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,20 @@ gst-env:
 	$(GST_PY) -m pip install --no-deps -e .
 	$(GST_PY) -m pip install "onnxruntime>=1.17" "click>=8.1" "rich>=13"
 	$(GST_PY) -c "from edgetl.runtime.sources import opencv_has_gstreamer as g; assert g(), 'no GStreamer in this OpenCV: sudo make system-deps'"
+
+# The ARM target's gate on ARM kernels without a board: a Debian arm64 root under qemu-user emulation
+# (root on Debian/Ubuntu; installs qemu-user-static, binfmt-support, mmdebstrap), cached in
+# ~/.cache/edgetl/arm64-root: the core install of this checkout, the runtime's torch-free tests, and
+# `edgetl check` of artifacts compiled here for arm64-cpu-onnxruntime (the demo's too once `make demo`
+# has trained it). Writes benchmarks/results/arm64_check_bookworm.json. ARM64_ARGS: more options (--help).
+DEMO_RUN ?= demo/runs/elpv-lite0
+arm64-check: $(STAMP)
+	$(PY) .ci/arm64_check.py --suite bookworm $(if $(wildcard $(DEMO_RUN)/manifest.json),--demo $(DEMO_RUN),) $(ARM64_ARGS)
+
+# The oldest Jetson userland the profiles offer (JetPack 5: glibc 2.31) in a Debian bullseye arm64 root
+# (Python 3.9): the core install, the torch-free tests, `edgetl check` and `edgetl run` of a tiny artifact.
+jetson-userland-check: $(STAMP)
+	$(PY) .ci/arm64_check.py --suite bullseye $(ARM64_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
