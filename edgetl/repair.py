@@ -310,21 +310,22 @@ def fallback_rounds(render: Callable[[list[str]], Path], judge_round: Callable[[
     ``seek_margin`` (images): a round that passes with less margin than this to one of its
     thresholds (``row["margins"]``) is a pass on the line, which another CPU, another rendering of the
     same images or a few more images can turn into a failure; up to ``seek_rounds`` more rounds are
-    tried, and the passing round with the largest margin is kept (ties: fewer float layers)."""
+    tried (also past ``max_rounds``), and the passing round with the largest margin is kept (ties:
+    fewer float layers)."""
     full_ranking, ranked_from = ranking, []
     exclude: list[str] = []
     rounds: list[dict[str, Any]] = []
     passed: list[bool] = []
     first_pass: int | None = None
-    for rnd in range(max_rounds + 1):
+    for rnd in range(max_rounds + seek_rounds + 1):
         v = judge_round(render(exclude))
         rounds.append({"round": rnd, "float_layers": list(exclude), **v.row})
         passed.append(v.passed)
         log(f"round {rnd}: {len(exclude)} float layer(s)  {v.line}")
         if v.passed and first_pass is None:
             first_pass = rnd
-        if rnd == max_rounds or (v.passed and (_margin(v.row) >= seek_margin or _perfect(v.row))) or \
-                (first_pass is not None and rnd - first_pass >= seek_rounds):
+        if (first_pass is None and rnd >= max_rounds) or (first_pass is not None and rnd - first_pass >= seek_rounds) \
+                or (v.passed and (_margin(v.row) >= seek_margin or _perfect(v.row))):
             break
         if first_pass is not None:
             log(f"round {first_pass} passed {_margin(rounds[first_pass])} image(s) from a threshold "

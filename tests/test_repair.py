@@ -349,3 +349,9 @@ def test_seeking_margin_never_trades_a_pass_for_a_miss_and_stops_after_two_round
     # a miss first, then a pass on the line, then a pass with margin: the margin is found
     v, exclude, rounds, _ = _scripted_rounds({0: (False, -3), 1: (True, 0), 2: (True, 4)}, seek_margin=2)
     assert exclude == ["L0", "L1"] and v.gate == 2
+    # the first pass at the last of --max-fallback-rounds: seeking goes past it; misses alone stop there
+    v, exclude, rounds, _ = _scripted_rounds({0: (False, -3), 1: (True, 0), 2: (True, 4)}, seek_margin=2,
+                                             max_rounds=1)
+    assert exclude == ["L0", "L1"] and v.gate == 2
+    _, _, rounds, _ = _scripted_rounds({0: (False, -3), 1: (False, -1), 2: (True, 4)}, seek_margin=2, max_rounds=1)
+    assert len(rounds) == 2
