@@ -188,9 +188,43 @@ def _plain(obj: Any) -> Any:
 # Validation
 # ------------------------------------------------------------------------------------------
 
+# ``int | None`` is a types.UnionType from Python 3.10; before, :func:`_hints` makes it a typing.Union
+_UNIONS = (typing.Union, getattr(types, "UnionType", typing.Union))
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """The field types of dataclass ``cls``. Its annotations are strings (``from __future__ import
+    annotations``) written in 3.10 syntax (``int | None``, ``tuple[str, ...]``), which
+    ``typing.get_type_hints`` cannot evaluate on the device runtime's older Pythons (JetPack 5: 3.8;
+    Debian 11: 3.9): there each ``|`` part is evaluated alone, builtin generics as typing's."""
+    try:
+        return typing.get_type_hints(cls)
+    except TypeError:  # Python < 3.10 (PEP 604), < 3.9 (PEP 585)
+        pass
+    ns = dict(vars(sys.modules[cls.__module__]))
+    ns.update({"tuple": typing.Tuple, "list": typing.List, "dict": typing.Dict})
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if not isinstance(f.type, str):
+            out[f.name] = f.type
+            continue
+        parts, depth, cur = [], 0, ""
+        for ch in f.type:  # split on the top-level "|" only
+            depth += ch == "["
+            depth -= ch == "]"
+            if ch == "|" and depth == 0:
+                parts.append(cur)
+                cur = ""
+            else:
+                cur += ch
+        types_ = [eval(x.strip(), ns) for x in parts + [cur]]  # noqa: S307 - our own annotations
+        out[f.name] = types_[0] if len(types_) == 1 else typing.Union[tuple(types_)]
+    return out
+
+
 def _type_ok(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
+    if origin in _UNIONS:
         return any(_type_ok(value, a) for a in typing.get_args(tp))
     if tp is type(None):
         return value is None
@@ -210,7 +244,7 @@ def _type_ok(value: Any, tp: Any) -> bool:
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
+    if origin in _UNIONS:
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is tuple:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
@@ -229,7 +263,7 @@ def _build(cls: type, table: Any, where: str, prefix: str = "") -> Any:
     """Instantiate dataclass ``cls`` from a TOML table: unknown keys and wrong types name the key."""
     if not isinstance(table, Mapping):
         raise TargetError(f"{where}: [{prefix.rstrip('.')}] must be a table")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     known = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
     unknown = sorted(set(table) - set(known))
     if unknown:
@@ -383,6 +417,10 @@ def weight_range_for(profile: TargetProfile) -> tuple[str, str]:
 
 
 def _builtin_dir():
+    if not hasattr(resources, "files"):  # Python 3.8 (JetPack 5): the installed package's folder
+        import importlib
+
+        return Path(importlib.import_module("edgetl.target_profiles").__file__).parent
     return resources.files("edgetl.target_profiles")
 
 
