@@ -292,3 +292,10 @@ def test_profile_field_types_without_pep604(monkeypatch):
     assert "arm64-cpu-onnxruntime" in names and "jetson-xavier-nx" in names
     with pytest.raises(targets.TargetError, match="must be"):
         targets.apply_overrides(targets.load_target("jetson-agx-orin"), sets=["tensorrt.dla_core=x"])
+
+
+def test_deselected_tests_exist(ac):
+    for node in ac.EMULATION_DESELECT:
+        rel, _, func = node.partition("::")
+        assert f"def {func}(" in (REPO / rel).read_text(encoding="utf-8"), node
+        assert rel in ac.CORE_TESTS
