@@ -72,8 +72,11 @@ ARM_TARGET = "arm64-cpu-onnxruntime"
 # The runtime's tests that need only the core install (no torch, no onnx package): run inside the root.
 CORE_TESTS = ("tests/test_torch_free.py", "tests/test_manifest.py", "tests/test_preprocess.py",
               "tests/test_targets.py", "tests/test_sources.py", "tests/test_run_cli.py")
-# wall-clock assertions mean nothing under emulation (seen failing by 1 ms in the bullseye root)
-EMULATION_DESELECT = ("tests/test_sources.py::test_realtime_paces_a_file_at_its_fps",)
+# Wall-clock assertions mean nothing under emulation on a loaded host: each failed once in the bullseye
+# root at load 5-7 on 2 cores (pacing off by 1 ms; 6 frames, not more, before a stream was lost) and
+# passed in the bookworm root
+EMULATION_DESELECT = ("tests/test_sources.py::test_realtime_paces_a_file_at_its_fps",
+                      "tests/test_run_cli.py::test_lost_http_stream_is_retried_then_fails_with_exit_3")
 SMOKE_TESTS = ("tests/test_torch_free.py", "tests/test_manifest.py")
 CORE_PIP = ("pytest>=8", "pytest-timeout>=2.2", "onnx>=1.16")  # onnx: the tests' tiny models (not the runtime)
 # The environment commands see inside the root: nothing of the host's but the registry settings.
