@@ -292,5 +292,46 @@ def update(folder: str | Path, kind: str = "artifact", hint: str = "") -> Iterat
             raise
 
 
-__all__ = ["FAULT_POINTS", "Update", "check_output_dir", "fault", "folder_lock", "is_edgetl_folder", "new_folder",
+def take_up_plan_folder(out: Path, plan: dict, overwrite: bool, what: str, plan_name: str,
+                        words: dict[str, str], describe=None) -> list[str]:
+    """A folder a multi-run job (``edgetl train --cv``, ``edgetl search``) fills over many commands:
+    created, or taken up when it holds the same ``plan`` (the job resumes), or replaced with
+    ``overwrite``; another plan there is refused naming the first differing key (``words``: key ->
+    what the user changes; ``describe(key, old, new)`` may say more). Writes the plan; returns notes.
+    Call with OUT's ``folder_lock`` held."""
+    import json
+
+    from .runtime.manifest import atomic_write
+
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise EdgetlError(f"--out {out}: not a folder", hint="choose another --out")
+    notes: list[str] = []
+    plan_file = out / plan_name
+    if out.exists() and any(out.iterdir()):
+        if not plan_file.is_file():
+            raise EdgetlError(f"--out {out} exists and is not an edgetl {what} folder (no {plan_name})",
+                              hint="choose a new --out folder")
+        if overwrite:
+            shutil.rmtree(out)
+            notes.append(f"--overwrite: removed the {what} in {out}")
+        else:
+            try:
+                old = json.loads(plan_file.read_text())
+            except (OSError, ValueError) as exc:
+                raise EdgetlError(f"{plan_file}: cannot be read ({exc})", hint="pass --overwrite to start over") from None
+            if not isinstance(old, dict):
+                raise EdgetlError(f"{plan_file}: not a {what} plan", hint="pass --overwrite to start over")
+            diff = next((key for key in plan if old.get(key) != plan[key]), None)
+            if diff is not None:
+                said = (describe(diff, old.get(diff), plan[diff]) if describe else None) or words.get(diff, diff)
+                raise EdgetlError(f"--out {out} holds a {what} with another {said}",
+                                  hint="run it with the same settings to resume it, pass --overwrite to start over, "
+                                       "or choose another --out")
+            notes.append(f"resuming the {what} in {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(plan_file, json.dumps(plan, indent=1) + "\n")
+    return notes
+
+
+__all__ = ["FAULT_POINTS", "Update", "check_output_dir", "fault", "folder_lock", "is_edgetl_folder", "new_folder", "take_up_plan_folder",
            "recover", "update"]

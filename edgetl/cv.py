@@ -252,49 +252,22 @@ def make_plan(cfg, pool: Pool, k: int, group_by: str | None, folds: list[dict[st
 def prepare_out(out: Path, plan: dict[str, Any], overwrite: bool) -> list[str]:
     """Create OUT (or take up the cross-validation there) and write the plan; returns notes.
     Call with OUT's lock held."""
-    from .runtime.manifest import atomic_write
+    from .artifact import take_up_plan_folder
 
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise EdgetlError(f"--out {out}: not a folder", hint="choose another --out")
-    notes: list[str] = []
-    plan_file = out / PLAN_FILE
-    if out.exists() and any(out.iterdir()):
-        if not plan_file.is_file():
-            raise EdgetlError(f"--out {out} exists and is not an edgetl cross-validation folder (no {PLAN_FILE})",
-                              hint="choose a new --out folder")
-        if overwrite:
-            shutil.rmtree(out)
-            notes.append(f"--overwrite: removed the cross-validation in {out}")
-        else:
-            old = _read_plan(plan_file)
-            diff = next((key for key in plan if old.get(key) != plan[key]), None)
-            if diff is not None:
-                what = _PLAN_WORDS.get(diff, diff)
-                if diff == "recipe":
-                    key = next(k for k in plan["recipe"] if old.get("recipe", {}).get(k) != plan["recipe"][k])
-                    what = f"recipe ({key} = {old.get('recipe', {}).get(key)!r} there, {plan['recipe'][key]!r} now)"
-                raise EdgetlError(f"--out {out} holds a cross-validation with another {what}",
-                                  hint="run it with the same settings to resume it, pass --overwrite to start over, "
-                                       "or choose another --out")
-            notes.append(f"resuming the cross-validation in {out}")
+    def describe(key: str, old: Any, new: Any) -> str | None:
+        if key != "recipe" or not isinstance(old, dict):
+            return None
+        k = next(k for k in new if old.get(k) != new[k])
+        return f"recipe ({k} = {old.get(k)!r} there, {new[k]!r} now)"
+
+    notes = take_up_plan_folder(out, plan, overwrite, "cross-validation", PLAN_FILE, _PLAN_WORDS, describe)
     (out / SPLITS_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write(plan_file, json.dumps(plan, indent=1) + "\n")
     return notes
 
 
 _PLAN_WORDS = {"k": "number of folds (--cv)", "group_by": "--group-by", "split_seed": "--split-seed",
                "val_fraction": "--val-fraction", "data_fingerprint": "data (its images differ)",
                "folds": "fold assignment", "format": "plan format", "kind": "kind of folder"}
-
-
-def _read_plan(path: Path) -> dict[str, Any]:
-    try:
-        plan = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise EdgetlError(f"{path}: cannot be read ({exc})", hint="pass --overwrite to start over") from None
-    if not isinstance(plan, dict):
-        raise EdgetlError(f"{path}: not a cross-validation plan", hint="pass --overwrite to start over")
-    return plan
 
 
 def split_csv(split: dict[str, list[Item]], pool: Pool) -> str:

@@ -333,32 +333,10 @@ _PLAN_WORDS = {"data_fingerprint": "data (its images differ)", "target": "target
 
 def prepare_out(out: Path, plan: dict[str, Any], overwrite: bool) -> list[str]:
     """Create OUT (or take up the search there) and write the plan. Call with OUT's lock held."""
-    from .runtime.manifest import atomic_write
+    from .artifact import take_up_plan_folder
 
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise EdgetlError(f"--out {out}: not a folder", hint="choose another --out")
-    notes: list[str] = []
-    plan_file = out / PLAN_FILE
-    if out.exists() and any(out.iterdir()):
-        if not plan_file.is_file():
-            raise EdgetlError(f"--out {out} exists and is not an edgetl search folder (no {PLAN_FILE})",
-                              hint="choose a new --out folder")
-        if overwrite:
-            shutil.rmtree(out)
-            notes.append(f"--overwrite: removed the search in {out}")
-        else:
-            try:
-                old = json.loads(plan_file.read_text())
-            except (OSError, ValueError) as exc:
-                raise EdgetlError(f"{plan_file}: cannot be read ({exc})", hint="pass --overwrite to start over") from None
-            diff = next((k for k in plan if not isinstance(old, dict) or old.get(k) != plan[k]), None)
-            if diff is not None:
-                raise EdgetlError(f"--out {out} holds a search with another {_PLAN_WORDS.get(diff, diff)}",
-                                  hint="run it with the same settings to resume it, pass --overwrite to start over, "
-                                       "or choose another --out")
-            notes.append(f"resuming the search in {out}")
+    notes = take_up_plan_folder(out, plan, overwrite, "search", PLAN_FILE, _PLAN_WORDS)
     (out / CANDIDATES_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write(plan_file, json.dumps(plan, indent=1) + "\n")
     return notes
 
 
