@@ -299,3 +299,21 @@ def test_deselected_tests_exist(ac):
         rel, _, func = node.partition("::")
         assert f"def {func}(" in (REPO / rel).read_text(encoding="utf-8"), node
         assert rel in ac.CORE_TESTS
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_a_machine_without_binfmt_skips_only_when_asked(ac, tmp_path, monkeypatch, skip):
+    import json
+
+    def no_binfmt(no_apt):
+        raise ac.Unsupported("qemu-aarch64 is not registered with binfmt_misc")
+
+    monkeypatch.setattr(ac, "ensure_host", no_binfmt)
+    monkeypatch.setattr(ac.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(ac.signal, "signal", lambda *a: None)
+    out = tmp_path / "r.json"
+    argv = ["--cache", str(tmp_path / "c"), "--json", str(out)] + (["--skip-unsupported"] if skip else [])
+    assert ac.main(argv) == (0 if skip else 1)
+    rec = json.loads(out.read_text())
+    assert rec["passed"] is skip and rec.get("skipped", False) is skip and "binfmt" in rec["error"]
+    assert rec["phases"][0]["phase"] == "host packages" and rec["phases"][0]["status"].startswith("failed")
