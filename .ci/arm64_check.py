@@ -297,11 +297,19 @@ def root_is_ready(root: Path, suite: str) -> bool:
     return info.get("suite") == suite and info.get("packages") == list(ROOT_PACKAGES)
 
 
+def remove_root(path: Path) -> None:
+    """rm -rf of a root, never through a mount (a bound /dev would take the host's device nodes with it)."""
+    sweep_mounts(path)
+    left = mounts_under(path)
+    if left:
+        raise CheckError(f"{left[0]} is still mounted: not removing {path} (umount it, then run again)")
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def build_root(root: Path, suite: str, mirror: str) -> None:
     """mmdebstrap into ``root``.tmp, then rename: an interrupted build never looks complete."""
     tmp = root.with_name(root.name + ".tmp")
-    sweep_mounts(tmp)
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_root(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     cmd = ["mmdebstrap", "--arch=arm64", "--variant=apt", "--include=" + ",".join(ROOT_PACKAGES),
            suite, str(tmp), mirror]
@@ -309,8 +317,7 @@ def build_root(root: Path, suite: str, mirror: str) -> None:
     subprocess.run(cmd, check=True)
     (tmp / ROOT_STAMP).write_text(json.dumps({"suite": suite, "packages": list(ROOT_PACKAGES),
                                               "mirror": mirror, "built": time.strftime("%Y-%m-%dT%H:%M:%S")}))
-    sweep_mounts(root)
-    shutil.rmtree(root, ignore_errors=True)
+    remove_root(root)
     tmp.rename(root)
 
 

@@ -317,3 +317,16 @@ def test_a_machine_without_binfmt_skips_only_when_asked(ac, tmp_path, monkeypatc
     rec = json.loads(out.read_text())
     assert rec["passed"] is skip and rec.get("skipped", False) is skip and "binfmt" in rec["error"]
     assert rec["phases"][0]["phase"] == "host packages" and rec["phases"][0]["status"].startswith("failed")
+
+
+def test_a_root_is_never_removed_through_a_mount(ac, tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    (root / "dev").mkdir(parents=True)
+    monkeypatch.setattr(ac, "sweep_mounts", lambda path: [])  # the umount "failed"
+    monkeypatch.setattr(ac, "mounts_under", lambda path: [root / "dev"])
+    with pytest.raises(ac.CheckError, match="still mounted"):
+        ac.remove_root(root)
+    assert (root / "dev").is_dir()
+    monkeypatch.setattr(ac, "mounts_under", lambda path: [])
+    ac.remove_root(root)
+    assert not root.exists()
