@@ -52,18 +52,12 @@ import math
 import os
 import platform
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .runtime.errors import EdgetlError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - python 3.10
-    import tomli as tomllib
 
 PLAN_FILE = "search_plan.json"
 SEARCH_FILE = "search.json"
@@ -184,15 +178,10 @@ def _one_candidate(row: Any, i: int, path: Path, defaults: tuple[tuple[str, Any]
 def read_candidates(path: str | Path) -> tuple[list[Candidate], dict[str, Any]]:
     """The ``[[candidate]]`` tables of a TOML file (plus optional ``[defaults]``: training keys for
     every candidate, and top-level ``rungs`` / ``eta``). Returns (candidates, top-level settings)."""
+    from .train import read_toml_file
+
     path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise EdgetlError(f"--candidates {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EdgetlError(f"--candidates {path}: cannot read ({exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise EdgetlError(f"--candidates {path}: not valid TOML ({exc})") from None
+    doc = read_toml_file(path, "--candidates")
     unknown = [k for k in doc if k not in ("candidate", "defaults", "rungs", "eta")]
     if unknown:
         raise EdgetlError(f"--candidates {path}: unknown key {unknown[0]!r}",

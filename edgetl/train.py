@@ -244,18 +244,23 @@ def _check_keys(data: Mapping[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
-def read_config_toml(path: str | Path) -> dict[str, Any]:
-    """The keys of a training config TOML (flat; keys as in config.toml), type-checked."""
+def read_toml_file(path: str | Path, option: str) -> dict[str, Any]:
+    """A TOML file the user named with ``option`` (``--config``, ``--candidates``), parsed; one-line
+    errors for a missing, unreadable or invalid file."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise EdgetlError(f"--config {path}: no such file") from None
+        raise EdgetlError(f"{option} {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise EdgetlError(f"--config {path}: cannot read ({exc})") from None
+        raise EdgetlError(f"{option} {path}: cannot read ({exc})") from None
     except tomllib.TOMLDecodeError as exc:
-        raise EdgetlError(f"{path}: not valid TOML ({exc})") from None
-    return _check_keys(data, str(path))
+        raise EdgetlError(f"{option} {path}: not valid TOML ({exc})") from None
+
+
+def read_config_toml(path: str | Path) -> dict[str, Any]:
+    """The keys of a training config TOML (flat; keys as in config.toml), type-checked."""
+    return _check_keys(read_toml_file(path, "--config"), str(path))
 
 
 def _toml_value(v: Any) -> str:
