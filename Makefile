@@ -8,8 +8,14 @@ STAMP := $(VENV)/.edgetl-installed
 
 .PHONY: test demo install clean system-deps gst-env arm64-check jetson-userland-check
 
+# A new venv with the train extra holds ~7 GiB on Linux x86_64 (PyPI's torch there is a CUDA build that
+# pulls ~4 GiB of NVIDIA libraries): say so before pip runs out of disk half-way.
+NEED_GIB ?= $(if $(findstring train,$(EXTRAS)),8,1)
+DISK_CHECK = import os, shutil, sys; free = shutil.disk_usage(os.path.dirname(os.path.abspath('$(VENV)'))).free / 2**30; \
+	sys.exit(0 if free >= $(NEED_GIB) else f'make: {free:.1f} GiB free where $(VENV) goes; a new venv with edgetl[$(EXTRAS)] needs about $(NEED_GIB) GiB. Free some space, or put the venv on a larger disk: make VENV=/big/disk/venv ...')
+
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(PY) || { $(PYTHON) -c "$(DISK_CHECK)" && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --upgrade "pip>=24" "setuptools>=68" wheel
 	$(PY) -m pip install -e ".[$(EXTRAS)]"
 	# deepforest's wheel ships the NEON tree-crown images + Pascal VOC boxes `edgetl data trees` reads;
