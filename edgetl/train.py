@@ -7,6 +7,10 @@ Modes
 * ``fine-tune``: every layer trains; backbone LR = head LR x ``backbone_lr_factor`` (or ``backbone_lr``).
 * ``gradual-unfreeze``: the head first, then the backbone's ``layer_groups`` unfrozen from the top,
   one more group every ``unfreeze_every`` epochs, at the backbone LR.
+``freeze_bottom`` K (both modes above): the backbone's bottom K layer groups never train (their BatchNorm
+statistics included): ImageNet's low-level features kept, and the backward pass stops above them. The
+high-resolution bottom layers are the costly part of a CPU step: for EfficientNet-Lite0 at 224 px,
+batch 32, 2 threads (AMD EPYC Zen 3, AVX2) a step took 2.27 s trained whole, 1.22 s with K = 3.
 ``freeze_bn`` keeps every BatchNorm in eval mode with frozen affine parameters.
 
 AdamW, linear warm-up then cosine decay (per step), label smoothing, early stopping on the
@@ -135,6 +139,7 @@ class TrainConfig:
     metric: str = "macro_f1"
     balance: str = "none"
     unfreeze_every: int = 1
+    freeze_bottom: int = 0  # fine-tune / gradual-unfreeze: the bottom K backbone layer groups stay frozen
     freeze_bn: bool = False
     sync_bn: bool = False  # SyncBatchNorm across processes (CUDA/NCCL only)
     augment: bool | None = None  # None = on, except for cached feature-extract
@@ -304,7 +309,7 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
         raise EdgetlError("weights is given with pretrained = none", hint="drop --weights, or use --pretrained imagenet")
     if cfg.weights and not Path(cfg.weights).is_file():
         raise EdgetlError(f"--weights {cfg.weights}: no such file")
-    for key, lo in (("batch_size", 1), ("unfreeze_every", 1), ("patience", 0)):
+    for key, lo in (("batch_size", 1), ("unfreeze_every", 1), ("patience", 0), ("freeze_bottom", 0)):
         if getattr(cfg, key) < lo:
             raise EdgetlError(f"{key} = {getattr(cfg, key)} must be at least {lo}")
     if cfg.epochs is not None and cfg.epochs < 1:
@@ -317,6 +322,9 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.sync_bn and (cfg.freeze_bn or cfg.mode == "feature-extract"):
         raise EdgetlError(f"sync_bn = true has nothing to synchronise: BatchNorm is frozen "
                           f"({'--freeze-bn' if cfg.freeze_bn else '--mode feature-extract'})", hint="drop --sync-bn")
+    if cfg.mode == "feature-extract" and cfg.freeze_bottom:
+        raise EdgetlError(f"freeze_bottom = {cfg.freeze_bottom} has nothing to do in --mode feature-extract (the whole "
+                          "backbone is frozen)", hint="drop --freeze-bottom, or use --mode fine-tune")
     if cfg.mode != "feature-extract" and cfg.cache:
         raise EdgetlError(f"cache = true only applies to --mode feature-extract (mode is {cfg.mode})",
                           hint="drop --cache")
@@ -581,12 +589,14 @@ def _lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
 
 
 def unfrozen_groups(cfg: TrainConfig, epoch: int, n_groups: int) -> int:
-    """How many backbone layer groups (from the top) train in ``epoch`` (0-based)."""
+    """How many backbone layer groups (from the top) train in ``epoch`` (0-based); the bottom
+    ``freeze_bottom`` never do."""
+    trainable = max(0, n_groups - cfg.freeze_bottom)
     if cfg.mode == "feature-extract":
         return 0
     if cfg.mode == "fine-tune":
-        return n_groups
-    return min(n_groups, epoch // cfg.unfreeze_every)
+        return trainable
+    return min(trainable, epoch // cfg.unfreeze_every)
 
 
 def _batchnorms(module):
@@ -841,6 +851,11 @@ def _build_model(job: _Job) -> None:
     if job.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model, built = build_classifier(cfg.backbone, len(job.data.labels), cfg.pretrained, cfg.weights, cfg.dropout)
+    if cfg.freeze_bottom >= len(model.layer_groups):
+        raise EdgetlError(f"freeze_bottom = {cfg.freeze_bottom} leaves nothing of the backbone to train: {cfg.backbone} "
+                          f"has {len(model.layer_groups)} layer groups",
+                          hint=f"pass --freeze-bottom {len(model.layer_groups) - 1} or less, or --mode feature-extract "
+                               "to freeze the whole backbone")
     if cfg.sync_bn:
         if job.device.type != "cuda":
             raise EdgetlError("--sync-bn needs CUDA: torch's SyncBatchNorm runs on GPUs (NCCL), not on the CPU (gloo)",
@@ -859,7 +874,8 @@ def _build_model(job: _Job) -> None:
     ddp = (f"; {dist.world_size} processes ({dist.backend}{', SyncBatchNorm' if job.sync_bn else ''}), batch "
            f"{cfg.batch_size} each = {dist.world_size * cfg.batch_size} global, lr x {job.lr_scale:g}") if dist.active else ""
     job.rep.log(f"model: {cfg.backbone} ({cfg.pretrained}{', ' + built.weights.get('source', '') if cfg.pretrained != 'none' else ''}), "
-                f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {job.n_groups} layer groups; "
+                f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {job.n_groups} layer groups"
+                f"{f' (bottom {cfg.freeze_bottom} frozen)' if cfg.freeze_bottom else ''}; "
                 f"mode {cfg.mode}; input {spec.input_size[0]}x{spec.input_size[1]} {spec.resize}; device {job.device}"
                 f"{' (AMP)' if job.amp else ''}; augment {'on' if aug else 'off'}; balance {cfg.balance}{ddp}")
 
@@ -1194,7 +1210,7 @@ def _write_run(job: _Job, results: dict[str, Any], metrics: dict[str, Any], over
                       "metrics": {"val": summary(results.get("val")), "test": summary(results.get("test"))},
                       "selection_metric": cfg.metric, "best_epoch": job.best["epoch"], "epochs_run": len(job.history),
                       "epochs": cfg.epochs, "augment": bool(cfg.augment_config), "balance": cfg.balance,
-                      "freeze_bn": cfg.freeze_bn,
+                      "freeze_bn": cfg.freeze_bn, "freeze_bottom": cfg.freeze_bottom,
                       "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
                       "amp": job.amp, "time_s": round(train_time, 2), "torch": torch.__version__, "config": CONFIG_FILE,
                       "world_size": dist.world_size, "backend": dist.backend or "none", "sync_bn": job.sync_bn,

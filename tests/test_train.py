@@ -236,6 +236,43 @@ def test_unfreeze_schedule_and_trainable_groups():
     assert top.training and not lower.training and model.head.weight.requires_grad
 
 
+def test_freeze_bottom_keeps_the_bottom_groups_as_they_were(folder, tmp_path):
+    """fine-tune with --freeze-bottom 1: the bottom group's weights AND BatchNorm statistics are
+    bit-identical to the start weights after training; the groups above and the head moved."""
+    from safetensors.torch import load_file
+
+    from edgetl.backbones import build_classifier
+    from edgetl.train import validate_config
+
+    cfg = validate_config(TrainConfig(mode="gradual-unfreeze", unfreeze_every=1, freeze_bottom=1, backbone="tiny_cnn"))
+    assert [unfrozen_groups(cfg, e, 3) for e in range(5)] == [0, 1, 2, 2, 2]
+    res = train_run(folder, tmp_path / "run", quiet=True, patience=0, mode="fine-tune", epochs=2, lr=0.05,
+                    batch_size=8, backbone_lr_factor=1.0, freeze_bottom=1, **TINY)
+    assert [h["unfrozen_groups"] for h in res.history] == [2, 2]
+    torch.manual_seed(0)  # train_run seeds 0 before building: the same start weights
+    start = build_classifier("tiny_cnn", 3, pretrained="none")[0].state_dict()
+    end = load_file(str(res.out / "model.safetensors"))
+    bottom = [k for k in start if k.startswith("backbone.0.")]
+    assert any("running_mean" in k for k in bottom)
+    assert all(torch.equal(start[k], end[k]) for k in bottom), "the frozen bottom group changed"
+    assert not torch.equal(start["backbone.1.0.weight"], end["backbone.1.0.weight"])
+    assert not torch.equal(start["head.weight"], end["head.weight"])
+    assert load_run(res.out).manifest.training["freeze_bottom"] == 1
+
+
+@pytest.mark.parametrize("opts, words", [
+    (dict(mode="fine-tune", freeze_bottom=3), "freeze_bottom = 3 leaves nothing of the backbone to train"),
+    (dict(mode="feature-extract", freeze_bottom=1), "freeze_bottom = 1 has nothing to do in --mode feature-extract"),
+    (dict(mode="fine-tune", freeze_bottom=-1), "freeze_bottom = -1 must be at least 0"),
+])
+def test_freeze_bottom_refuses_what_cannot_work(folder, tmp_path, opts, words):
+    from edgetl.runtime.errors import EdgetlError
+
+    with pytest.raises(EdgetlError, match=words):
+        train_run(folder, tmp_path / "run", quiet=True, epochs=1, **TINY, **opts)
+    assert not (tmp_path / "run").exists()
+
+
 def test_feature_cache_on_disk_is_reused(folder, tmp_path, capsys):
     opts = dict(mode="feature-extract", epochs=2, cache_dir=str(tmp_path / "cache"), **TINY)
     a = train_run(folder, tmp_path / "a", **opts)

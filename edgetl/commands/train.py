@@ -60,6 +60,10 @@ def _d(value) -> str:
 @click.option("--unfreeze-every", type=int,
               help="gradual-unfreeze: one more backbone layer group (from the top) every N epochs; the head "
                    "alone for the first N." + _d(D.unfreeze_every))
+@click.option("--freeze-bottom", type=int, metavar="K",
+              help="fine-tune / gradual-unfreeze: the backbone's bottom K layer groups (stem first) stay frozen: "
+                   "ImageNet's low-level features kept, and a CPU step much cheaper (Lite0, K=3: about half the "
+                   "time)." + _d(D.freeze_bottom))
 @click.option("--freeze-bn/--no-freeze-bn", default=None,
               help="Keep BatchNorm statistics and affine frozen (eval mode) while training. [default: off]")
 @click.option("--augment/--no-augment", default=None,
