@@ -510,8 +510,24 @@ def gate_markdown(g: Mapping[str, Any], title: str = "Accuracy gate") -> str:
     return "\n".join(lines)
 
 
+def notes_markdown(report: Mapping[str, Any]) -> list[str]:
+    """report.json's ``notes`` (what a command said about the artifact, e.g. the compile's note that an ARM
+    target's gate ran on x86 kernels) as report.md's "Notes" section; both tasks' renderers use it."""
+    notes = report.get("notes") or []
+    return ["## Notes", "", *(f"- {n}" for n in notes), ""] if notes else []
+
+
+def render_report(report: Mapping[str, Any]) -> str:
+    """report.md of either task, rendered from report.json's content alone (the one way report.md is written)."""
+    if report.get("task") == "detection":
+        from .detect.compile import render_report as render_detection
+
+        return render_detection(dict(report))
+    return render_report_md(report)
+
+
 def render_report_md(report: Mapping[str, Any]) -> str:
-    """report.md, rendered from report.json's content (so a re-check re-renders it)."""
+    """report.md of a classification artifact, rendered from report.json's content (so a re-check re-renders it)."""
     g = report.get("gate")
     deployable = bool(report.get("deployable"))
     head = ("**VERIFIED: the quantized model passed its accuracy gate: deployable.**" if deployable else
@@ -521,6 +537,7 @@ def render_report_md(report: Mapping[str, Any]) -> str:
     if src:
         arch = f", architecture `{src['arch']}`" if src.get("arch") else ""
         lines += [f"Model trained outside edgetl: `{src.get('file')}` (sha256 `{str(src.get('sha256'))[:16]}…`{arch}).", ""]
+    lines += notes_markdown(report)
     q = report.get("quantization") or {}
     if q:
         lines += ["## Quantization", "", "| | |", "| --- | --- |"]
@@ -623,7 +640,7 @@ def write_report(folder: Path, report: Mapping[str, Any], labels: Sequence[str],
 
     folder = Path(folder)
     atomic_write(folder / REPORT_JSON, json.dumps(report, indent=2, default=_json_default) + "\n")
-    atomic_write(folder / REPORT_MD, keep_bench_section(folder / REPORT_MD, render_report_md(report)))
+    atomic_write(folder / REPORT_MD, keep_bench_section(folder / REPORT_MD, render_report(report)))
     names = [REPORT_JSON, REPORT_MD]
     if gate is not None:
         title = f"quantized ({(gate.runner or {}).get('backend', '?')})"
@@ -864,5 +881,5 @@ def deployable(manifest: Manifest) -> bool:
 __all__ = ["Checkset", "GateResult", "Speed", "Thresholds", "check_artifact", "decisive", "deployable", "evaluate",
            "next_steps",
            "gate_from_logits", "with_verdict",
-           "load_checkset", "measure_speed", "paired_bootstrap_drop", "record_gate", "render_report_md", "wilson",
-           "write_report"]
+           "load_checkset", "measure_speed", "paired_bootstrap_drop", "notes_markdown", "record_gate", "render_report",
+           "render_report_md", "wilson", "write_report"]

@@ -209,15 +209,12 @@ def foreign_kernels_note(profile: TargetProfile) -> str | None:
 
 
 def _add_report_notes(folder: Path, notes: list[str]) -> None:
-    """Record ``notes`` in report.json (``notes``) and under "Notes" in report.md, then reseal."""
-    from .check import REPORT_JSON, REPORT_MD
+    """Record ``notes`` in report.json (``notes``), re-render report.md from it, then reseal."""
+    from .check import REPORT_JSON, write_report
 
     report = json.loads((folder / REPORT_JSON).read_text(encoding="utf-8"))
     report["notes"] = list(report.get("notes") or []) + [n for n in notes if n not in (report.get("notes") or [])]
-    (folder / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    md = (folder / REPORT_MD).read_text(encoding="utf-8").split("\n## Notes\n")[0].rstrip()
-    md += "\n\n## Notes\n\n" + "\n".join(f"- {n}" for n in report["notes"]) + "\n"
-    (folder / REPORT_MD).write_text(md, encoding="utf-8")
+    write_report(folder, report, labels=())
     seal(folder, read_manifest(folder))
 
 

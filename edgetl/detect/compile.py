@@ -279,13 +279,15 @@ def write_float_artifact(d: Path, run_manifest: Manifest, mat: Material, parity:
 
 
 def render_report(report: dict[str, Any]) -> str:
-    """report.md of a detection artifact: the verdict, the ladder, each gate."""
+    """report.md of a detection artifact: the verdict, the notes, the ladder, each gate."""
+    from ..check import notes_markdown
     from .gate import det_gate_markdown
 
     lines = [f"# {report.get('name', 'artifact')}: detection", ""]
     if "deployable" in report:
         lines += [("**VERIFIED**: the gate that decides this artifact passed" if report["deployable"] else
                    "**NOT DEPLOYABLE**: the gate that decides this artifact failed (see below)"), ""]
+    lines += notes_markdown(report)
     esc = report.get("escalation") or []
     if esc:
         lines += ["## Quantization ladder", "", "| step | round | float layers | mAP@0.5 quantized | drop (pts) | "
@@ -347,6 +349,12 @@ def compile_detection(run_path: str | Path, out: str | Path, profile: Any, calib
         if profile.backend != "onnxruntime":
             progress(f"build: {profile.backend}")
             outcome = build_artifact(d, profile, speed_check=speed_check, progress=progress)
+        from ..compile import _add_report_notes, foreign_kernels_note
+
+        foreign = foreign_kernels_note(profile)  # an ARM target gated on this x86 machine's kernels, as classification's
+        if foreign:
+            _add_report_notes(d, [foreign])
+            outcome.notes.insert(0, foreign)
     return read_manifest(out), outcome
 
 
