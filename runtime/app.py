@@ -252,6 +252,9 @@ class AppOptions:
     summary_json: Path | None = None
     window: str = "edgetl"
     serve: str | None = None  # HOST:PORT: the annotated stream(s) as MJPEG, a status page, /health
+    mqtt: str | None = None  # mqtt://HOST[:PORT]: publish the JSON lines there (edgetl.runtime.mqtt)
+    mqtt_topic: str | None = None
+    mqtt_qos: int = 0
 
 
 def display_available() -> tuple[bool, str]:
@@ -465,8 +468,10 @@ def make_stream(model: Model, source: Any, options: StreamOptions, stop: threadi
 class _Outputs:
     """What ``edgetl run`` does with each result: JSON lines, the window, ``--save``, ``--serve``."""
 
-    def __init__(self, stream: Any, app: AppOptions, headless: bool, out: IO[str], note: Note, server: Any = None):
+    def __init__(self, stream: Any, app: AppOptions, headless: bool, out: IO[str], note: Note, server: Any = None,
+                 mqtt: Any = None):
         self.stream, self.app, self.headless, self.out, self.server = stream, app, headless, out, server
+        self.mqtt = mqtt  # an edgetl.runtime.mqtt.MqttPublisher: each JSON line also goes there
         self.json_out = headless or app.events
         self.saver = VideoSaver(app.save, note=note) if app.save is not None else None  # checked before the start
         self.multi = not isinstance(stream, Stream)
@@ -487,16 +492,12 @@ class _Outputs:
         head = self.stream.head_of(r)
         if self.server is not None:
             self.server.observe(r)
-        if self.json_out and (head.wanted(r) or not self.app.events):
-            try:
-                self.out.write(_json_line(r, head))
-                self.out.flush()
-            except BrokenPipeError:  # e.g. `edgetl run ... | head`: stop quietly
-                self.json_out = False
-                if self.out is sys.stdout:  # python docs' recipe: no second error at exit
-                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-                self.stream.stop_reason = "stdout closed"
-                self.stream.stop.set()
+        if (self.json_out or self.mqtt is not None) and (head.wanted(r) or not self.app.events):
+            line = _json_line(r, head)
+            if self.mqtt is not None:
+                self.mqtt.publish(line[:-1])  # the same JSON object, without the newline
+            if self.json_out:
+                self._write(line)
         watched = self.server is not None and self.server.watched()
         if self.saver is None and self.headless and not watched:
             return
@@ -514,14 +515,32 @@ class _Outputs:
                 self.stream.stop_reason = "window closed"
                 self.stream.stop.set()
 
+    def _write(self, line: str) -> None:
+        try:
+            self.out.write(line)
+            self.out.flush()
+        except BrokenPipeError:  # e.g. `edgetl run ... | head`: stop quietly
+            self.json_out = False
+            if self.out is sys.stdout:  # python docs' recipe: no second error at exit
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            self.stream.stop_reason = "stdout closed"
+            self.stream.stop.set()
+
     def tail(self) -> None:
         """The end of the stream: e.g. the exits of the tracks still in view when a source ended."""
-        heads = [lane.head for lane in self.stream.lanes] if self.multi else [self.stream.head]
-        for head in heads:
+        lanes = [(lane.name, lane.head) for lane in self.stream.lanes] if self.multi else [(None, self.stream.head)]
+        for name, head in lanes:
             tail = head.finish()
-            if self.json_out and tail:
-                self.out.write(json.dumps({"t": round(time.time(), 3), "events": tail}) + "\n")
-                self.out.flush()
+            if tail and (self.json_out or self.mqtt is not None):
+                obj: Dict[str, Any] = {"t": round(time.time(), 3)}
+                if name is not None:
+                    obj["source"] = name
+                obj["events"] = tail
+                line = json.dumps(obj)
+                if self.mqtt is not None:
+                    self.mqtt.publish(line)
+                if self.json_out:
+                    self._write(line + "\n")
 
     def close(self) -> None:
         if self.saver is not None:
@@ -555,25 +574,36 @@ def run_app(model: Model, source: Any, options: StreamOptions, app: AppOptions,
     _check_multi(stream, app)
     if app.summary_json is not None:
         _writable_file(Path(app.summary_json), "--summary-json")  # before the run, not after it
+    publisher = None
+    if app.mqtt is not None:  # the broker must answer before any frame or output file
+        from .mqtt import MqttPublisher
+        publisher = MqttPublisher(app.mqtt, app.mqtt_topic, app.mqtt_qos, note=note).start()
     server = None
-    if app.serve is not None:
-        from .serve import StatusServer
-        server = StatusServer(stream, app.serve, note=note).start()
     try:
+        if app.serve is not None:
+            from .serve import StatusServer
+            server = StatusServer(stream, app.serve, note=note).start()
         headless = app.headless or not _open_window(app.window, note)
-        outputs = _Outputs(stream, app, headless, out, note, server)
+        outputs = _Outputs(stream, app, headless, out, note, server, publisher)
         summary, error = _drive(stream, outputs, stop)
     finally:
         if server is not None:
             server.close()
+        mqtt_summary = publisher.close() if publisher is not None else None
     if outputs.saver is not None:
         summary["saved"] = {"path": str(app.save), "frames": outputs.saver.frames, "fps": outputs.saver.fps}
+    if mqtt_summary is not None:
+        summary["mqtt"] = mqtt_summary
     summary_out = err if outputs.json_out else out  # stdout stays pure JSON lines
     if outputs.multi:
         from .multi import format_multi_summary
-        print(format_multi_summary(summary), file=summary_out, flush=True)
+        text = format_multi_summary(summary)
     else:
-        print(format_summary(summary), file=summary_out, flush=True)
+        text = format_summary(summary)
+    if mqtt_summary is not None:
+        from .mqtt import format_mqtt_summary
+        text += "\n" + format_mqtt_summary(mqtt_summary)
+    print(text, file=summary_out, flush=True)
     if app.summary_json is not None:
         _write_summary_json(Path(app.summary_json), summary)
     if error is not None:

@@ -89,6 +89,7 @@ OPTIONAL_MODULES = {
     "openvino": ("openvino", "openvino"),
     "tensorrt": ("tensorrt", "tensorrt"),
     "cuda": ("cuda-python", "tensorrt"),
+    "paho": ("paho-mqtt", "mqtt"),  # edgetl run --mqtt
 }
 
 

@@ -34,6 +34,13 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--serve", default=None, metavar="HOST:PORT",
               help="Serve the annotated stream(s) as MJPEG over HTTP, a status page and /health (JSON), e.g. "
                    "127.0.0.1:8080 (a port alone binds 127.0.0.1; 0.0.0.0:8080 opens it to the network).")
+@click.option("--mqtt", default=None, metavar="mqtt://HOST[:PORT]",
+              help="Also publish each JSON line (the --headless/--events output) to this MQTT broker (port 1883 "
+                   "by default; needs edgetl[mqtt]). The broker must answer at start; when it is lost mid-run the "
+                   "run goes on, reconnects, and the summary counts the messages dropped.")
+@click.option("--topic", default=None, metavar="TOPIC", help="The MQTT topic to publish to (with --mqtt), e.g. plant/line1.")
+@click.option("--mqtt-qos", default=0, show_default=True, type=click.IntRange(0, 1), metavar="0|1",
+              help="MQTT QoS: 0 drops messages while the broker is away, 1 queues them (up to 1000) and resends.")
 @click.option("--backend", default=None, help="Which build of the artifact to run (default: its first build).")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Override a backend option of the build (repeatable), e.g. intra_op_threads=2.")
@@ -71,7 +78,8 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--summary-json", default=None, type=click.Path(path_type=Path), metavar="FILE",
               help="Also write the end-of-run summary as JSON.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artifact's files at start.")
-def run(artifact: Path, sources: tuple[str, ...], sources_file: Path | None, serve: str | None, backend: str | None, options: tuple[str, ...], headless: bool, events: bool,
+def run(artifact: Path, sources: tuple[str, ...], sources_file: Path | None, serve: str | None, mqtt: str | None,
+        topic: str | None, mqtt_qos: int, backend: str | None, options: tuple[str, ...], headless: bool, events: bool,
         top_k: int, roi: str | None, smooth: float, threshold: float, track: bool, count_line: str | None,
         realtime: bool, fps: float | None,
         save: Path | None, max_frames: int | None, duration: float | None, reconnect_timeout: float,
@@ -85,6 +93,7 @@ def run(artifact: Path, sources: tuple[str, ...], sources_file: Path | None, ser
     [x1, y1, x2, y2]} (+ "id" with --track)], "counts": {label: n}} instead of label/score/top_k,
     and "events"/"line_counts" with --track/--count-line. A summary (frames, FPS, latency p50/p90,
     drops, skipped images; detections and line counts) goes to stderr at exit (stdout in window mode). Images an --roi does not fit are skipped and listed there.
+    --mqtt URL --topic T publishes the same JSON objects (one message per line) to an MQTT broker.
 
     Live sources keep only the newest frame (stale frames are dropped and counted) and are reopened
     with back-off when lost, when they send nothing, or when not up yet at start; files are
@@ -107,6 +116,7 @@ def run(artifact: Path, sources: tuple[str, ...], sources_file: Path | None, ser
       edgetl run artifacts/elpv --source 'shots/*.png' --headless --top-k 2 --backend openvino
       edgetl run artifacts/cells-det --source belt.mp4 --headless --count-line 640,0,640,720 --events
       edgetl run artifacts/elpv -s left=rtsp://10.0.0.5/a -s right=rtsp://10.0.0.6/a --headless --serve :8080
+      edgetl run artifacts/elpv --source rtsp://10.0.0.5/a --headless --events --mqtt mqtt://10.0.0.2 --topic line1
     """
     from ..runtime.app import AppOptions, StreamOptions, run_app
     from ..runtime.errors import EdgetlError
@@ -122,12 +132,18 @@ def run(artifact: Path, sources: tuple[str, ...], sources_file: Path | None, ser
     if serve is not None:
         from ..runtime.serve import parse_address
         parse_address(serve)  # a bad HOST:PORT is refused before the artifact loads
+    if mqtt is not None or topic is not None:
+        from ..runtime.errors import require
+        from ..runtime.mqtt import check_options
+        check_options(mqtt, topic, mqtt_qos)  # before the artifact loads, like --serve
+        require("edgetl run --mqtt", "paho")
 
     stream_opts = StreamOptions(top_k=top_k, roi=roi, smooth=smooth, threshold=threshold,
                                 realtime=True if realtime else None, fps=fps, reconnect_timeout=reconnect_timeout,
                                 max_frames=max_frames, duration=duration, decode_threads=decode_threads,
                                 track=track or bool(count_line), count_line=count_line)
-    app_opts = AppOptions(headless=headless, events=events, save=save, summary_json=summary_json, serve=serve)
+    app_opts = AppOptions(headless=headless, events=events, save=save, summary_json=summary_json, serve=serve,
+                          mqtt=mqtt, mqtt_topic=topic, mqtt_qos=mqtt_qos)
     model = load(artifact, backend=backend, options=_parse_options(options), verify=not no_verify)
     try:
         run_app(model, uris, stream_opts, app_opts)
