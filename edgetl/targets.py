@@ -421,7 +421,7 @@ def _builtin_dir():
         import importlib
 
         return Path(importlib.import_module("edgetl.target_profiles").__file__).parent
-    return resources.files("edgetl.target_profiles")
+    return resources.files("edgetl.target_profiles")  # novermin: 3.8 takes the branch above
 
 
 def list_targets() -> list[TargetProfile]:

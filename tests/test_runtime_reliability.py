@@ -3,11 +3,9 @@ folders, ONNX models, sockets on 127.0.0.1 and subprocesses of the CLI; each tes
 
 from __future__ import annotations
 
-import ast
 import io
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -237,74 +235,8 @@ def test_an_image_declaring_a_huge_size_is_refused_before_decoding(tmp_path, mon
 
 # ---- finding 11: the device runtime runs on Python 3.8 (JetPack 5) -------------------------------------
 
-def test_vermin_finds_the_runtime_runs_on_python_3_8():
-    vermin = shutil.which("vermin") or (shutil.which("vermin", path=str(Path(sys.executable).parent)))
-    if vermin is None:
-        pytest.skip("vermin is not installed (pip install 'edgetl[dev]'): the static minimum-Python check needs it")
-    # every runtime module has `from __future__ import annotations` (checked below), so annotations are
-    # never evaluated: vermin's default (not --eval-annotations) is the right reading of them
-    r = subprocess.run([vermin, "--no-config-file", "--no-tips", "--violations", "--target=3.8-", str(RUNTIME)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
-    found = re.search(r"Minimum required versions:\s*(\d+)\.(\d+)", r.stdout)
-    assert found, r.stdout
-    assert (int(found.group(1)), int(found.group(2))) <= (3, 8), r.stdout
-
-
-_GENERIC_BUILTINS = {"tuple", "list", "dict", "set", "frozenset", "type"}
-_GENERIC_ATTRS = {"deque", "OrderedDict", "defaultdict", "Counter", "Callable", "Iterable", "Sequence", "Mapping"}
-_TYPE_NAMES = {"int", "str", "float", "bool", "bytes", "list", "dict", "tuple", "set", "type", "object"}
-
-
-def _py39_at_runtime(tree: ast.Module) -> list:
-    """What vermin misses: ``tuple[...]``-style subscripts and ``X | Y`` unions that Python 3.8 would
-    evaluate (outside annotations, or in annotations of a module without the __future__ import)."""
-    future = any(isinstance(n, ast.ImportFrom) and n.module == "__future__" and
-                 any(a.name == "annotations" for a in n.names) for n in tree.body)
-    skip = set()
-    if future:
-        for node in ast.walk(tree):
-            anns = []
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                a = node.args
-                anns += [x.annotation for x in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg]
-                         if x is not None and x.annotation is not None]
-                anns.append(node.returns)
-            elif isinstance(node, ast.AnnAssign):
-                anns.append(node.annotation)
-            for ann in anns:
-                if ann is not None:
-                    skip.update(id(n) for n in ast.walk(ann))
-    bad = []
-    for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
-        if isinstance(node, ast.Subscript):
-            v = node.value
-            if (isinstance(v, ast.Name) and v.id in _GENERIC_BUILTINS) or \
-                    (isinstance(v, ast.Attribute) and v.attr in _GENERIC_ATTRS and isinstance(v.value, ast.Name)
-                     and v.value.id in ("collections", "abc")):
-                bad.append((node.lineno, ast.unparse(node)))
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
-            sides = (node.left, node.right)
-            if any((isinstance(s, ast.Name) and s.id in _TYPE_NAMES) or (isinstance(s, ast.Constant) and s.value is None)
-                   for s in sides):
-                bad.append((node.lineno, ast.unparse(node)))
-        if isinstance(node, ast.Attribute) and node.attr in ("removeprefix", "removesuffix", "get_type_hints"):
-            bad.append((node.lineno, ast.unparse(node)))
-    return bad
-
-
-def test_no_python_3_9_construct_is_evaluated_when_the_runtime_imports():
-    found = {}
-    for path in sorted(RUNTIME.rglob("*.py")):
-        bad = _py39_at_runtime(ast.parse(path.read_text(encoding="utf-8")))
-        if bad:
-            found[str(path.relative_to(REPO))] = bad
-    assert not found, f"Python 3.8 (JetPack 5) would fail on: {found}"
-    # the checker itself catches what it is for
-    assert _py39_at_runtime(ast.parse("Roi = tuple[int, int]\nx = isinstance(1, int | None)"))
-    assert not _py39_at_runtime(ast.parse("from __future__ import annotations\ndef f(a: list[int]) -> int | None: ..."))
+# vermin and the AST check of what Python 3.8 evaluates cover the runtime and the other device-side
+# modules in tests/test_device_python.py, which also runs the device commands on a real Python 3.8.
 
 
 def _python38() -> str:
