@@ -147,93 +147,103 @@ def _find_run(manifest: Manifest, artifact: Path, run: Path | None) -> Path | No
     return None
 
 
-def plan(artifact: Path, manifest: Manifest, run: Path | None, threads: int,
-         rows: tuple[str, ...]) -> tuple[list[Candidate], dict[str, str]]:
-    from .runtime.runners import open_runner
+class _Planner:
+    """The rows asked for, each a Candidate or a reason it was skipped."""
 
-    cands: list[Candidate] = []
-    skipped: dict[str, str] = {}
-    fp32 = artifact / "model_fp32.onnx"
-    int8 = artifact / "model_int8.onnx"
-    ort_opts = {"intra_op_threads": threads, "inter_op_threads": 1}
-    ov_base = {"device": "CPU", "performance_hint": "LATENCY", "num_streams": 1, "threads": threads}
+    def __init__(self, artifact: Path, manifest: Manifest, rows: tuple[str, ...]):
+        self.artifact, self.manifest, self.rows = artifact, manifest, rows
+        self.cands: list[Candidate] = []
+        self.skipped: dict[str, str] = {}
 
-    def want(name: str) -> bool:
-        return name in rows
+    def want(self, name: str) -> bool:
+        return name in self.rows
 
-    # PyTorch eager
-    if want("torch-nchw") or want("torch-channels-last"):
-        reason = None
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            reason = "torch is not installed (pip install 'edgetl[train]')"
-        run_dir = _find_run(manifest, artifact, run)
-        if reason is None and run_dir is None:
-            reason = "the float run is not available here (pass --run RUN)"
-        for name, cl in (("torch-nchw", False), ("torch-channels-last", True)):
-            if not want(name):
-                continue
-            if reason:
-                skipped[name] = reason
-                continue
+    def skip(self, names: tuple[str, ...], reason: str) -> None:
+        self.skipped.update({n: reason for n in names if self.want(n)})
 
-            def make(cl=cl, run_dir=run_dir):
-                return _TorchPredictor(_float_model(run_dir, manifest.task), cl, threads)
-            cands.append(Candidate(name, "torch", f"PyTorch eager FP32 ({'channels_last' if cl else 'NCHW'})",
-                                   _size(Path(run_dir) / "model.safetensors"), make, spec=manifest.preprocess))
+    def add_runner(self, name, backend, label, path: Path, opts: dict, size_paths: list[Path], build_input=None):
+        from .runtime.runners import open_runner
 
-    def add_runner(name, backend, label, path: Path, opts: dict, size_paths: list[Path], build_input=None):
-        if not want(name):
+        if not self.want(name):
             return
         if not path.exists():
-            skipped[name] = f"{path.name} is not in the artifact"
+            self.skipped[name] = f"{path.name} is not in the artifact"
             return
-        cands.append(Candidate(name, backend, label, _size(*size_paths), lambda: open_runner(backend, path, opts),
-                               spec=build_input_spec(manifest.preprocess, build_input)))
+        self.cands.append(Candidate(name, backend, label, _size(*size_paths), lambda: open_runner(backend, path, opts),
+                                    spec=build_input_spec(self.manifest.preprocess, build_input)))
 
-    add_runner("ort-fp32", "onnxruntime", "ONNX Runtime FP32", fp32, ort_opts, [fp32])
-    add_runner("ort-int8", "onnxruntime", "ONNX Runtime INT8 (QDQ)", int8, ort_opts, [int8])
-    ov_ok = True
+
+def plan(artifact: Path, manifest: Manifest, run: Path | None, threads: int,
+         rows: tuple[str, ...]) -> tuple[list[Candidate], dict[str, str]]:
+    p = _Planner(artifact, manifest, rows)
+    fp32, int8 = artifact / "model_fp32.onnx", artifact / "model_int8.onnx"
+    _plan_eager(p, run, threads)
+    ort_opts = {"intra_op_threads": threads, "inter_op_threads": 1}
+    p.add_runner("ort-fp32", "onnxruntime", "ONNX Runtime FP32", fp32, ort_opts, [fp32])
+    p.add_runner("ort-int8", "onnxruntime", "ONNX Runtime INT8 (QDQ)", int8, ort_opts, [int8])
+    _plan_openvino(p, threads)
+    _plan_tensorrt(p)
+    return p.cands, p.skipped
+
+
+def _plan_eager(p: _Planner, run: Path | None, threads: int) -> None:
+    """PyTorch eager FP32 of the artifact's float run, NCHW and channels_last."""
+    names = ("torch-nchw", "torch-channels-last")
+    if not any(p.want(n) for n in names):
+        return
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return p.skip(names, "torch is not installed (pip install 'edgetl[train]')")
+    run_dir = _find_run(p.manifest, p.artifact, run)
+    if run_dir is None:
+        return p.skip(names, "the float run is not available here (pass --run RUN)")
+    for name, cl in zip(names, (False, True)):
+        if p.want(name):
+            def make(cl=cl, run_dir=run_dir):
+                return _TorchPredictor(_float_model(run_dir, p.manifest.task), cl, threads)
+            p.cands.append(Candidate(name, "torch", f"PyTorch eager FP32 ({'channels_last' if cl else 'NCHW'})",
+                                     _size(Path(run_dir) / "model.safetensors"), make, spec=p.manifest.preprocess))
+
+
+def _plan_openvino(p: _Planner, threads: int) -> None:
+    """OpenVINO strict f32 and default precision of the float ONNX; INT8: the artifact's own build
+    (folded preprocessing included) when it has one, else the QDQ ONNX."""
     try:
         import openvino  # noqa: F401
     except ImportError:
-        ov_ok = False
-        for name in ("ov-f32", "ov-default", "ov-int8"):
-            if want(name):
-                skipped[name] = "openvino is not installed (pip install 'edgetl[openvino]')"
-    if ov_ok:
-        add_runner("ov-f32", "openvino", "OpenVINO strict f32", fp32, {**ov_base, "inference_precision": "f32"},
-                   [fp32])
-        add_runner("ov-default", "openvino", "OpenVINO default precision", fp32,
-                   {**ov_base, "inference_precision": "default"}, [fp32])
-        ov_build = next((b for b in manifest.builds if b.get("backend") == "openvino"), None)
-        if ov_build is not None:
-            xml = artifact / ov_build["model"]
-            opts = {**dict(ov_build.get("options") or {}), **ov_base}
-            opts.setdefault("inference_precision", "f32")
-            folded = " + folded preprocessing" if ov_build.get("input") else ""
-            add_runner("ov-int8", "openvino", f"OpenVINO INT8 (artifact build{folded})", xml, opts,
-                       [xml, xml.with_suffix(".bin")], build_input=ov_build.get("input"))
-        else:
-            add_runner("ov-int8", "openvino", "OpenVINO INT8 (from the QDQ ONNX)", int8,
-                       {**ov_base, "inference_precision": "f32"}, [int8])
-    if want("tensorrt"):
-        trt_build = next((b for b in manifest.builds if b.get("backend") == "tensorrt"), None)
-        try:
-            import tensorrt  # noqa: F401
-            trt_ok = True
-        except ImportError:
-            trt_ok = False
-            skipped["tensorrt"] = ("tensorrt cannot be imported here (TensorRT runs on NVIDIA devices: run the bench "
-                                   "there; on an x86 host with CUDA: pip install 'edgetl[tensorrt]')")
-        if trt_ok:
-            if trt_build is None:
-                skipped["tensorrt"] = "the artifact has no TensorRT build (run `edgetl build ARTIFACT` on the device)"
-            else:
-                add_runner("tensorrt", "tensorrt", "TensorRT", artifact / trt_build["model"],
-                           dict(trt_build.get("options") or {}), [artifact / trt_build["model"]])
-    return cands, skipped
+        return p.skip(("ov-f32", "ov-default", "ov-int8"), "openvino is not installed (pip install 'edgetl[openvino]')")
+    fp32, int8 = p.artifact / "model_fp32.onnx", p.artifact / "model_int8.onnx"
+    ov_base = {"device": "CPU", "performance_hint": "LATENCY", "num_streams": 1, "threads": threads}
+    p.add_runner("ov-f32", "openvino", "OpenVINO strict f32", fp32, {**ov_base, "inference_precision": "f32"}, [fp32])
+    p.add_runner("ov-default", "openvino", "OpenVINO default precision", fp32,
+                 {**ov_base, "inference_precision": "default"}, [fp32])
+    ov_build = next((b for b in p.manifest.builds if b.get("backend") == "openvino"), None)
+    if ov_build is None:
+        return p.add_runner("ov-int8", "openvino", "OpenVINO INT8 (from the QDQ ONNX)", int8,
+                            {**ov_base, "inference_precision": "f32"}, [int8])
+    xml = p.artifact / ov_build["model"]
+    opts = {**dict(ov_build.get("options") or {}), **ov_base}
+    opts.setdefault("inference_precision", "f32")
+    folded = " + folded preprocessing" if ov_build.get("input") else ""
+    p.add_runner("ov-int8", "openvino", f"OpenVINO INT8 (artifact build{folded})", xml, opts,
+                 [xml, xml.with_suffix(".bin")], build_input=ov_build.get("input"))
+
+
+def _plan_tensorrt(p: _Planner) -> None:
+    """The artifact's TensorRT engine, where TensorRT imports (an NVIDIA device)."""
+    if not p.want("tensorrt"):
+        return
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return p.skip(("tensorrt",), "tensorrt cannot be imported here (TensorRT runs on NVIDIA devices: run the bench "
+                                     "there; on an x86 host with CUDA: pip install 'edgetl[tensorrt]')")
+    trt_build = next((b for b in p.manifest.builds if b.get("backend") == "tensorrt"), None)
+    if trt_build is None:
+        return p.skip(("tensorrt",), "the artifact has no TensorRT build (run `edgetl build ARTIFACT` on the device)")
+    engine = p.artifact / trt_build["model"]
+    p.add_runner("tensorrt", "tensorrt", "TensorRT", engine, dict(trt_build.get("options") or {}), [engine])
 
 
 # ------------------------------------------------------------------------------------------
