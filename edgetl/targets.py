@@ -188,11 +188,11 @@ def _plain(obj: Any) -> Any:
 # Validation
 # ------------------------------------------------------------------------------------------
 
-# ``int | None`` is a types.UnionType from Python 3.10; before, :func:`_hints` makes it a typing.Union
+# ``int | None`` is a types.UnionType from Python 3.10; before, :func:`dataclass_hints` makes it a typing.Union
 _UNIONS = (typing.Union, getattr(types, "UnionType", typing.Union))
 
 
-def _hints(cls: type) -> dict[str, Any]:
+def dataclass_hints(cls: type) -> dict[str, Any]:
     """The field types of dataclass ``cls``. Its annotations are strings (``from __future__ import
     annotations``) written in 3.10 syntax (``int | None``, ``tuple[str, ...]``), which
     ``typing.get_type_hints`` cannot evaluate on the device runtime's older Pythons (JetPack 5: 3.8;
@@ -263,7 +263,7 @@ def _build(cls: type, table: Any, where: str, prefix: str = "") -> Any:
     """Instantiate dataclass ``cls`` from a TOML table: unknown keys and wrong types name the key."""
     if not isinstance(table, Mapping):
         raise TargetError(f"{where}: [{prefix.rstrip('.')}] must be a table")
-    hints = _hints(cls)
+    hints = dataclass_hints(cls)
     known = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
     unknown = sorted(set(table) - set(known))
     if unknown:

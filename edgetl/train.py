@@ -7,8 +7,9 @@ Modes
 * ``fine-tune``: every layer trains; backbone LR = head LR x ``backbone_lr_factor`` (or ``backbone_lr``).
 * ``gradual-unfreeze``: the head first, then the backbone's ``layer_groups`` unfrozen from the top,
   one more group every ``unfreeze_every`` epochs, at the backbone LR.
-``freeze_bottom`` K (both modes above): the backbone's bottom K layer groups never train (their BatchNorm
-statistics included): ImageNet's low-level features kept, and the backward pass stops above them. The
+``freeze_bottom`` K (both modes above): the weights of the backbone's bottom K layer groups never train
+(ImageNet's low-level features kept; their BatchNorm statistics still follow the data unless
+``freeze_bn``), and the backward pass stops above them. The
 high-resolution bottom layers are the costly part of a CPU step: for EfficientNet-Lite0 at 224 px,
 batch 32, 2 threads (AMD EPYC Zen 3, AVX2) a step took 2.27 s trained whole, 1.22 s with K = 3.
 ``freeze_bn`` keeps every BatchNorm in eval mode with frozen affine parameters.
@@ -38,7 +39,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Dict, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -56,6 +57,7 @@ from .runs import (CHECKPOINT_FILE, CONFIG_FILE, CONFUSION_PNG, CURVES_PNG, DATA
 from .runtime.errors import EdgetlError
 from .runtime.manifest import Manifest, seal
 from .runtime.preprocess import RESIZE_POLICIES, PreprocessSpec
+from .targets import dataclass_hints
 
 MODES = ("feature-extract", "fine-tune", "gradual-unfreeze")
 SCALE_LR = ("none", "linear")
@@ -190,7 +192,7 @@ class TrainConfig:
 CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 # What may differ from the interrupted run when resuming (the rest would change what is trained).
 RESUME_MAY_CHANGE = ("data", "val", "test", "epochs", "patience", "device", "num_workers", "amp", "cache_dir")
-_HINTS = typing.get_type_hints(TrainConfig)
+_HINTS = dataclass_hints(TrainConfig)  # not typing.get_type_hints: `edgetl --help` imports this on Python 3.8
 
 
 def _type_names(hint: Any) -> str:
@@ -623,9 +625,12 @@ def set_trainable(model, n_unfrozen: int, freeze_bn: bool) -> None:
         p.requires_grad_(True)
 
 
-def set_train_mode(model, n_unfrozen: int, freeze_bn: bool) -> None:
+def set_train_mode(model, n_unfrozen: int, freeze_bn: bool, bottom: int = 0) -> None:
     """Training mode for what trains; frozen layers (and every BatchNorm with ``freeze_bn``) in
-    eval mode, so their running statistics do not move."""
+    eval mode, so their running statistics do not move. The BatchNorm layers of the ``bottom`` groups
+    (frozen for good by ``freeze_bottom``) follow the data as in fine-tuning: kept at ImageNet's
+    statistics, an ELPV model's INT8 build agreed with its float model on 95.7 % of the test cells
+    (fine-tuned whole: 98.0 %)."""
     groups = model.layer_groups
     model.train()
     if n_unfrozen < len(groups):
@@ -633,6 +638,10 @@ def set_train_mode(model, n_unfrozen: int, freeze_bn: bool) -> None:
         for group in groups[len(groups) - n_unfrozen:] if n_unfrozen else []:
             for m in group:
                 m.train()
+    for group in groups[:bottom]:
+        for m in group:
+            for bn in _batchnorms(m):
+                bn.train()
     if freeze_bn:
         for bn in _batchnorms(model):
             bn.eval()
@@ -682,7 +691,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-EpochCallback = Callable[[int, dict[str, Any]], None]
+EpochCallback = Callable[[int, Dict[str, Any]], None]  # evaluated at import: typing's Dict for Python 3.8
 
 
 def _log_data(rep: Reporter, data: LabelledData, cfg: TrainConfig) -> None:
@@ -1031,7 +1040,7 @@ def _train_epoch(job: _Job, epoch: int) -> dict[str, Any]:
     cfg, dist, device = job.cfg, job.dist, job.device
     n_unf = unfrozen_groups(cfg, epoch, job.n_groups)
     set_trainable(job.model, n_unf, cfg.freeze_bn)
-    set_train_mode(job.model, n_unf, cfg.freeze_bn)
+    set_train_mode(job.model, n_unf, cfg.freeze_bn, cfg.freeze_bottom if cfg.mode != "feature-extract" else 0)
     net = _step_net(job, n_unf)
     how = "features" if cfg.cached else "frozen" if n_unf == 0 else "full"
     if dist.active:

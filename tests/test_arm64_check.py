@@ -267,7 +267,7 @@ def test_the_note_goes_into_report_files_and_stays_sealed(tmp_path):
 # ---- found by the bullseye root (Python 3.9): target profiles load on the device's older Pythons -------
 
 def test_profile_field_types_without_pep604(monkeypatch):
-    """On Python < 3.10 typing.get_type_hints cannot evaluate ``int | None``: edgetl.targets._hints
+    """On Python < 3.10 typing.get_type_hints cannot evaluate ``int | None``: edgetl.targets.dataclass_hints
     evaluates each part itself and must give the same types (the bullseye root's `edgetl targets`)."""
     import dataclasses
     import typing
@@ -282,13 +282,13 @@ def test_profile_field_types_without_pep604(monkeypatch):
 
     monkeypatch.setattr(typing, "get_type_hints", old_python)
     for c in classes:
-        got = targets._hints(c)
+        got = targets.dataclass_hints(c)
         assert set(got) == {f.name for f in dataclasses.fields(c)}
         for name, tp in got.items():
             want = real[c][name]
             assert typing.get_origin(tp) in (typing.get_origin(want), typing.Union) or tp == want, (c, name, tp, want)
             assert set(typing.get_args(tp)) == set(typing.get_args(want)), (c, name)
-    names = [p.name for p in targets.list_targets()]  # validation runs through _hints
+    names = [p.name for p in targets.list_targets()]  # validation runs through dataclass_hints
     assert "arm64-cpu-onnxruntime" in names and "jetson-xavier-nx" in names
     with pytest.raises(targets.TargetError, match="must be"):
         targets.apply_overrides(targets.load_target("jetson-agx-orin"), sets=["tensorrt.dla_core=x"])

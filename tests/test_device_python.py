@@ -221,11 +221,9 @@ def test_the_checker_catches_what_it_is_for(source, flagged):
 
 # ---- on a real Python 3.8 --------------------------------------------------------------------------------
 
-# `edgetl --help` on 3.8 lists these as "unavailable: internal error": edgetl/train.py evaluates 3.10 typing at
-# import (typing.get_type_hints(TrainConfig) of `X | None` fields; `Callable[[int, dict[str, Any]], None]`).
-# Training needs torch, which needs 3.10+, so they never run on a 3.8 device; the listing should still name
-# the extra, not an internal error. Empty this once edgetl/train.py imports on 3.8.
-KNOWN_PY38_HELP_FAILURES = {"train", "eval", "predict", "adapt"}
+# `edgetl --help` on 3.8 listed train, eval, predict and adapt as "unavailable: internal error" (edgetl/train.py
+# evaluated 3.10 typing at import); those need torch (3.10+), but the listing must name the extra, not fail.
+KNOWN_PY38_HELP_FAILURES: set = set()
 
 
 def python38() -> str:

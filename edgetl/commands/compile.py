@@ -188,13 +188,7 @@ def compile_cmd(source: Path, target: str, out: Path, method: str | None, time_b
                                    ("seek_margin", seek_margin)) if v is not None}
     if calib_size is not None:
         overrides["calib_exact"] = True
-
-    def progress(msg: str) -> None:
-        if msg.startswith("[") and msg.endswith("]"):  # a step of the pipeline
-            console.print(msg[1:-1], style="bold", markup=False, soft_wrap=True)
-        else:
-            console.print(f"  · {msg}", markup=False, soft_wrap=True, highlight=False)
-
+    progress = _progress_printer(console)
     console.print(f"[bold]edgetl compile[/] {source} for [cyan]{profile.name}[/] ({profile.backend}, "
                   f"{profile.precision})", soft_wrap=True)
     suffix = source.suffix.lower()
@@ -216,6 +210,16 @@ def compile_cmd(source: Path, target: str, out: Path, method: str | None, time_b
         console.print(f"  note: {note}", soft_wrap=True, markup=False, style="yellow")
     console.print(summary_table(result))
     _raise_if_failed(result, out)
+
+
+def _progress_printer(console):
+    """The compile's progress lines: a pipeline step (``[...]``) in bold, the rest indented."""
+    def progress(msg: str) -> None:
+        if msg.startswith("[") and msg.endswith("]"):
+            console.print(msg[1:-1], style="bold", markup=False, soft_wrap=True)
+        else:
+            console.print(f"  · {msg}", markup=False, soft_wrap=True, highlight=False)
+    return progress
 
 
 def _compile_elsewhere(source: Path, arch: str | None, labels: Path | None, images: Path | None, method: str | None,
