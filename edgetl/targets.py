@@ -295,9 +295,19 @@ def _from_table(table: Mapping[str, Any], where: str) -> TargetProfile:
     return dataclasses.replace(profile, source=where) if not profile.source else profile
 
 
+def _bad(p: TargetProfile, key: str, value: Any, allowed: Any) -> TargetError:
+    return TargetError(f"target {p.name!r}: {key} = {value!r} is not valid", hint=f"use one of {allowed}")
+
+
 def _check_profile(p: TargetProfile) -> None:
+    """Each value in its range, then the device's facts (what it can run)."""
+    _check_values(p)
+    _check_hardware(p)
+
+
+def _check_values(p: TargetProfile) -> None:
     def bad(key: str, value: Any, allowed: Any) -> TargetError:
-        return TargetError(f"target {p.name!r}: {key} = {value!r} is not valid", hint=f"use one of {allowed}")
+        return _bad(p, key, value, allowed)
 
     if p.backend not in BACKENDS:
         raise bad("backend", p.backend, BACKENDS)
@@ -345,7 +355,10 @@ def _check_profile(p: TargetProfile) -> None:
     if trt.workspace_mb < 16:
         raise bad("tensorrt.workspace_mb", trt.workspace_mb, "at least 16 (MiB)")
 
-    # ---- hardware facts -------------------------------------------------------------------
+
+def _check_hardware(p: TargetProfile) -> None:
+    """What the device can run: INT8/FP16, the backend's precisions, DLA."""
+    ov, trt = p.openvino, p.tensorrt
     if p.precision == "int8" and not p.hardware.int8_capable:
         raise TargetError(f"target {p.name!r}: precision int8 is refused: "
                           f"{p.hardware.int8_reason or 'this device has no fast INT8'}",
@@ -369,8 +382,8 @@ def _check_profile(p: TargetProfile) -> None:
             raise TargetError(f"target {p.name!r}: tensorrt.dla_core = {trt.dla_core} but this device has no DLA",
                               hint="remove tensorrt.dla_core (the GPU runs the model)")
         if not 0 <= trt.dla_core < p.hardware.dla_cores:
-            raise bad("tensorrt.dla_core", trt.dla_core, f"0..{p.hardware.dla_cores - 1} "
-                                                         f"(this device has {p.hardware.dla_cores} DLA cores)")
+            raise _bad(p, "tensorrt.dla_core", trt.dla_core, f"0..{p.hardware.dla_cores - 1} "
+                                                              f"(this device has {p.hardware.dla_cores} DLA cores)")
         if p.batch == "dynamic":
             raise TargetError(f"target {p.name!r}: DLA needs static shapes, but batch = \"dynamic\"",
                               hint="set batch to a fixed integer (e.g. 1) when tensorrt.dla_core is set")
