@@ -200,3 +200,31 @@ def test_recorded_cpuinfo_samples_classify(tmp_path):
         c = classify("x86_64", flags, model, 2)
         assert (c.isa_class, c.int8_exact, c.int8_fast, c.weight_range) == (cls, exact, fast, wr), name
         assert model == "AMD EPYC" and "avx2" in c.flags and "avx512_vnni" not in c.flags
+
+
+def test_conversions_to_the_build_input_are_kept_per_array(monkeypatch):
+    """Each fallback round feeds the same checkset arrays to a uint8-input build: converted once,
+    and a different array (or spec) is never served another's conversion."""
+    import importlib
+
+    from edgetl import numerics as nm
+
+    pp = importlib.import_module("edgetl.runtime.preprocess")
+
+    spec = PreprocessSpec(input_size=(8, 8), mean=(127.5,) * 3, std=(127.5,) * 3)
+    target = pp.build_input_spec(spec, {"dtype": "uint8", "layout": "NHWC"})
+    calls = []
+    real = pp.to_model_input
+    monkeypatch.setattr(pp, "to_model_input", lambda *a: calls.append(1) or real(*a))
+    rng = np.random.default_rng(0)
+    a = ((rng.integers(0, 256, (2, 3, 8, 8)).astype(np.float32) - 127.5) / 127.5)
+    b = a.copy()
+    b[0, 0, 0, 0] = (0 - 127.5) / 127.5 if a[0, 0, 0, 0] > 0 else (255 - 127.5) / 127.5
+    ua = nm._converted(a, spec, target)
+    assert nm._converted(a, spec, target) is ua and len(calls) == 1
+    ub = nm._converted(b, spec, target)
+    assert len(calls) == 2 and not np.array_equal(ua, ub) and ua.dtype == np.uint8 and ua.shape == (2, 8, 8, 3)
+    assert nm._converted(a, spec, spec) is a and len(calls) == 2  # the same form: nothing to convert
+    for _ in range(7):  # older entries are dropped
+        nm._converted(a.copy(), spec, target)
+    assert nm._converted(a, spec, target) is not ua and len(calls) == 10
