@@ -168,8 +168,8 @@ def compile_run(run_path: str | Path, out: str | Path, profile: TargetProfile, m
             from .quantize import quantize_run
 
             judge = judge_numerics(profile)
-            bits = "7-bit weights" if cfg.reduce_range else "8-bit weights"
-            progress(f"weights: {bits} ({cfg.weight_range_reason})")
+            bits = {False: "8-bit weights", True: "7-bit weights"}.get(cfg.reduce_range, "7-bit weights, 8-bit depthwise")
+            progress(f"weights: {cfg.weight_bits_note} ({cfg.weight_range_reason})")
             steps.run(f"quantize ({'escalation ladder' if cfg.method == 'auto' else cfg.method}, {cfg.form.key}, "
                       f"{bits}; judged on {judge.label})",
                       lambda: quantize_run(run_path, d, cfg, overwrite=True, log=progress, numerics=judge,
