@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Dict, Iterator, List, Optional, Tuple
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -255,6 +255,9 @@ class AppOptions:
     mqtt: str | None = None  # mqtt://HOST[:PORT]: publish the JSON lines there (edgetl.runtime.mqtt)
     mqtt_topic: str | None = None
     mqtt_qos: int = 0
+    # called with each Result before the outputs (its image is the decoded frame, not yet drawn on;
+    # valid during the call): embedding and measurements, e.g. benchmarks/rtsp_latency.py
+    on_result: Optional[Callable[[Result], None]] = None
 
 
 def display_available() -> tuple[bool, str]:
@@ -489,6 +492,8 @@ class _Outputs:
         return 1.0 / ema if ema > 0 else 0.0
 
     def result(self, r: Result) -> None:
+        if self.app.on_result is not None:
+            self.app.on_result(r)
         head = self.stream.head_of(r)
         if self.server is not None:
             self.server.observe(r)

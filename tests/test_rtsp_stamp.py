@@ -1,14 +1,21 @@
 """The frame stamp of ``tests/rtsp_server.py --stamp`` (benchmarks/rtsp_latency.py reads capture
 times back from decoded frames with it): it survives lossy compression and blur, a damaged or
-missing stamp reads as None, and ages are right across the 2**32 ms wrap. No server needed."""
+missing stamp reads as None, and ages are right across the 2**32 ms wrap; ``AppOptions.on_result``
+(the benchmark's probe) sees every result of ``run_app`` with its decoded, undrawn frame. No server
+needed."""
 
 from __future__ import annotations
+
+import io
 
 import cv2
 import numpy as np
 import pytest
-from _tinyartifact import decode_video
+from _tinyartifact import decode_video, make_tiny_artifact, write_video
+from edgetl.runtime.app import AppOptions, StreamOptions, run_app
 from rtsp_server import StampedFrames, draw_stamp, read_stamp, stamp_age_ms
+
+from edgetl import runtime as rt
 
 VALUES = [(0, 0), (2 ** 32 - 1, 2 ** 24 - 1), (1_764_537_600_123 % 2 ** 32, 12345), (0x5A5A5A5A, 0xA5A5A5)]
 
@@ -57,3 +64,20 @@ def test_age_across_the_wrap():
     wrapped_now = (2 ** 32 + 5) / 1000.0  # 5 ms after the wrap; stamped 10 ms before it
     assert stamp_age_ms(2 ** 32 - 10, wrapped_now) == pytest.approx(15, abs=1e-6)
     assert stamp_age_ms(int(now * 1000 + 3) % 2 ** 32, now) == pytest.approx(-3, abs=1)  # the clock stepped back
+
+
+def test_on_result_sees_each_decoded_frame_of_run_app(tmp_path):
+    frames = StampedFrames(320, 240)
+    sent = [(5_000 + 33 * n, n) for n in range(12)]
+    video = write_video(tmp_path / "v.avi", size=(320, 240),
+                        frames=(bgr(draw_stamp(frames.picture(n), ms, c)) for n, (ms, c) in enumerate(sent)))
+    model = rt.load(make_tiny_artifact(tmp_path / "tiny"))
+    seen, out = [], io.StringIO()
+    try:
+        s = run_app(model, str(video), StreamOptions(), AppOptions(headless=True, on_result=lambda r: seen.append(
+            (r.frame_index, read_stamp(r.image), r.time))), out=out, err=io.StringIO())
+    finally:
+        model.close()
+    assert [i for i, _, _ in seen] == list(range(12)) and s["frames"] == 12
+    assert [st for _, st, _ in seen] == sent
+    assert len(out.getvalue().splitlines()) == 12  # the JSON lines still come
