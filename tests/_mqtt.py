@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -14,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 from typing import List, Optional
+
+from _streams import ManagedProcess
 
 MOSQUITTO = os.environ.get("EDGETL_MOSQUITTO", shutil.which("mosquitto") or "/usr/sbin/mosquitto")
 SETUP = "run `sudo make system-deps` (Debian's mosquitto, see .ci/system-deps.sh) or set EDGETL_MOSQUITTO"
@@ -36,7 +37,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Broker:
+class Broker(ManagedProcess):
     """mosquitto on 127.0.0.1:``port`` (anonymous, no persistence), stopped by ``__exit__``."""
 
     def __init__(self, port: int = 0):
@@ -66,27 +67,8 @@ class Broker:
         self.stop()
         raise RuntimeError(f"mosquitto did not listen on 127.0.0.1:{self.port}")
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.kill()
-            self.proc.stderr.close()
-            self.proc = None
-
-    def __enter__(self) -> "Broker":
-        return self.start() if self.proc is None else self
-
     def __exit__(self, *exc) -> None:
-        self.stop()
+        super().__exit__(*exc)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

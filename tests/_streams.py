@@ -54,7 +54,41 @@ def gst_python_missing() -> Optional[str]:
     return (f"no Python with an OpenCV built with GStreamer and edgetl at {py} (EDGETL_GST_PYTHON): {SETUP}")
 
 
-class ServerProcess:
+class ManagedProcess:
+    """A server subprocess the tests start (``start()``, in the subclass), crash (``kill()``: SIGKILL),
+    stop (``stop()``: SIGTERM, then SIGKILL after 5 s) and always stop on ``__exit__``."""
+
+    proc: Optional[subprocess.Popen] = None
+
+    def start(self, timeout: float = 20.0) -> "ManagedProcess":
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.kill()
+            for pipe in (self.proc.stdout, self.proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+            self.proc = None
+
+    def __enter__(self):
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class ServerProcess(ManagedProcess):
     """A stream server subprocess on 127.0.0.1: ``url``, ``kill()`` (SIGKILL, like a crash),
     ``start()`` again on the same port, always stopped by ``__exit__``."""
 
@@ -79,27 +113,6 @@ class ServerProcess:
         self.url = self.url_form.format(port=self.port)
         return self
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.kill()
-            self.proc.stdout.close()
-            self.proc = None
-
-    def __enter__(self) -> "ServerProcess":
-        return self.start() if self.proc is None else self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def rtsp_server(*args: str) -> ServerProcess:

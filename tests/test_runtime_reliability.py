@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -240,14 +239,9 @@ def test_an_image_declaring_a_huge_size_is_refused_before_decoding(tmp_path, mon
 
 
 def _python38() -> str:
-    cands = [os.environ.get("EDGETL_PY38", ""), shutil.which("python3.8") or ""]
-    for exe in cands:
-        if exe and os.path.exists(exe):
-            r = subprocess.run([exe, "-c", "import numpy, cv2, onnxruntime, click, rich"], capture_output=True)
-            if r.returncode == 0:
-                return exe
-    pytest.skip("no Python 3.8 with numpy, opencv, onnxruntime, click and rich (set EDGETL_PY38 to one): the "
-                "static checks above still hold")
+    from test_device_python import python38
+
+    return python38()
 
 
 def test_edgetl_run_works_on_python_3_8(tmp_path, artifact):
