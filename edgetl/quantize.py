@@ -89,6 +89,9 @@ class QuantizeConfig:
     all_forms: bool = False  # also write the other QDQ forms under forms/ and measure them side by side
     weight_range: str = "full"  # "reduced": 7-bit weights (edgetl.runtime.cpu: no saturation without VNNI)
     weight_range_reason: str = ""  # why (recorded in manifest.quantization)
+    # reduced weight range: depthwise Convs keep 8 bits (where probed exact); None = the backend's
+    # default (OpenVINO yes, ONNX Runtime no); the repair ladder tries the other form next
+    depthwise_full: bool | None = None
 
     def __post_init__(self) -> None:
         def bad(opt: str, value: Any, hint: str) -> EdgetlError:
@@ -128,18 +131,32 @@ class QuantizeConfig:
         return qdq_form(self.qdq_form, self.backend)
 
     @property
-    def reduce_range(self) -> bool | str:
-        """False: 8-bit weights; True: 7-bit weights; "dense": 7-bit except depthwise Convs, which keep
-        8 bits where this CPU's depthwise INT8 kernels were probed exact on the backends that run the
-        artifact (``calibration.depthwise``). OpenVINO targets only, as measured on the demo's ELPV run
-        (Lite0, AVX2 EPYC): OpenVINO passed at round 0 (98.2 %) and kept 1 float layer instead of 3
-        (agreement 99.5 %, 5 % faster); ONNX Runtime's build got no better (97.5 % at round 0, the
-        fallback short of 98 %, where 7-bit weights everywhere passed at 98.5 % with 2 float layers)."""
+    def depthwise_forms(self) -> bool:
+        """Two weight forms to choose from: 7-bit everywhere, or 8-bit depthwise Convs, where this
+        CPU's depthwise INT8 kernels were probed exact on the backends that run the artifact
+        (``calibration.depthwise``)."""
         if self.weight_range != "reduced":
             return False
         from .calibration.depthwise import depthwise_exact
 
-        return "dense" if self.backend == "openvino" and depthwise_exact({"onnxruntime", "openvino"}) else True
+        return depthwise_exact({"onnxruntime", self.backend})
+
+    @property
+    def prefers_depthwise_full(self) -> bool:
+        """The form tried first. Measured on the demo's ELPV recipe (Lite0, AVX2 EPYC), two trainings:
+        OpenVINO passed in the 8-bit-depthwise form both times (round 0 at 98.2 % and 1 float layer for
+        99.5 % instead of 3 for 98.5 %; 5 % faster; the other run 99.5 % with 2), while ONNX Runtime
+        passed in one form on one run and in the other on the other (first run: 7 bits passed at 98.5 %
+        with 2 float layers, 8-bit depthwise stuck at 97.5 %; second run: 7 bits stuck at 97.96 %, the
+        8-bit-depthwise graph OpenVINO kept agreed 99.0 % on ONNX Runtime's kernels): the ladder tries both."""
+        return self.depthwise_full if self.depthwise_full is not None else self.backend == "openvino"
+
+    @property
+    def reduce_range(self) -> bool | str:
+        """False: 8-bit weights; True: 7-bit weights; "dense": 7-bit except depthwise Convs (8-bit)."""
+        if self.weight_range != "reduced":
+            return False
+        return "dense" if self.prefers_depthwise_full and self.depthwise_forms else True
 
     @property
     def weight_bits_note(self) -> str:

@@ -430,14 +430,18 @@ def ladder(cfg: Any, qat_possible: bool) -> list[Any]:
         return [cfg]
     first = cfg.calibrator or LADDER_CALIBRATORS[0]
     steps = [replace(cfg, method="ptq", calibrator=first)]
+    if getattr(cfg, "depthwise_forms", False):  # the same calibration in the other weight form
+        steps.append(replace(steps[0], depthwise_full=not cfg.prefers_depthwise_full))
     steps += [replace(cfg, method="ptq", calibrator=c) for c in LADDER_CALIBRATORS if c != first]
-    if qat_possible:
-        steps.append(replace(cfg, method="qat", calibrator=None))
+    if qat_possible:  # NNCF's overflow fix trains 7-bit weights everywhere: QAT renders in that form
+        steps.append(replace(cfg, method="qat", calibrator=None,
+                             **({"depthwise_full": False} if getattr(cfg, "depthwise_forms", False) else {})))
     return steps
 
 
 def step_name(cfg: Any) -> str:
-    return f"{cfg.method} {cfg.resolved_calibrator}"
+    dense = ", 8-bit depthwise" if getattr(cfg, "reduce_range", False) == "dense" else ""
+    return f"{cfg.method} {cfg.resolved_calibrator}{dense}"
 
 
 def make_candidate(mat: Material, cfg: Any, work: Path, log: Log, deadline: float | None = None) -> Candidate:

@@ -21,7 +21,7 @@ from edgetl.check import Checkset, Thresholds
 from edgetl.cli import main
 from edgetl.numerics import Numerics, judge_for, reference
 from edgetl.quantize import QuantizeConfig
-from edgetl.repair import Material, better, escalate, ladder, make_candidate, quantize_with_fallback
+from edgetl.repair import Material, better, escalate, ladder, make_candidate, quantize_with_fallback, step_name
 from edgetl.runtime.imageio import read_image
 from edgetl.runtime.manifest import read_manifest
 from edgetl.runtime.preprocess import preprocess
@@ -196,6 +196,23 @@ def test_ladder_order_and_pinning():
     assert ladder(cfg(method="ptq"), True) == [cfg(method="ptq")]
     assert [c.resolved_calibrator for c in ladder(cfg(method="auto", calibrator="mse"), False)] == \
         ["mse", "minmax", "percentile"]
+
+
+def test_ladder_tries_both_weight_forms_where_depthwise_kernels_are_exact():
+    """Reduced range (no VNNI): the first calibration in the backend's preferred form, then in the
+    other (8-bit depthwise or 7-bit everywhere), then the other calibrators; QAT in the 7-bit form
+    NNCF's overflow fix trains."""
+    from edgetl.calibration.depthwise import depthwise_exact
+
+    if not depthwise_exact(["onnxruntime"]):
+        pytest.skip("this CPU's ONNX Runtime depthwise INT8 kernel is not exact with 8-bit weights")
+    steps = ladder(cfg(method="auto", weight_range="reduced", backend="onnxruntime"), qat_possible=True)
+    assert [step_name(c) for c in steps] == ["ptq minmax", "ptq minmax, 8-bit depthwise", "ptq percentile",
+                                              "ptq mse", "qat mse"]
+    assert [c.reduce_range for c in steps] == [True, "dense", True, True, True]
+    dense_first = ladder(cfg(method="auto", weight_range="reduced", backend="onnxruntime", depthwise_full=True), False)
+    assert [c.reduce_range for c in dense_first] == ["dense", True, "dense", "dense"]
+    assert [c.reduce_range for c in ladder(cfg(method="auto"), True)] == [False] * 4  # 8-bit: one form
 
 
 def test_escalation_goes_past_a_failing_calibrator_and_keeps_the_first_that_passes(world, tmp_path):
