@@ -46,6 +46,12 @@ BENCH = ["--reps", "60"]  # 60 interleaved batch-1 runs per row (200 by default)
 BENCH_ROWS = {"x86-cpu-onnxruntime": "torch-channels-last,ort-fp32,ort-int8"}
 
 
+def weights_label(row: dict[str, Any]) -> str:
+    """``w7`` / ``w8``, and ``dw8`` where the depthwise layers kept 8 bits beside 7-bit others."""
+    bits, dw = row.get("weight_bits") or 8, row.get("depthwise_weight_bits")
+    return f"w{bits}" + (f"/dw{dw}" if dw and dw != bits else "")
+
+
 def _edgetl() -> list[str]:
     exe = Path(sys.executable).with_name("edgetl")
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "edgetl.cli"]
@@ -91,7 +97,8 @@ def summarize(out: Path, run: Path, artifacts: dict[str, Path], log: list[dict],
             "drop_points": g.get("drop"), "agreement": g.get("agreement"), "n_checkset": g.get("n"),
             "stability": (g.get("stability") or {}).get("min_agreement"), "margins": g.get("margins"),
             "reference_gate": {k: ref.get(k) for k in ("passed", "agreement", "drop", "margins")},
-            "weight_bits": q.get("weight_bits"), "float_layers": len(q.get("float_layers") or []),
+            "weight_bits": q.get("weight_bits"), "depthwise_weight_bits": q.get("depthwise_weight_bits"),
+            "float_layers": len(q.get("float_layers") or []),
             "ladder": q.get("ladder"), "kept_step": next((x["step"] for x in q.get("ladder") or [] if x.get("kept")), None),
             "int8_p50_ms": brow.get("latency_p50_ms"), "eager_p50_ms": eager.get("latency_p50_ms"),
             "eager_baseline": sp.get("eager_baseline"),
@@ -138,7 +145,7 @@ def print_summary(s: dict[str, Any]) -> None:
         f = lambda v, k=1: "-" if v is None else f"{v:.{k}f}"  # noqa: E731
         pct = lambda v: f(100 * v, 2) if v is not None else "-"  # noqa: E731
         margin = min((r.get("margins") or {}).values(), default=None)
-        t.add_row(r["target"], f"{r['precision']}, w{r.get('weight_bits') or 8}",
+        t.add_row(r["target"], f"{r['precision']}, {weights_label(r)}",
                   "[green]passed[/green]" if r["deployable"] else "[red]FAILED[/red]",
                   pct(r["float_top1"]), pct(r["int8_top1"]), f(r["drop_points"], 2), pct(r["agreement"]),
                   pct(r.get("stability")), "-" if margin is None else f"{margin:+d} img", f(r["int8_p50_ms"], 2),

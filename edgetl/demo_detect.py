@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .demo import GATE_FAILED, record_path, step
+from .demo import GATE_FAILED, record_path, step, weights_label
 
 TARGETS = ("x86-cpu-openvino", "x86-cpu-onnxruntime")
 # The quick recipe: 300 training scenes, fine-tuned 8 epochs at 320x320 (see benchmarks/results/
@@ -93,7 +93,7 @@ def print_summary(s: dict[str, Any]) -> None:
         t.add_column(c, justify="left" if c in ("target", "runs as", "kept step") else "right", no_wrap=True)
     for r in s["targets"]:
         pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
-        t.add_row(r["target"], f"{r['precision']}, w{r.get('weight_bits') or 8}",
+        t.add_row(r["target"], f"{r['precision']}, {weights_label(r)}",
                   "[green]passed[/green]" if r["deployable"] else "[red]FAILED[/red]", pct(r["float_map50"]),
                   pct(r["int8_map50"]), "-" if r["drop_points"] is None else f"{r['drop_points']:.2f}",
                   "-" if r["agreement"] is None else f"{r['agreement']:.3f}", str(r.get("kept_step")))

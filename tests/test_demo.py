@@ -40,3 +40,11 @@ def test_demo_driver_runs_every_step_and_summarises_what_they_wrote(tmp_path: Pa
         assert r["kept_step"] and r["int8_p50_ms"] and r["eager_p50_ms"]
     assert s["runtime"]["every_frame"]["frames"] > 0 and [x["exit"] for x in s["steps"]] == [0] * 8
     assert "passed" in proc.stdout and "margin" in proc.stdout
+
+
+def test_the_summary_names_the_weight_form():
+    from edgetl.demo import weights_label
+
+    assert weights_label({"weight_bits": 7, "depthwise_weight_bits": 8}) == "w7/dw8"
+    assert weights_label({"weight_bits": 7, "depthwise_weight_bits": 7}) == "w7"
+    assert weights_label({"weight_bits": 8}) == "w8" and weights_label({}) == "w8"
