@@ -169,7 +169,9 @@ def compile_run(run_path: str | Path, out: str | Path, profile: TargetProfile, m
 
             judge = judge_numerics(profile)
             bits = {False: "8-bit weights", True: "7-bit weights"}.get(cfg.reduce_range, "7-bit weights, 8-bit depthwise")
-            progress(f"weights: {cfg.weight_bits_note} ({cfg.weight_range_reason})")
+            if cfg.depthwise_forms:
+                bits = "7-bit weights or 8-bit depthwise"
+            progress(f"weights: {cfg.weight_bits_note}. Why: {cfg.weight_range_reason}")
             steps.run(f"quantize ({'escalation ladder' if cfg.method == 'auto' else cfg.method}, {cfg.form.key}, "
                       f"{bits}; judged on {judge.label})",
                       lambda: quantize_run(run_path, d, cfg, overwrite=True, log=progress, numerics=judge,

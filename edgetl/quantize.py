@@ -160,9 +160,16 @@ class QuantizeConfig:
 
     @property
     def weight_bits_note(self) -> str:
+        """The weight form(s) the ladder will try, for the compile's first lines."""
         rr = self.reduce_range
-        return ("8-bit weights" if not rr else "7-bit weights" if rr is True else
-                "7-bit weights, 8-bit depthwise (their kernels widen before multiplying: probed exact on this CPU)")
+        if not rr:
+            return "8-bit weights"
+        if not self.depthwise_forms:
+            return "7-bit weights"
+        probed = "this CPU's depthwise kernels probed exact"
+        first, then = (f"8-bit depthwise weights ({probed}), 7-bit others", "7-bit everywhere") if rr == "dense" \
+            else ("7-bit weights", f"8-bit depthwise ({probed})")
+        return f"{first}, then {then} if that misses the gate"
 
 
 @dataclass
