@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = types[t]
                 print(f"  {t}: n={r['n']}, accuracy {r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f}, "
                       f"macro-F1 {r['macro_f1_mean']:.4f} ± {r['macro_f1_std']:.4f}")
-    slug = re.sub(r"[^a-z0-9]+", "-", host_cpu().isa_class.lower()).strip("-")
+    slug = host_cpu().slug
     out = a.json or ROOT / "benchmarks" / "results" / f"elpv_cv_{slug}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")

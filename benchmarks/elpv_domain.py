@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = [*backbone, *RECIPE[4:]] if backbone else RECIPE
     result = {"benchmark": "elpv_domain", "machine": machine(), "recipe": "edgetl train " + shlex.join(recipe),
               "epochs": a.epochs, "few_per_class": a.few, "directions": []}
-    slug = re.sub(r"[^a-z0-9]+", "-", host_cpu().isa_class.lower()).strip("-")
+    slug = host_cpu().slug
     slug += "-" + re.sub(r"[^a-z0-9]+", "-", result["machine"]["gpu"].lower()).strip("-") if result["machine"]["gpu"] else ""
     out = a.json or ROOT / "benchmarks" / "results" / f"elpv_domain_{slug}.json"
     for pair in a.directions.split(","):  # the JSON is written after each direction (a long run keeps what it has)

@@ -23,7 +23,6 @@ import argparse
 import io
 import json
 import platform
-import re
 import shutil
 import statistics
 import sys
@@ -122,7 +121,7 @@ def main() -> None:
                       f"{statistics.median(r['latency_p50_ms']):.1f} ms, mean batch {r['mean_batch']:.2f}", flush=True)
         cpu = host_cpu()
         print(table(rows))
-        slug = re.sub(r"[^a-z0-9]+", "-", cpu.isa_class.lower()).strip("-")
+        slug = cpu.slug
         out = a.out or ROOT / "benchmarks" / "results" / f"multi_source_{slug}.json"
         doc = {"benchmark": "multi_source", "cpu": cpu.to_dict(), "cpu_short": cpu.short, "cores": cpu.cores,
                "python": platform.python_version(), "opencv": cv2.__version__, "model": model.info,

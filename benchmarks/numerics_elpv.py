@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import tempfile
 import time
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         q = extra["qwac"]
         print(f"NNCF quantize_with_accuracy_control on OpenVINO: {100 * q['agreement']:.2f} % in {q['seconds']} s")
-    slug = re.sub(r"[^a-z0-9]+", "-", cpu.isa_class.lower()).strip("-")
+    slug = cpu.slug
     out = a.json or ROOT / "benchmarks" / "results" / f"numerics_elpv_{slug}.json"
     out.write_text(json.dumps({"run": str(a.run), "cpu": cpu.to_dict(), "n": len(cs), "rows": rows, **extra},
                               indent=2) + "\n")

@@ -41,7 +41,6 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import sys
 import tempfile
@@ -284,7 +283,7 @@ def main() -> None:
               f"p90 {v['growth_p90_ms']:+.1f} ms; trend {v['slope_p50_ms_per_min']:+.2f} ms/min): "
               f"{'does not grow' if v['does_not_grow'] else 'GROWS'} ({v['tolerance']}); "
               f"reconnects {s['reconnects']}; {cpu.short}", flush=True)
-        slug = re.sub(r"[^a-z0-9]+", "-", cpu.isa_class.lower()).strip("-")
+        slug = cpu.slug
         out = a.out or ROOT / "benchmarks" / "results" / f"rtsp_latency_{slug}{'_gstreamer' if gst else ''}.json"
         summary = {k: val for k, val in s.items() if k not in ("skipped",)}
         doc = {"benchmark": "rtsp_latency", "cpu": cpu.to_dict(), "cpu_short": cpu.short, "cores": cpu.cores,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                            "loadavg_start": load0, "loadavg_end": os.getloadavg()[0],
                            "wall_s": round(time.time() - t0, 1)}
     res_dir = ROOT / "benchmarks" / "results"
-    slug = re.sub(r"[^a-z0-9]+", "-", cpu.isa_class.lower()).strip("-")
+    slug = cpu.slug
     (res_dir / f"search_elpv_{slug}.json").write_text(json.dumps(result, indent=1) + "\n")
     shutil.copy(out / "pareto.png", res_dir / f"search_elpv_{slug}.png")
     print(f"wrote benchmarks/results/search_elpv_{slug}.json and .png ({cpu.model}, {cpu.isa_class})")

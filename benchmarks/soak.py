@@ -25,7 +25,6 @@ import io
 import json
 import os
 import platform
-import re
 import shutil
 import sys
 import tempfile
@@ -181,7 +180,7 @@ def main() -> None:
               f"{'flat' if v['flat'] else 'NOT flat'}; {cpu.short}", flush=True)
         if mqtt:
             print(f"soak: mqtt {s['mqtt']}")
-        slug = re.sub(r"[^a-z0-9]+", "-", cpu.isa_class.lower()).strip("-")
+        slug = cpu.slug
         out = a.out or ROOT / "benchmarks" / "results" / f"soak_{slug}.json"
         summary = {k: v for k, v in s.items() if k not in ("skipped",)}
         doc = {"benchmark": "soak", "cpu": cpu.to_dict(), "cpu_short": cpu.short, "cores": cpu.cores,

@@ -173,13 +173,12 @@ def print_summary(s: dict[str, Any]) -> None:
 
 def record_path(cpu: dict[str, Any]) -> Path | None:
     """``benchmarks/results/demo-<cpu class>.json`` in a source checkout (None in an installed package)."""
-    import re
+    from .runtime.cpu import class_slug
 
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
     if not results.is_dir():
         return None
-    slug = re.sub(r"[^a-z0-9]+", "-", str(cpu.get("isa_class", "cpu")).lower()).strip("-")
-    return results / f"demo-{slug}.json"
+    return results / f"demo-{class_slug(str(cpu.get('isa_class', 'cpu')))}.json"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -48,6 +49,11 @@ class CpuInfo:
         return f"{self.isa_class}" + (f", {self.model}" if self.model else "")
 
     @property
+    def slug(self) -> str:
+        """The class as a file-name part, e.g. ``x86-avx2-no-vnni`` (benchmarks/results/*_<slug>.json)."""
+        return class_slug(self.isa_class)
+
+    @property
     def weight_range(self) -> str:
         """The weight range INT8 needs on this CPU: "reduced" (7-bit) where u8 x s8 sums saturate."""
         return "full" if self.int8_exact else "reduced"
@@ -56,6 +62,11 @@ class CpuInfo:
         d = asdict(self)
         d["flags"] = list(self.flags)
         return d
+
+
+def class_slug(isa_class: str) -> str:
+    """``"x86 AVX2 (no VNNI)"`` -> ``"x86-avx2-no-vnni"``: a CPU class in file names."""
+    return re.sub(r"[^a-z0-9]+", "-", isa_class.lower()).strip("-")
 
 
 def classify(arch: str, flags: Iterable[str], model: str = "", cores: int = 0) -> CpuInfo:

@@ -228,3 +228,10 @@ def test_conversions_to_the_build_input_are_kept_per_array(monkeypatch):
     for _ in range(7):  # older entries are dropped
         nm._converted(a.copy(), spec, target)
     assert nm._converted(a, spec, target) is not ua and len(calls) == 10
+
+
+def test_a_cpu_class_names_result_files():
+    from edgetl.runtime.cpu import class_slug
+
+    assert class_slug("x86 AVX2 (no VNNI)") == "x86-avx2-no-vnni"
+    assert classify("x86_64", ZEN4.split()).slug == "x86-avx-512-vnni-bf16"
