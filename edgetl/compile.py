@@ -168,9 +168,8 @@ def compile_run(run_path: str | Path, out: str | Path, profile: TargetProfile, m
             from .quantize import quantize_run
 
             judge = judge_numerics(profile)
-            bits = {False: "8-bit weights", True: "7-bit weights"}.get(cfg.reduce_range, "7-bit weights, 8-bit depthwise")
-            if cfg.depthwise_forms:
-                bits = "7-bit weights or 8-bit depthwise"
+            bits = ("7-bit weights or 8-bit depthwise" if cfg.depthwise_forms else "7-bit weights") \
+                if cfg.reduce_range else "8-bit weights"
             progress(f"weights: {cfg.weight_bits_note}. Why: {cfg.weight_range_reason}")
             steps.run(f"quantize ({'escalation ladder' if cfg.method == 'auto' else cfg.method}, {cfg.form.key}, "
                       f"{bits}; judged on {judge.label})",

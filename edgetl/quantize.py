@@ -203,7 +203,7 @@ def render_qdq(prepared: Path, cache: Path, out: Path, form: QdqForm, exclude: l
     """``quantize_static`` of the prepared float graph with the ranges in ``cache`` (no calibration run).
     ``reduce_range``: 7-bit weights (-64..64), so u8 x s8 pair sums fit a saturating int16 (no VNNI);
     ``"dense"``: the same except the depthwise Convs' weights, which keep 8 bits (ONNX Runtime's
-    per-tensor ``reduce_range`` override)."""
+    per-weight ``reduce_range`` override, one entry per channel)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     options = form.extra_options()
