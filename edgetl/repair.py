@@ -169,7 +169,7 @@ class RankMetric:
     name: str
     outputs: Callable[[Any, np.ndarray], np.ndarray]
     error: Callable[[np.ndarray, np.ndarray], tuple] = sens.logit_error
-    method: Callable[..., list] | None = None  # how layers are ranked, as _rank_layers; None = leave-one-out
+    method: Callable[..., list] | None = None  # how layers are ranked, as _rank_layers (log= too); None = leave-one-out
 
 
 LOGITS = RankMetric("logits", lambda runner, x: runner.infer_many(x))
@@ -200,13 +200,17 @@ def rank_layers(prepared: Path, cache: Path, cfg: Any, inputs: np.ndarray, numer
     ranked by the logit SQNR that buys (``calibration.sensitivity``), run in ``numerics`` (ONNX Runtime).
     ``kept``: layers already in float (the baseline the gains are measured from).
 
-    One render per layer costs ~1.3 s on Lite0 (ONNX Runtime's quantizer recomputes every per-channel
-    weight scale in Python), ~75 s a ranking on a 2-core CPU. A ranking is a pure function of its
-    inputs, so it is kept in :func:`cache_dir` under their sha256 (``_ranking_key``): compiling one
-    run for several targets whose rankings run in the same numerics ranks once. The ranges are matched
-    within a relative 1e-4, not by their bytes: two calibrations of the same images differ in their
-    last bits between processes (threaded reductions), and a detector's compile ranked again every
-    time (~8-13 min on 2 cores); a difference that small does not change a ranking."""
+    The renders are ``render_qdq``'s, byte for byte, made by one ``quantize.QdqRenderer`` (the weights
+    quantized once: ~0.2 instead of ~1.4 s a Lite0 render). A cold ranking of the ELPV demo run
+    (Lite0, 50 layers, 32 images, 2-vCPU AVX2 EPYC shared with another job) took 35-37 s, 94 s with
+    ``render_qdq`` per layer; ~0.4 s a layer is ONNX Runtime running the model.
+
+    A ranking is a pure function of its inputs, so it is kept in :func:`cache_dir` under their sha256
+    (``_ranking_key``): compiling one run for several targets whose rankings run in the same numerics
+    ranks once. The ranges are matched within a relative 1e-4, not by their bytes: two calibrations of
+    the same images differ in their last bits between processes (threaded reductions), and a
+    detector's compile ranked again every time (~8-13 min on 2 cores); a difference that small does
+    not change a ranking."""
     from .calibration.cache import load_ranges
 
     key = _ranking_key(prepared, cache, cfg, inputs, numerics, kept, metric)
@@ -221,7 +225,7 @@ def rank_layers(prepared: Path, cache: Path, cfg: Any, inputs: np.ndarray, numer
                 return ranking
     except (OSError, ValueError, TypeError, KeyError):
         entries = []
-    ranking = (metric.method or _rank_layers)(prepared, cache, cfg, inputs, numerics, kept, metric)
+    ranking = (metric.method or _rank_layers)(prepared, cache, cfg, inputs, numerics, kept, metric, log=log)
     entries = [*entries[-3:], {"ranges": {k: list(v) for k, v in ranges.items()},
                                "ranking": [r.to_dict() for r in ranking]}]
     try:  # a cache: failing to write it (read-only home, full disk) costs only the next ranking
@@ -247,10 +251,12 @@ def _same_ranges(a: dict, b: dict, rtol: float = 1e-4) -> bool:
 
 
 def _rank_layers(prepared: Path, cache: Path, cfg: Any, inputs: np.ndarray, numerics: Numerics,
-                 kept: list[str] | tuple = (), metric: RankMetric = LOGITS) -> list[sens.LayerSensitivity]:
-    from .quantize import render_qdq
+                 kept: list[str] | tuple = (), metric: RankMetric = LOGITS,
+                 log: Log = lambda s: None) -> list[sens.LayerSensitivity]:
+    from .quantize import QdqRenderer
 
     probe = prepared.parent / "sensitivity_probe.onnx"
+    renderer = QdqRenderer(prepared, cache, cfg.form, cfg.reduce_range, log)  # the renders of render_qdq, faster
 
     def logits(model: Path) -> np.ndarray:
         runner = numerics.open(model, None)
@@ -260,7 +266,7 @@ def _rank_layers(prepared: Path, cache: Path, cfg: Any, inputs: np.ndarray, nume
             runner.close()
 
     def render(exclude: list[str]) -> Path:
-        return render_qdq(prepared, cache, probe, cfg.form, exclude=[*kept, *exclude], reduce_range=cfg.reduce_range)
+        return renderer.render(probe, exclude=[*kept, *exclude])
 
     layers = [x for x in weighted_nodes(prepared) if x[0] not in kept]
     return sens.rank_layers(layers, lambda node: logits(render([node])), logits(prepared), logits(render([])),
