@@ -35,6 +35,8 @@ def _d(value) -> str:
 @click.option("--tile", type=int, help="detect: cut large images into tiles of this many pixels (aerial, line-scan).")
 @click.option("--tile-overlap", type=float, help="detect: overlap of neighbouring tiles, 0..0.9. [default: 0.2]")
 @click.option("--score-threshold", type=float, help="detect: the deployed minimum box score. [default: 0.3]")
+@click.option("--anchor-scales", help="detect: anchor sizes as fractions of the input side, LO,HI; the log says how "
+                                      "many training boxes they cover. [default: torchvision's 0.2,0.95]")
 @click.option("--config", "config_file", type=click.Path(path_type=Path),
               help="TOML file of config keys (flat, as in a run's config.toml); command-line options win.")
 @click.option("--backbone", "-b", help=f"Backbone: {', '.join(REGISTRY)}." + _d(D.backbone))
@@ -138,7 +140,7 @@ def train(data, out, config_file, resume, overwrite, quiet, **options) -> None:
 
     cv_args = pop_cv_options(options)
     task = options.pop("task")
-    det = {k: options.pop(k) for k in ("det_format", "tile", "tile_overlap", "score_threshold")}
+    det = {k: options.pop(k) for k in ("det_format", "tile", "tile_overlap", "score_threshold", "anchor_scales")}
     launch = {k: options.pop(k) for k in LAUNCH_KEYS}
     if task == "detect":
         require("edgetl train --task detect", "pycocotools")
@@ -229,7 +231,8 @@ def _train_detection(data, out, config_file, resume, overwrite, quiet, det: dict
     if unknown:
         raise EdgetlError(f"--{unknown[0].replace('_', '-')} is a classification option, not one of --task detect",
                           hint="see edgetl train --help: the detection options are the backbone, mode, learning "
-                               "rates, epochs, batch, split, seed, device, --tile and --score-threshold")
+                               "rates, epochs, batch, split, seed, device, --tile, --score-threshold and "
+                               "--anchor-scales")
     kw = {_DET_SAME[k]: (str(v) if isinstance(v, Path) else v) for k, v in options.items()
           if v is not None and k in _DET_SAME}
     if options.get("input_size"):

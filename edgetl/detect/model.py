@@ -3,8 +3,9 @@
 ``Detector = backbone (two maps: stride 16 and 32) -> 4 extra blocks (down to 1x1) -> SSDLiteHead``,
 built from torchvision's own pieces (``SSDLiteHead``, ``_extra_block``, ``DefaultBoxGenerator``,
 ``BoxCoder``, ``SSDMatcher``) so the model is the one torchvision trains as
-``ssdlite320_mobilenet_v3_large``: same extra-layer widths, same anchors (6 per location, scales
-0.2..0.95, aspect ratios 2 and 3), same box encoding. The stride-16 map is the *expansion* layer of
+``ssdlite320_mobilenet_v3_large``: same extra-layer widths, same anchors (6 per location, aspect
+ratios 2 and 3; scales 0.2..0.95 unless a training fits them to its boxes, ``anchors.py``), same box
+encoding. The stride-16 map is the *expansion* layer of
 the first stride-32 block, as in the MobileNetV3 paper (section 6.3) and torchvision.
 
 ``forward(x) -> (boxes (B, A, 4), scores (B, A, C + 1))``: the raw outputs of the detection
@@ -39,7 +40,6 @@ from ..runtime.preprocess import PreprocessSpec
 
 BOX_CODER_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 ASPECT_RATIOS = ((2, 3),) * 6  # torchvision ssdlite320: 6 maps, 2 + 2 * 2 = 6 anchors per location
-MIN_RATIO, MAX_RATIO = 0.2, 0.95
 EXTRA_DEPTHS = (512, 256, 256, 128)
 MATCH_IOU = 0.5  # SSD: an anchor is positive from IoU 0.5 (and each box's best anchor always is)
 NEG_TO_POS = 3.0  # hard negative mining ratio (torchvision: positive_fraction 0.25)
@@ -193,16 +193,34 @@ def _anchors(gen, maps: list[torch.Tensor], input_size: tuple[int, int]) -> torc
     return gen(images, maps)[0].to(torch.float32).contiguous()
 
 
+def set_anchor_scales(model: Detector, scales) -> Detector:
+    """Recompute ``model.anchors`` for the scale range ``(lo, hi)`` (``edgetl.detect.anchors``); the
+    head is unchanged (same anchors per location). ``model.arch`` records the scales."""
+    from .anchors import generator
+
+    scales = (float(scales[0]), float(scales[1]))
+    was = model.training
+    with torch.no_grad():
+        model.eval()
+        anchors = _anchors(generator(scales), model.features(torch.zeros(1, 3, *model.input_size)), model.input_size)
+    model.anchors = anchors.to(next(model.parameters()).device)
+    model.train(was)
+    model.arch["anchor_scales"] = list(scales)
+    return model
+
+
 def build_detector(backbone: str, num_classes: int, input_size=(320, 320), pretrained: str = "imagenet",
-                   weights_file: str | None = None, reduced_tail: bool = False) -> Detector:
+                   weights_file: str | None = None, reduced_tail: bool = False, anchor_scales=None) -> Detector:
     """An SSDLite detector for ``num_classes`` object classes (no background in the count).
 
     ``input_size``: (H, W) or one int; the anchors are computed for it. ``pretrained``: "imagenet"
     (the backbone's weights; "none" for tiny_cnn and when rebuilding a run) or "none".
     ``reduced_tail``: torchvision's reduced-tail MobileNetV3-Large (set when rebuilding a run
-    trained from COCO weights; ``model.arch`` says so)."""
-    from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+    trained from COCO weights; ``model.arch`` says so). ``anchor_scales``: ``(lo, hi)`` of the anchor
+    scales (``edgetl.detect.anchors``; None: torchvision's 0.2, 0.95)."""
     from torchvision.models.detection.ssdlite import SSDLiteHead, _extra_block, _normal_init
+
+    from .anchors import DEFAULT_SCALES, generator
 
     if backbone not in DETECTOR_BACKBONES:
         get_backbone(backbone)  # an unknown name: the registry's error
@@ -224,11 +242,12 @@ def build_detector(backbone: str, num_classes: int, input_size=(320, 320), pretr
     depths = [chans[1], *EXTRA_DEPTHS]
     extras = nn.ModuleList([_extra_block(depths[i], depths[i + 1], norm) for i in range(len(EXTRA_DEPTHS))])
     _normal_init(extras)
-    gen = DefaultBoxGenerator([list(r) for r in ASPECT_RATIOS], min_ratio=MIN_RATIO, max_ratio=MAX_RATIO)
+    scales = tuple(float(v) for v in (anchor_scales or DEFAULT_SCALES))
+    gen = generator(scales)
     head = SSDLiteHead([*chans, *EXTRA_DEPTHS], gen.num_anchors_per_location(), int(num_classes) + 1, norm)
     spec = PreprocessSpec(input_size=size, resize="stretch", mean=mean, std=std, color=color)
     arch = {"name": backbone, "num_classes": int(num_classes), "input_size": list(size),
-            "reduced_tail": bool(coco is not None or reduced_tail)}
+            "reduced_tail": bool(coco is not None or reduced_tail), "anchor_scales": list(scales)}
     model = Detector(body, extras, head, torch.zeros(0, 4), num_classes, size, groups, spec, arch, weights)
     with torch.no_grad():
         model.eval()
@@ -319,4 +338,4 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = ["BOX_CODER_WEIGHTS", "DETECTOR_BACKBONES", "Detector", "MultiScale", "build_detector", "count_parameters",
-           "detection_loss", "match_anchors"]
+           "detection_loss", "match_anchors", "set_anchor_scales"]

@@ -41,6 +41,7 @@ import numpy as np
 
 from ..runtime.errors import EdgetlError, IntegrityError
 from ..runtime.preprocess import PreprocessSpec, preprocess
+from .anchors import parse_scales
 
 MODES = ("feature-extract", "fine-tune", "gradual")
 MODE_ALIASES = {"gradual-unfreeze": "gradual"}
@@ -66,6 +67,7 @@ class DetTrainConfig:
     pretrained: str = "imagenet"  # "none": random init (tiny_cnn has no weights)
     weights: str | None = None  # ImageNet weights file, or a COCO ssdlite320_mobilenet_v3_large state dict
     input_size: int = 320  # square model input (pixels); anchors are computed for it
+    anchor_scales: str = "default"  # torchvision's 0.2,0.95 of the input side, or "LO,HI" (edgetl.detect.anchors)
     epochs: int = 30
     batch_size: int = 16
     lr: float = 1e-3  # extras + head; the backbone gets lr * backbone_lr_mult
@@ -124,6 +126,7 @@ def validate_det_config(cfg: DetTrainConfig) -> DetTrainConfig:
         raise EdgetlError(f"tile = {cfg.tile} must be at least 32 pixels (or unset)")
     if cfg.weights and not Path(cfg.weights).is_file():
         raise EdgetlError(f"--weights {cfg.weights}: no such file")
+    parse_scales(cfg.anchor_scales)
     return cfg
 
 
@@ -543,6 +546,8 @@ def _train_detector(data: Path, out: Path, cfg: DetTrainConfig, overwrite: bool,
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_detector(cfg.backbone, len(ds.class_names), cfg.input_size, cfg.pretrained, cfg.weights)
+    anchors = set_anchors(model, splits["train"], cfg)
+    progress(anchors.describe())
     model.to(device)
     progress(f"model: SSDLite on {cfg.backbone} ({model.weights.get('source')}), {count_parameters(model) / 1e6:.2f}M "
              f"params, {len(model.anchors)} anchors, input {cfg.input_size}x{cfg.input_size} stretch; mode {cfg.mode}; "
@@ -554,10 +559,31 @@ def _train_detector(data: Path, out: Path, cfg: DetTrainConfig, overwrite: bool,
         progress(f"{s}: mAP@0.5 {m['map50']:.4f}  mAP {m['map']:.4f}  ({m['n_images']} images, {m['n_gt']} boxes)")
     model.to("cpu")
     run = {"ds": ds, "split_json": split_json, "fingerprint": fingerprint, "summary": summary, "fit": fit,
-           "results": results, "device": str(device), "time_s": time.time() - t_start}
+           "results": results, "anchors": anchors.to_dict(), "device": str(device), "time_s": time.time() - t_start}
     _write_run(out, model, cfg, run, overwrite)
     progress(f"wrote {out} (best epoch {fit['best_epoch']}; {time.time() - t_start:.0f}s)")
     return out
+
+
+def set_anchors(model, train: Sequence[Any], cfg: DetTrainConfig):
+    """Set ``model``'s anchor scales as ``cfg.anchor_scales`` says; returns their coverage of the
+    training split's boxes in model-input pixels (``edgetl.detect.anchors.AnchorFit``)."""
+    import torch
+
+    from .anchors import choose_scales, generator
+    from .model import _anchors, set_anchor_scales
+
+    boxes = [to_input_boxes(im.boxes, (im.height, im.width), model.spec) for im in train]
+    boxes = np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32)
+    was = model.training
+    with torch.no_grad():
+        model.eval()
+        maps = model.features(torch.zeros(1, 3, *model.input_size))
+    model.train(was)
+    fit = choose_scales(parse_scales(cfg.anchor_scales), boxes,
+                        lambda sc: _anchors(generator(sc), maps, model.input_size).numpy(), cfg.seed)
+    set_anchor_scales(model, fit.scales)
+    return fit
 
 
 def _write_run(out: Path, model, cfg: DetTrainConfig, run: dict[str, Any], overwrite: bool) -> None:
@@ -587,7 +613,7 @@ def _write_run(out: Path, model, cfg: DetTrainConfig, run: dict[str, Any], overw
             kind="run", task="detection", labels=ds.class_names, preprocess=model.spec, postprocess=post,
             backbone={"name": cfg.backbone, "detector": "ssdlite", "pretrained": cfg.pretrained,
                       "weights": model.weights, "reduced_tail": model.arch["reduced_tail"],
-                      "num_anchors": int(len(model.anchors))},
+                      "num_anchors": int(len(model.anchors)), "anchor_scales": model.arch["anchor_scales"]},
             training={"config": cfg.to_dict(), "config_file": CONFIG_FILE, "mode": cfg.mode, "epochs": cfg.epochs,
                       "epochs_run": len(fit["history"]), "best_epoch": fit["best_epoch"], "selection_metric": "val_map50",
                       "metrics": {s: (None if m is None else {"map50": m["map50"], "map": m["map"]})
@@ -597,7 +623,8 @@ def _write_run(out: Path, model, cfg: DetTrainConfig, run: dict[str, Any], overw
                       "data_fingerprint_covers": "paths, sizes, windows, boxes and classes of every split (not pixel bytes)",
                       "split_seed": cfg.seed, "seed": cfg.seed, "splits": run["summary"],
                       "tile": None if not cfg.tile else {"size": cfg.tile, "overlap": cfg.tile_overlap},
-                      "augment": cfg.augment, "device": run["device"], "time_s": round(run["time_s"], 2),
+                      "augment": cfg.augment, "anchors": run["anchors"], "device": run["device"],
+                      "time_s": round(run["time_s"], 2),
                       "torch": torch.__version__, "coordinates": "model-input pixels (stretch to input_size)"})
         seal(d, manifest)
         load_detection_run(d)  # the contract every later stage relies on
@@ -653,7 +680,8 @@ def load_detection_run(path: str | Path):
                           hint="use edgetl's classification commands for it")
     bb = manifest.backbone
     model = build_detector(bb["name"], manifest.num_classes, tuple(manifest.preprocess.input_size), pretrained="none",
-                           reduced_tail=bool(bb.get("reduced_tail", False)))
+                           reduced_tail=bool(bb.get("reduced_tail", False)),
+                           anchor_scales=bb.get("anchor_scales"))  # absent before anchor fitting: the defaults
     try:
         model.load_state_dict(load_safetensors(read_verified(path, WEIGHTS_FILE, manifest)))
     except RuntimeError as exc:
