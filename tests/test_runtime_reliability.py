@@ -117,8 +117,10 @@ def test_a_camera_that_opens_but_sends_nothing_is_given_up_after_the_timeout(fir
         src.close()
     assert src.frames_read == first  # a live source keeps the latest frame: a busy consumer may see fewer
     assert (got >= 1) == bool(first) and got <= first
-    assert 0.9 <= elapsed < 4.0, elapsed  # the deadline runs from the last frame received
-    assert spec.opens[0] >= 3 and src.reconnects == spec.opens[0] - 1  # it kept reopening meanwhile, with back-off
+    # the deadline runs from the last frame received; the upper bound leaves room for a CPU starved by
+    # other jobs (4 s failed once at nice 19 beside a training), the bug it guards ran until the 20 s limit
+    assert 0.9 <= elapsed < 10.0, elapsed
+    assert spec.opens[0] >= 2 and src.reconnects == spec.opens[0] - 1  # it kept reopening meanwhile, with back-off
     assert spec.opens[0] <= 8
     assert err.exit_code == 3 and "opens but sent no frame for 1 s" in err.message
     assert (f"after {first} frames" in err.message) == bool(first)

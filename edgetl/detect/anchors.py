@@ -11,9 +11,11 @@ gets one forced positive in training.
 Fitting the scales to maximise that coverage was built and measured, and is NOT offered: on the
 conveyor cells it raised the coverage from 82.4 % to 99.2 % (0.14-0.60) and lowered the test
 class-agnostic mAP@0.5 from 90.55 to 85.67 (8 epochs); on the tree crowns 75.5 % -> 96.7 %
-(0.10-0.70) and test mAP@0.5 26.96 -> 6.28 (20 epochs). Smaller anchors on the finest (stride-16)
-map give each box fewer positive anchors and align worse with its 16-pixel grid; what
-small objects need is a finer map, not smaller anchors on this one (docs/detection.md).
+(0.10-0.70) and test mAP@0.5 26.96 -> 6.28 (20 epochs). A seventh, stride-8 map (Lite0's 40x40
+stage, anchors from 0.1 of the side: 98.7 % of the cells covered, 14.9 anchors per box against 9.9)
+was prototyped and measured too, and was worse still: class-agnostic 71.89 after 8 epochs (its
+validation mAP still rising). Why more and better-fitting anchors train worse at these budgets is
+not established; docs/results.md has the figures.
 """
 
 from __future__ import annotations
