@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 pytest.importorskip("pycocotools")
 
-from edgetl.detect.anchors import DEFAULT_SCALES, choose_scales, coverage, generator, parse_scales  # noqa: E402
+from edgetl.detect.anchors import DEFAULT_SCALES, coverage, generator, measure, parse_scales  # noqa: E402
 from edgetl.detect.model import _anchors, build_detector  # noqa: E402
 from edgetl.detect.train import load_detection_run, train_detector  # noqa: E402
 from edgetl.runtime.errors import EdgetlError, IntegrityError  # noqa: E402
@@ -31,6 +31,10 @@ def maps():
 
 def anchors_for(maps):
     return lambda sc: _anchors(generator(sc), maps, (SIZE, SIZE)).numpy()
+
+
+def measured(scales, boxes, maps):
+    return measure(scales, boxes, anchors_for(maps)(scales), lambda: anchors_for(maps)(DEFAULT_SCALES))
 
 
 def boxes_of(side: tuple[float, float], aspect: float = 1.0, n: int = 150, seed: int = 0) -> np.ndarray:
@@ -62,15 +66,15 @@ def test_the_coverage_report_tells_small_objects_from_covered_ones(maps):
     """Objects 8-14 % of the input side: torchvision's anchors (smallest 20 % of the side) cover none at
     IoU 0.5, smaller given scales most; objects of 30-60 %, the defaults nearly all."""
     small = boxes_of((0.08, 0.14))
-    default = choose_scales(DEFAULT_SCALES, small, anchors_for(maps))
-    given = choose_scales((0.1, 0.5), small, anchors_for(maps))
+    default = measured(DEFAULT_SCALES, small, maps)
+    given = measured((0.1, 0.5), small, maps)
     assert default.how == "default" and default.recall == 0.0 and default.default_recall == 0.0
     assert given.how == "given" and given.recall >= 0.8 and given.default_recall == 0.0
     assert given.recall == pytest.approx(coverage(small, anchors_for(maps)((0.1, 0.5)))[0])
     assert "torchvision's 0.20-0.95: 0.0 %" in given.describe() and given.to_dict()["scales"] == [0.1, 0.5]
-    large = choose_scales(DEFAULT_SCALES, boxes_of((0.3, 0.6)), anchors_for(maps))
+    large = measured(DEFAULT_SCALES, boxes_of((0.3, 0.6)), maps)
     assert large.recall > 0.9 and large.positives > 1 and "torchvision's scales 0.20-0.95" in large.describe()
-    empty = choose_scales(DEFAULT_SCALES, np.zeros((0, 4)), anchors_for(maps))
+    empty = measured(DEFAULT_SCALES, np.zeros((0, 4)), maps)
     assert empty.recall is None and "no training boxes" in empty.describe()
 
 

@@ -33,7 +33,7 @@ MAX_BOXES = 4000  # boxes scored (a fixed, seeded sample beyond this)
 
 
 @dataclass(frozen=True)
-class AnchorFit:
+class AnchorCoverage:
     """A training's anchor scales and how well they, and the defaults, cover its training boxes."""
 
     scales: tuple[float, float]
@@ -104,18 +104,22 @@ def coverage(boxes: np.ndarray, anchors: np.ndarray) -> tuple[float, float]:
     return float(np.mean(pos > 0)), float(np.mean(pos))
 
 
-def choose_scales(setting: tuple[float, float], boxes: np.ndarray, anchors_for, seed: int = 0) -> AnchorFit:
-    """The scales ``setting`` (see :func:`parse_scales`) with their coverage of ``boxes`` (N, 4) in
-    model-input pixels; ``anchors_for(scales)`` gives the (A, 4) anchors of a scale pair."""
+def measure(scales: tuple[float, float], boxes: np.ndarray, anchors: np.ndarray, default_anchors,
+            seed: int = 0) -> AnchorCoverage:
+    """How the ``anchors`` (A, 4) of ``scales`` cover ``boxes`` (N, 4), both in model-input pixels,
+    beside torchvision's scales (``default_anchors()`` gives theirs, called only when ``scales`` are
+    others)."""
+    scales = tuple(float(v) for v in scales)
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
     if len(boxes) > MAX_BOXES:
         boxes = boxes[np.sort(np.random.default_rng(seed).choice(len(boxes), MAX_BOXES, replace=False))]
-    how = "default" if tuple(setting) == DEFAULT_SCALES else "given"
+    how = "default" if scales == DEFAULT_SCALES else "given"
     if not len(boxes):
-        return AnchorFit(tuple(setting), how, 0, None, None, None)
-    own, default = coverage(boxes, anchors_for(setting)), coverage(boxes, anchors_for(DEFAULT_SCALES))
-    return AnchorFit(tuple(setting), how, len(boxes), own[0], own[1], default[0])
+        return AnchorCoverage(scales, how, 0, None, None, None)
+    recall, positives = coverage(boxes, anchors)
+    default = recall if how == "default" else coverage(boxes, default_anchors())[0]
+    return AnchorCoverage(scales, how, len(boxes), recall, positives, default)
 
 
-__all__ = ["AnchorFit", "DEFAULT_SCALES", "choose_scales", "coverage", "generator", "parse_scales"]
+__all__ = ["AnchorCoverage", "DEFAULT_SCALES", "coverage", "generator", "measure", "parse_scales"]

@@ -4,7 +4,7 @@
 built from torchvision's own pieces (``SSDLiteHead``, ``_extra_block``, ``DefaultBoxGenerator``,
 ``BoxCoder``, ``SSDMatcher``) so the model is the one torchvision trains as
 ``ssdlite320_mobilenet_v3_large``: same extra-layer widths, same anchors (6 per location, aspect
-ratios 2 and 3; scales 0.2..0.95 unless a training fits them to its boxes, ``anchors.py``), same box
+ratios 2 and 3; scales 0.2..0.95 unless a training sets others, ``anchors.py``), same box
 encoding. The stride-16 map is the *expansion* layer of
 the first stride-32 block, as in the MobileNetV3 paper (section 6.3) and torchvision.
 
@@ -193,22 +193,6 @@ def _anchors(gen, maps: list[torch.Tensor], input_size: tuple[int, int]) -> torc
     return gen(images, maps)[0].to(torch.float32).contiguous()
 
 
-def set_anchor_scales(model: Detector, scales) -> Detector:
-    """Recompute ``model.anchors`` for the scale range ``(lo, hi)`` (``edgetl.detect.anchors``); the
-    head is unchanged (same anchors per location). ``model.arch`` records the scales."""
-    from .anchors import generator
-
-    scales = (float(scales[0]), float(scales[1]))
-    was = model.training
-    with torch.no_grad():
-        model.eval()
-        anchors = _anchors(generator(scales), model.features(torch.zeros(1, 3, *model.input_size)), model.input_size)
-    model.anchors = anchors.to(next(model.parameters()).device)
-    model.train(was)
-    model.arch["anchor_scales"] = list(scales)
-    return model
-
-
 def build_detector(backbone: str, num_classes: int, input_size=(320, 320), pretrained: str = "imagenet",
                    weights_file: str | None = None, reduced_tail: bool = False, anchor_scales=None) -> Detector:
     """An SSDLite detector for ``num_classes`` object classes (no background in the count).
@@ -338,4 +322,4 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = ["BOX_CODER_WEIGHTS", "DETECTOR_BACKBONES", "Detector", "MultiScale", "build_detector", "count_parameters",
-           "detection_loss", "match_anchors", "set_anchor_scales"]
+           "detection_loss", "match_anchors"]

@@ -545,8 +545,9 @@ def _train_detector(data: Path, out: Path, cfg: DetTrainConfig, overwrite: bool,
     ds, splits, split_json, fingerprint, summary = _prepare_data(data, cfg, progress)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = build_detector(cfg.backbone, len(ds.class_names), cfg.input_size, cfg.pretrained, cfg.weights)
-    anchors = set_anchors(model, splits["train"], cfg)
+    model = build_detector(cfg.backbone, len(ds.class_names), cfg.input_size, cfg.pretrained, cfg.weights,
+                           anchor_scales=parse_scales(cfg.anchor_scales))
+    anchors = anchor_coverage(model, splits["train"], cfg.seed)
     progress(anchors.describe())
     model.to(device)
     progress(f"model: SSDLite on {cfg.backbone} ({model.weights.get('source')}), {count_parameters(model) / 1e6:.2f}M "
@@ -565,25 +566,25 @@ def _train_detector(data: Path, out: Path, cfg: DetTrainConfig, overwrite: bool,
     return out
 
 
-def set_anchors(model, train: Sequence[Any], cfg: DetTrainConfig):
-    """Set ``model``'s anchor scales as ``cfg.anchor_scales`` says; returns their coverage of the
-    training split's boxes in model-input pixels (``edgetl.detect.anchors.AnchorFit``)."""
+def anchor_coverage(model, train: Sequence[Any], seed: int = 0):
+    """How ``model``'s anchors cover the training split's boxes in model-input pixels, beside
+    torchvision's scales (``edgetl.detect.anchors.measure``)."""
     import torch
 
-    from .anchors import choose_scales, generator
-    from .model import _anchors, set_anchor_scales
+    from .anchors import DEFAULT_SCALES, generator, measure
+    from .model import _anchors
+
+    def default_anchors() -> np.ndarray:
+        was = model.training
+        with torch.no_grad():
+            model.eval()
+            maps = model.features(torch.zeros(1, 3, *model.input_size))
+        model.train(was)
+        return _anchors(generator(DEFAULT_SCALES), maps, model.input_size).numpy()
 
     boxes = [to_input_boxes(im.boxes, (im.height, im.width), model.spec) for im in train]
     boxes = np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32)
-    was = model.training
-    with torch.no_grad():
-        model.eval()
-        maps = model.features(torch.zeros(1, 3, *model.input_size))
-    model.train(was)
-    fit = choose_scales(parse_scales(cfg.anchor_scales), boxes,
-                        lambda sc: _anchors(generator(sc), maps, model.input_size).numpy(), cfg.seed)
-    set_anchor_scales(model, fit.scales)
-    return fit
+    return measure(model.arch["anchor_scales"], boxes, model.anchors.cpu().numpy(), default_anchors, seed)
 
 
 def _write_run(out: Path, model, cfg: DetTrainConfig, run: dict[str, Any], overwrite: bool) -> None:
@@ -681,7 +682,7 @@ def load_detection_run(path: str | Path):
     bb = manifest.backbone
     model = build_detector(bb["name"], manifest.num_classes, tuple(manifest.preprocess.input_size), pretrained="none",
                            reduced_tail=bool(bb.get("reduced_tail", False)),
-                           anchor_scales=bb.get("anchor_scales"))  # absent before anchor fitting: the defaults
+                           anchor_scales=bb.get("anchor_scales"))  # absent in older runs: torchvision's
     try:
         model.load_state_dict(load_safetensors(read_verified(path, WEIGHTS_FILE, manifest)))
     except RuntimeError as exc:
