@@ -168,11 +168,9 @@ def compile_run(run_path: str | Path, out: str | Path, profile: TargetProfile, m
             from .quantize import quantize_run
 
             judge = judge_numerics(profile)
-            bits = ("7-bit weights or 8-bit depthwise" if cfg.depthwise_forms else "7-bit weights") \
-                if cfg.reduce_range else "8-bit weights"
             progress(f"weights: {cfg.weight_bits_note}. Why: {cfg.weight_range_reason}")
             steps.run(f"quantize ({'escalation ladder' if cfg.method == 'auto' else cfg.method}, {cfg.form.key}, "
-                      f"{bits}; judged on {judge.label})",
+                      f"{cfg.weight_bits_label}; judged on {judge.label})",
                       lambda: quantize_run(run_path, d, cfg, overwrite=True, log=progress, numerics=judge,
                                            time_budget=time_budget, profile=profile),
                       lambda r: _ladder_detail(r.manifest.quantization))

@@ -159,13 +159,18 @@ class QuantizeConfig:
         return "dense" if self.prefers_depthwise_full and self.depthwise_forms else True
 
     @property
-    def weight_bits_note(self) -> str:
-        """The weight form(s) the ladder will try, for the compile's first lines."""
-        rr = self.reduce_range
-        if not rr:
+    def weight_bits_label(self) -> str:
+        """The weight form(s) in a few words (the compile's step label)."""
+        if not self.reduce_range:
             return "8-bit weights"
-        if not self.depthwise_forms:
-            return "7-bit weights"
+        return "7-bit weights or 8-bit depthwise" if self.depthwise_forms else "7-bit weights"
+
+    @property
+    def weight_bits_note(self) -> str:
+        """The weight form(s) the ladder will try, in order, for the compile's first lines."""
+        rr = self.reduce_range
+        if not rr or not self.depthwise_forms:
+            return self.weight_bits_label
         probed = "this CPU's depthwise kernels probed exact"
         first, then = (f"8-bit depthwise weights ({probed}), 7-bit others", "7-bit everywhere") if rr == "dense" \
             else ("7-bit weights", f"8-bit depthwise ({probed})")
