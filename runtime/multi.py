@@ -8,7 +8,10 @@
 * the loop waits until any source has a frame (one Event shared by the capture threads), takes the
   frame of every source that has one, and runs them through the model as one batch: one call for a
   dynamic-batch build, as many calls as needed for a static-batch one (batch 1: one per frame;
-  batch N: chunks of N, the last padded);
+  batch N: chunks of N, the last padded). When every source is read frame by frame (files and image
+  folders without ``--realtime``: nothing is live, no frame goes stale) the loop waits for the next
+  frame of every source still running, so each batch holds one frame of each and the batching does
+  not depend on which capture thread happened to be ahead;
 * a source that is lost (``SourceLostError`` after its reconnect timeout) or ends (a file) leaves
   the loop, with a note; the others go on. The run ends when every source is gone: exit 3 when at
   least one of them was lost, 0 when they all ended (files), and 0 on ``--duration``, ``--max-frames``
@@ -127,8 +130,10 @@ class MultiStream:
         return self.by_name[r.source].head
 
     def _take(self) -> List[Tuple[Lane, Any]]:
-        """The frame of every source that has one (sources that ended or were lost leave the loop)."""
+        """The frame of every source that has one (sources that ended or were lost leave the loop); when
+        every source is read frame by frame, the next frame of every source still running."""
         o, got = self.options, []
+        wait = not any(lane.source.latest for lane in self.lanes)
         for lane in self.lanes:
             if lane.finished:
                 continue
@@ -137,6 +142,8 @@ class MultiStream:
                 continue
             try:
                 frame = lane.source.get(0)
+                while frame is None and wait and not lane.source.done and not self.stop.is_set():
+                    frame = lane.source.get(0.1)
             except SourceLostError as exc:
                 lane.finished, lane.error = "source lost", exc
                 left = sum(not ln.finished for ln in self.lanes)

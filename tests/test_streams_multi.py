@@ -58,7 +58,9 @@ def test_files_every_frame_of_every_source_batched(tmp_path, artifact, model):
             assert np.allclose([s for _, s in o["top_k"]], [s for _, s in want], atol=2e-6)
     s = summary(tmp_path / "s.json")
     assert [e["frames"] for e in s["sources"]] == [20, 30, 40] and s["frames"] == 90
-    assert s["mean_batch"] > 1.5 and max(o["batch"] for o in out) == 3 and s["model_calls"] == s["batches"]
+    # files: one frame of every source still running in each batch (20 of 3, 10 of 2, 10 of 1)
+    assert s["batches"] == 40 and s["mean_batch"] == 2.25 and s["model_calls"] == s["batches"]
+    assert [o["batch"] for o in out].count(3) == 60 and [o["batch"] for o in out].count(1) == 10
     assert s["stop_reason"] == "all sources gone" and all(e["stop_reason"] == "end of source" for e in s["sources"])
     assert "[mid]" in r.stderr and "3 sources" in r.stderr
 
