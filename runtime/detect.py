@@ -10,6 +10,9 @@ Per image (:func:`postprocess`): softmax over the ``C + 1`` logits; decode every
 (torchvision does, before NMS: the IoU of a box that leaves the image is that of its visible part);
 per class ``k >= 1``: scores ``> score_threshold``, the best ``candidates_per_class``; class-aware NMS
 at ``nms_iou``; the ``max_detections`` best overall. Classes come out 0-based (``k - 1``).
+:func:`postprocess_objects` decodes the same outputs as objects whatever their class (score
+``1 - P(background)``, the likeliest class, one NMS): what tracking, counting and the class-agnostic
+metrics use.
 
 Clipping needs the model input's size: :class:`PostprocessSpec` carries it as ``image_size`` (H, W),
 from ``manifest.preprocess.input_size`` (``PostprocessSpec.from_manifest(section, anchors,
@@ -56,6 +59,9 @@ class PostprocessSpec:
     max_detections: int = 100
     candidates_per_class: int = 200
     image_size: Optional[Tuple[int, int]] = None
+    # the score threshold of postprocess_objects (P(object)), chosen on the validation split by the
+    # training; None (runs before schema 2.1): tracking merges the per-class boxes (merge_classes)
+    object_threshold: Optional[float] = None
 
     def __post_init__(self) -> None:
         anchors = np.asarray(self.anchors, dtype=np.float32)
@@ -77,7 +83,7 @@ class PostprocessSpec:
             raise ManifestError(f"manifest key 'postprocess' is a {type(section).__name__}, not a mapping",
                                 hint="the artifact is damaged or was not made by edgetl: rebuild it")
         known = {"kind", "anchors", "box_coder_weights", "score_threshold", "nms_iou", "max_detections",
-                 "candidates_per_class"}
+                 "candidates_per_class", "object_threshold"}
         unknown = sorted(set(section) - known)
         if unknown:
             raise ManifestError(f"unknown postprocess key(s): {', '.join(map(str, unknown))}",
@@ -90,6 +96,8 @@ class PostprocessSpec:
               "box_coder_weights", weights, "four positive numbers, e.g. [10, 10, 5, 5]")
         score = section.get("score_threshold", 0.3)
         _need(_is_number(score) and 0.0 <= score < 1.0, "score_threshold", score, "a probability in [0, 1)")
+        obj = section.get("object_threshold")
+        _need(obj is None or (_is_number(obj) and 0.0 <= obj < 1.0), "object_threshold", obj, "a probability in [0, 1)")
         iou = section.get("nms_iou", 0.5)
         _need(_is_number(iou) and 0.0 < iou <= 1.0, "nms_iou", iou, "an IoU in (0, 1]")
         for key, default in (("max_detections", 100), ("candidates_per_class", 200)):
@@ -98,13 +106,17 @@ class PostprocessSpec:
         return cls(anchors=anchors, box_coder_weights=tuple(weights), score_threshold=float(score),
                    nms_iou=float(iou), max_detections=int(section.get("max_detections", 100)),
                    candidates_per_class=int(section.get("candidates_per_class", 200)),
-                   image_size=None if image_size is None else tuple(image_size))
+                   image_size=None if image_size is None else tuple(image_size),
+                   object_threshold=None if obj is None else float(obj))
 
     def to_manifest(self, anchors_file: str = "anchors.npy") -> Dict[str, Any]:
         """The ``manifest.postprocess`` section (the anchors themselves go to ``anchors_file``)."""
-        return {"kind": "ssd", "anchors": anchors_file, "box_coder_weights": list(self.box_coder_weights),
-                "score_threshold": self.score_threshold, "nms_iou": self.nms_iou,
-                "max_detections": self.max_detections, "candidates_per_class": self.candidates_per_class}
+        out = {"kind": "ssd", "anchors": anchors_file, "box_coder_weights": list(self.box_coder_weights),
+               "score_threshold": self.score_threshold, "nms_iou": self.nms_iou,
+               "max_detections": self.max_detections, "candidates_per_class": self.candidates_per_class}
+        if self.object_threshold is not None:
+            out["object_threshold"] = self.object_threshold
+        return out
 
 
 def _is_number(v: Any) -> bool:
@@ -261,11 +273,8 @@ def merge_classes(dets: "Detections", iou: float = 0.7) -> "Detections":
     return dets.select(np.sort(keep))
 
 
-def postprocess(raw_boxes: np.ndarray, raw_scores: np.ndarray, spec: PostprocessSpec,
-                score_threshold: Optional[float] = None) -> Detections:
-    """ONE image's raw outputs (``raw_boxes`` (A, 4) regressions, ``raw_scores`` (A, C + 1) logits;
-    a leading batch axis of 1 is accepted) -> :class:`Detections` in model-input pixels, best first.
-    ``score_threshold`` overrides the spec's (a tracker wants the low-score boxes too)."""
+def _raw_outputs(raw_boxes: np.ndarray, raw_scores: np.ndarray, spec: PostprocessSpec) -> Tuple[np.ndarray, np.ndarray]:
+    """One image's raw outputs, a leading batch axis of 1 dropped, checked against the anchors."""
     raw_boxes, raw_scores = np.asarray(raw_boxes), np.asarray(raw_scores)
     if raw_boxes.ndim == 3 and raw_boxes.shape[0] == 1:
         raw_boxes = raw_boxes[0]
@@ -276,16 +285,31 @@ def postprocess(raw_boxes: np.ndarray, raw_scores: np.ndarray, spec: Postprocess
         raise EdgetlError(f"the model's outputs {raw_boxes.shape} / {raw_scores.shape} do not fit the artifact's "
                           f"{a} anchors (boxes ({a}, 4), scores ({a}, C + 1))",
                           hint="the model and anchors.npy come from different runs: rebuild the artifact")
+    return raw_boxes, raw_scores
+
+
+def _decoded(raw_boxes: np.ndarray, anchor: np.ndarray, spec: PostprocessSpec) -> np.ndarray:
+    """The candidates' boxes, clipped to the model input when its size is known (as torchvision)."""
+    boxes = decode_boxes(raw_boxes[anchor], spec.anchors[anchor], spec.box_coder_weights)
+    if spec.image_size is not None:
+        h, w = spec.image_size
+        np.clip(boxes[:, 0::2], 0, w, out=boxes[:, 0::2])
+        np.clip(boxes[:, 1::2], 0, h, out=boxes[:, 1::2])
+    return boxes
+
+
+def postprocess(raw_boxes: np.ndarray, raw_scores: np.ndarray, spec: PostprocessSpec,
+                score_threshold: Optional[float] = None) -> Detections:
+    """ONE image's raw outputs (``raw_boxes`` (A, 4) regressions, ``raw_scores`` (A, C + 1) logits;
+    a leading batch axis of 1 is accepted) -> :class:`Detections` in model-input pixels, best first.
+    ``score_threshold`` overrides the spec's (a tracker wants the low-score boxes too)."""
+    raw_boxes, raw_scores = _raw_outputs(raw_boxes, raw_scores, spec)
     thr = spec.score_threshold if score_threshold is None else float(score_threshold)
     scores = _softmax(raw_scores)
     anchor, cls = _candidates(scores, thr, spec.candidates_per_class)
     if len(anchor) == 0:
         return Detections.empty()
-    boxes = decode_boxes(raw_boxes[anchor], spec.anchors[anchor], spec.box_coder_weights)  # candidates only
-    if spec.image_size is not None:
-        h, w = spec.image_size
-        np.clip(boxes[:, 0::2], 0, w, out=boxes[:, 0::2])
-        np.clip(boxes[:, 1::2], 0, h, out=boxes[:, 1::2])
+    boxes = _decoded(raw_boxes, anchor, spec)  # candidates only
     cand_scores = scores[anchor, cls + 1]
     kept: List[np.ndarray] = []
     bounds = np.flatnonzero(np.r_[True, cls[1:] != cls[:-1], True])
@@ -294,6 +318,31 @@ def postprocess(raw_boxes: np.ndarray, raw_scores: np.ndarray, spec: Postprocess
     keep = np.concatenate(kept)
     keep = keep[np.argsort(-cand_scores[keep], kind="stable")][:spec.max_detections]
     return Detections(boxes[keep], cand_scores[keep], cls[keep].astype(np.int64))
+
+
+def postprocess_objects(raw_boxes: np.ndarray, raw_scores: np.ndarray, spec: PostprocessSpec,
+                        score_threshold: Optional[float] = None) -> Detections:
+    """Objects whatever their class, from the same raw outputs: an anchor's score is the probability
+    that it holds an object, ``1 - P(background)`` (the sum of the class probabilities), its class the
+    likeliest one; one NMS over every class at ``nms_iou``; the ``candidates_per_class`` best anchors
+    are the candidates. Best first, at most ``max_detections``.
+
+    :func:`postprocess` scores each class apart: a cell the model finds for sure but whose class it
+    doubts (background 0.05, defective 0.50, functional 0.45) gives two half-confident boxes, one per
+    class, or none above the threshold; here it gives one box scored 0.95 labelled defective. This is
+    what finds and counts objects (``--track``, ``--count-line``) and the class-agnostic metrics."""
+    raw_boxes, raw_scores = _raw_outputs(raw_boxes, raw_scores, spec)
+    thr = spec.score_threshold if score_threshold is None else float(score_threshold)
+    probs = _softmax(raw_scores)
+    fg = probs[:, 1:]
+    obj = fg.sum(axis=1)  # not 1 - p0: no cancellation when the background is near 1
+    anchor = np.flatnonzero(obj > np.float32(thr))
+    if len(anchor) == 0:
+        return Detections.empty()
+    anchor = anchor[np.lexsort((anchor, -obj[anchor]))][:spec.candidates_per_class]  # best first, ties by index
+    boxes = _decoded(raw_boxes, anchor, spec)
+    keep = _nms_sorted(boxes, spec.nms_iou)[:spec.max_detections]
+    return Detections(boxes[keep], obj[anchor[keep]], fg[anchor[keep]].argmax(axis=1).astype(np.int64))
 
 
 # ---- back to the frame ---------------------------------------------------------------------------

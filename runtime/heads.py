@@ -89,10 +89,14 @@ class DetectHead:
         self.model = model
         self.post = model.postprocess
         self.roi = options.roi
-        # --threshold 0 (the default) keeps the score threshold the artifact was gated at
-        self.threshold = float(options.threshold) or self.post.score_threshold
+        tracking = bool(options.track or options.count_line)
+        # objects (P(object), one box each) feed the tracker when the run chose their threshold (schema 2.1)
+        self.objects = tracking and self.post.object_threshold is not None
+        # --threshold 0 (the default) keeps the artifact's: the objects' with tracking, else the one it was gated at
+        self.threshold = float(options.threshold) or (self.post.object_threshold if self.objects
+                                                      else self.post.score_threshold)
         self.tracker = self.counter = None
-        if options.track or options.count_line:
+        if tracking:
             from .track import LineCounter, Tracker, parse_line
             # ByteTrack: detections down to `low` reach the tracker (its second stage), tracks start at `high`
             self.tracker = Tracker(low=min(0.1, self.threshold), high=self.threshold, labels=model.labels)
@@ -112,10 +116,13 @@ class DetectHead:
         return outputs[0][0], outputs[1][0]
 
     def step(self, outputs: List[np.ndarray], frame: Any) -> Dict[str, Any]:
-        from .detect import class_counts, postprocess, to_frame
+        from .detect import class_counts, merge_classes, postprocess, postprocess_objects, to_frame
         raw_boxes, raw_scores = self._raw(outputs)
         low = self.threshold if self.tracker is None else min(self.threshold, self.tracker.low)
-        dets = postprocess(raw_boxes, raw_scores, self.post, score_threshold=low)
+        if self.objects:  # one box per object, scored by P(object), labelled by its likeliest class
+            dets = postprocess_objects(raw_boxes, raw_scores, self.post, score_threshold=low)
+        else:
+            dets = postprocess(raw_boxes, raw_scores, self.post, score_threshold=low)
         h, w = frame.image.shape[:2]
         offset = (0, 0)
         if self.roi is not None:
@@ -130,9 +137,8 @@ class DetectHead:
             self.totals[lab] = self.totals.get(lab, 0) + n
             self.peak[lab] = max(self.peak.get(lab, 0), n)
         tracks, events = None, []
-        if self.tracker is not None:
-            from .detect import merge_classes
-            tracks = self.tracker.update(merge_classes(dets), frame_index=frame.index)
+        if self.tracker is not None:  # an artifact without an objects' threshold: its per-class boxes merged
+            tracks = self.tracker.update(dets if self.objects else merge_classes(dets), frame_index=frame.index)
             events = list(self.tracker.events())
             if self.counter is not None:
                 events += self.counter.update(tracks, frame.index)

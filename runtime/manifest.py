@@ -41,7 +41,7 @@ from .preprocess import PreprocessSpec
 SCHEMA_VERSION = "1.1"  # classification (kept at 1.x: device runtimes of 1.x keep running new classification artifacts)
 # The schema a manifest is written in follows its task: a task an older runtime cannot run bumps the
 # MAJOR version, so that runtime refuses the folder with a clear error instead of misreading it.
-SCHEMA_BY_TASK = {"classification": "1.1", "detection": "2.0"}
+SCHEMA_BY_TASK = {"classification": "1.1", "detection": "2.1"}  # 2.1: postprocess.object_threshold
 TASKS = tuple(SCHEMA_BY_TASK)
 READ_MAJORS = ("1", "2")
 MANIFEST_NAME = "manifest.json"

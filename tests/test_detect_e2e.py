@@ -141,8 +141,8 @@ def test_train_compile_check_exit_codes_follow_the_verdict(flow, capsys):
 def test_schema_versions(flow, tmp_path):
     from _tinyartifact import make_tiny_artifact
 
-    assert json.loads((flow.art / "manifest.json").read_text())["schema_version"] == "2.0"
-    assert json.loads((flow.run / "manifest.json").read_text())["schema_version"] == "2.0"
+    assert json.loads((flow.art / "manifest.json").read_text())["schema_version"] == "2.1"
+    assert json.loads((flow.run / "manifest.json").read_text())["schema_version"] == "2.1"
     cls = make_tiny_artifact(tmp_path / "cls")
     assert json.loads((cls / "manifest.json").read_text())["schema_version"] == "1.1"
 

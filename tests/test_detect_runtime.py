@@ -402,3 +402,68 @@ def test_merge_classes_keeps_one_box_per_object_whatever_its_class():
     assert len(m) == 2 and sorted(m.scores.tolist()) == pytest.approx([0.45, 0.9])
     assert m.classes.tolist() == [1, 0]  # the winner's class, input order kept
     assert len(merge_classes(d.select(np.array([0])))) == 1
+
+
+# ---- objects: P(object) = 1 - P(background), one NMS over every class ------------------------------
+
+def torchvision_objects(anchors, raw, logits, thr=0.3, iou=0.5, topk=200, max_det=100, size=(H, W)):
+    """The same decode written with torch and torchvision's own BoxCoder, clip_boxes_to_image and nms."""
+    torch = pytest.importorskip("torch")
+    from torchvision.models.detection import _utils as det_utils
+    from torchvision.ops import boxes as box_ops
+
+    probs = torch.softmax(torch.from_numpy(logits), -1)
+    obj = probs[:, 1:].sum(1)
+    idx = torch.nonzero(obj > thr).flatten()
+    idx = idx[torch.argsort(-obj[idx], stable=True)][:topk]
+    boxes = det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0)).decode_single(torch.from_numpy(raw)[idx],
+                                                                     torch.from_numpy(anchors)[idx])
+    boxes = box_ops.clip_boxes_to_image(boxes, size)
+    keep = box_ops.nms(boxes, obj[idx], iou)[:max_det]
+    return boxes[keep].numpy(), obj[idx][keep].numpy(), probs[idx][keep][:, 1:].argmax(1).numpy()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_postprocess_objects_equals_a_torchvision_decode(seed):
+    from edgetl.runtime.detect import postprocess_objects
+
+    anchors, raw, logits = scene(seed)
+    spec = PostprocessSpec(anchors, image_size=(H, W))
+    dets = postprocess_objects(raw, logits, spec)
+    assert len(dets) > 10 and (np.diff(dets.scores) <= 0).all()
+    assert_same(dets, torchvision_objects(anchors, raw, logits))
+    for thr, iou, topk, max_det in ((0.6, 0.3, 50, 20), (0.9, 0.7, 400, 300)):
+        spec = PostprocessSpec(anchors, score_threshold=thr, nms_iou=iou, candidates_per_class=topk,
+                               max_detections=max_det, image_size=(H, W))
+        assert_same(postprocess_objects(raw, logits, spec), torchvision_objects(anchors, raw, logits, thr, iou, topk,
+                                                                                 max_det))
+
+
+def test_an_object_of_doubtful_class_is_one_confident_box():
+    """Background 0.05, defective 0.50, functional 0.45: per class two boxes (or none at 0.5); as an
+    object one box scored 0.95, labelled defective; a second anchor over it of the other class is
+    suppressed across classes, a distant one stays."""
+    from edgetl.runtime.detect import postprocess_objects
+
+    anchors = np.array([[10, 10, 60, 60], [12, 10, 62, 60], [200, 100, 250, 150]], np.float32)
+    logits = np.log(np.array([[0.05, 0.50, 0.45], [0.10, 0.40, 0.50], [0.20, 0.10, 0.70]], np.float32))
+    raw = np.zeros((3, 4), np.float32)
+    spec = PostprocessSpec(anchors, score_threshold=0.5, image_size=(H, W))
+    per_class = postprocess(raw, logits, spec)
+    assert per_class.classes.tolist() == [1]  # only the distant functional box clears 0.5 for its class
+    objects = postprocess_objects(raw, logits, spec)
+    assert objects.classes.tolist() == [0, 1] and objects.scores == pytest.approx([0.95, 0.80])
+    np.testing.assert_array_equal(objects.boxes, anchors[[0, 2]])
+    assert len(postprocess_objects(raw, logits, spec, score_threshold=0.96)) == 0
+
+
+def test_object_threshold_round_trips_and_is_checked():
+    anchors = scene(0, a=10)[0]
+    spec = PostprocessSpec.from_manifest(dict(good_section(), object_threshold=0.45), anchors)
+    assert spec.object_threshold == 0.45 and spec.to_manifest() == dict(good_section(), object_threshold=0.45)
+    assert PostprocessSpec.from_manifest(good_section(), anchors).object_threshold is None  # a 2.0 run
+    assert "object_threshold" not in PostprocessSpec.from_manifest(good_section(), anchors).to_manifest()
+    for bad in (1.0, -0.1, "0.4", True):
+        with pytest.raises(ManifestError) as err:
+            PostprocessSpec.from_manifest(dict(good_section(), object_threshold=bad), anchors)
+        assert "postprocess.object_threshold" in err.value.message

@@ -21,7 +21,7 @@ pytest.importorskip("pycocotools")
 
 from edgetl.detect.model import build_detector, detection_loss  # noqa: E402
 from edgetl.detect.train import (DetSamples, DetTrainConfig, augment_detection,  # noqa: E402
-                                 evaluate_run, hflip, load_detection_run, postprocess_spec, random_crop,
+                                 evaluate_images, evaluate_run, hflip, load_detection_run, postprocess_spec, random_crop,
                                  set_transfer, train_detector, trainable_groups, validate_det_config)
 from edgetl.runtime.errors import EdgetlError  # noqa: E402
 from edgetl.runtime.manifest import verify_files  # noqa: E402
@@ -117,9 +117,14 @@ def test_training_beats_untrained_and_writes_a_verified_run(trained):
     assert raw["schema_version"].startswith("2.") and raw["kind"] == "run" and raw["labels"] == ["red", "blue"]
     assert set(manifest.files) == {"model.safetensors", "anchors.npy", "split.json", "metrics.json", "data_report.json",
                                    "config.toml", "curves.png"}
-    assert manifest.postprocess == {"kind": "ssd", "anchors": "anchors.npy", "box_coder_weights": [10.0, 10.0, 5.0, 5.0],
-                                    "score_threshold": 0.3, "nms_iou": 0.5, "max_detections": 100,
-                                    "candidates_per_class": 200}
+    post = dict(manifest.postprocess)
+    objects_threshold = post.pop("object_threshold")
+    assert post == {"kind": "ssd", "anchors": "anchors.npy", "box_coder_weights": [10.0, 10.0, 5.0, 5.0],
+                    "score_threshold": 0.3, "nms_iou": 0.5, "max_detections": 100, "candidates_per_class": 200}
+    # the objects' threshold (tracking, counting) is the best F1 of P(object) boxes on the val split
+    val = evaluate_images(model, splits["val"], model.spec, postprocess_spec(model, CFG), names)["class_agnostic"]
+    assert val["threshold_chosen_here"] and objects_threshold == val["object_threshold"]
+    assert val["f1"] == max(val["f1_by_threshold"].values()) > 0.5
     assert manifest.preprocess.resize == "stretch" and manifest.preprocess.input_size == (SIZE, SIZE)
     t = manifest.training
     assert t["best_epoch"] >= 1 and t["epochs_run"] == CFG.epochs and len(t["data_fingerprint"]) == 64

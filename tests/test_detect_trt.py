@@ -88,7 +88,7 @@ def test_orin_build_config_conformance_and_detection_gate(orin):
         assert report["stats"]["qdq_nodes"] > 0 and report["stats"]["per_channel_qdq"] > 0
     m = verify_files(orin.path)
     raw = json.loads((orin.path / "manifest.json").read_text())
-    assert raw["schema_version"] == "2.0" and m.task == "detection"
+    assert raw["schema_version"] == "2.1" and m.task == "detection"
     assert m.quantization["qdq_format"] == "s8s8-symmetric-per-channel" and m.quantization["for_backend"] == "tensorrt"
     assert m.target["build_config"] == "builds/tensorrt/build_config.json"
     model = onnx.load(str(orin.path / "model_int8.onnx"))

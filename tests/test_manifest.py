@@ -48,8 +48,10 @@ def test_detection_manifest_is_schema_2_and_needs_postprocess(tmp_path):
     m = _manifest().replace(task="detection", postprocess={"kind": "ssd", "anchors": "anchors.npy"})
     write_manifest(m, tmp_path)
     data = json.loads((tmp_path / "manifest.json").read_text())
-    assert data["schema_version"] == "2.0" and data["postprocess"]["kind"] == "ssd"
+    assert data["schema_version"] == "2.1" and data["postprocess"]["kind"] == "ssd"
     assert read_manifest(tmp_path).postprocess["anchors"] == "anchors.npy"
+    old = Manifest.from_dict({**data, "schema_version": "2.0"})  # before postprocess.object_threshold: still read
+    assert old.task == "detection" and old.to_dict()["schema_version"] == "2.1"
     classification = _manifest().to_dict()
     assert classification["schema_version"] == "1.1" and "postprocess" not in classification
     with pytest.raises(ManifestError, match="'postprocess' is missing"):

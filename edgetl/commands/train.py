@@ -281,8 +281,10 @@ def _eval_detection(run, data, split, out, overwrite, as_json, device) -> None:
         ca = res.get("class_agnostic")
         if ca:
             acc = "-" if ca["class_accuracy"] is None else f"{100 * ca['class_accuracy']:.2f} %"
-            click.echo(f"  class-agnostic: mAP@0.5 {100 * ca['map50']:.2f}; at score {ca['score_threshold']:.2f} "
-                       f"{ca['found']} of {ca['n_gt']} boxes found (IoU >= 0.5), their class right {acc}")
+            where = "chosen on these images: the run stores none" if ca["threshold_chosen_here"] else "the run's"
+            click.echo(f"  objects, every class (scored by P(object)): mAP@0.5 {100 * ca['map50']:.2f} (per-class boxes "
+                       f"merged: {100 * ca['map50_class_boxes']:.2f}); at score {ca['score_threshold']:.2f} ({where}) "
+                       f"{ca['found']} of {ca['n_gt']} boxes found (IoU >= 0.5, F1 {ca['f1']:.3f}), their class right {acc}")
     if out:
         with atomic_output_dir(out, overwrite=overwrite) as d:
             (d / "metrics.json").write_text(json.dumps(res, indent=1, default=float) + "\n")

@@ -325,13 +325,13 @@ def evaluate_images(model, images: Sequence[Any], spec: PreprocessSpec, post, cl
     SSD loss on them (``loss``). Returns ``coco_map``'s dict (map50, map, per_class, ...)."""
     import torch
 
-    from ..runtime.detect import postprocess
+    from ..runtime.detect import postprocess, postprocess_objects
     from .metrics import coco_map
     from .model import detection_loss
 
     device = device or torch.device("cpu")
     model.eval()
-    gts, dets, loss, n = [], [], 0.0, 0
+    gts, dets, objects, loss, n = [], [], [], 0.0, 0
     with torch.inference_mode():
         workers = workers if len(images) > 2 * EVAL_BATCH else 0  # starting workers costs more than a few images
         for x, targets in make_loader(DetSamples(images, spec), EVAL_BATCH, workers):
@@ -343,43 +343,92 @@ def evaluate_images(model, images: Sequence[Any], spec: PreprocessSpec, post, cl
             for b, s, (gb, gc) in zip(boxes.cpu().numpy(), scores.cpu().numpy(), targets):
                 d = postprocess(b, s, post, score_threshold=EVAL_SCORE_THRESHOLD)
                 dets.append((d.boxes, d.scores, d.classes))
+                if len(class_names) > 1:
+                    o = postprocess_objects(b, s, post, score_threshold=EVAL_SCORE_THRESHOLD)
+                    objects.append((o.boxes, o.scores, o.classes))
                 gts.append((gb.numpy(), gc.numpy()))
     result = coco_map(gts, dets, len(class_names), list(class_names))
     result["loss"] = loss / max(1, n)
     if len(class_names) > 1:
-        result["class_agnostic"] = class_agnostic(gts, dets, post.score_threshold, class_names)
+        result["class_agnostic"] = class_agnostic(gts, objects, post.object_threshold, class_names, class_boxes=dets)
     return result
 
 
-def class_agnostic(gts: Sequence[tuple], dets: Sequence[tuple], score_threshold: float,
-                   class_names: Sequence[str]) -> dict[str, Any]:
-    """Finding objects apart from naming them: mAP with every class merged into one, and, at the
-    deployed score threshold, how many ground-truth boxes a detection found (IoU >= 0.5, any class)
-    and how often the class of the best-scoring box over a found object is right (the detector as a
-    classifier of what it found: what the device would label it)."""
-    from .metrics import box_iou, coco_map
+def _one_class(gts: Sequence[tuple], dets: Sequence[tuple]) -> dict[str, Any]:
+    """COCO mAP with every class merged into one."""
+    from .metrics import coco_map
 
     one = lambda c: np.zeros(len(c), np.int64)  # noqa: E731
-    merged = coco_map([(b, one(c)) for b, c in gts], [(b, s, one(c)) for b, s, c in dets], 1, ["object"])
+    return coco_map([(b, one(c)) for b, c in gts], [(b, s, one(c)) for b, s, c in dets], 1, ["object"])
+
+
+OBJECT_THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 .. 0.95
+
+
+def object_f1(gts: Sequence[tuple], objects: Sequence[tuple], thresholds: Sequence[float] = OBJECT_THRESHOLDS,
+              iou: float = 0.5) -> dict[float, float]:
+    """F1 of the objects at or above each score threshold against the ground truth, every class
+    merged (one to one, IoU >= ``iou``, ``metrics.match_pairs``)."""
+    from .metrics import match_pairs
+
+    tp = np.zeros(len(thresholds))
+    n_det = np.zeros(len(thresholds))
+    n_gt = 0
+    for (gb, _), (db, ds, _) in zip(gts, objects):
+        n_gt += len(gb)
+        for k, t in enumerate(thresholds):
+            keep = ds >= t
+            n_det[k] += int(keep.sum())
+            if len(gb) and keep.any():
+                tp[k] += len(match_pairs(db[keep], np.zeros(int(keep.sum())), gb, np.zeros(len(gb)), iou)[0])
+    return {float(t): (2 * tp[k] / (n_det[k] + n_gt) if n_det[k] + n_gt else 1.0) for k, t in enumerate(thresholds)}
+
+
+def choose_object_threshold(f1: Mapping[float, float]) -> float:
+    """The threshold of the best F1 (the higher threshold on a tie: fewer boxes for the same F1)."""
+    return max(f1, key=lambda t: (round(f1[t], 12), t))
+
+
+def class_agnostic(gts: Sequence[tuple], objects: Sequence[tuple], threshold: float | None,
+                   class_names: Sequence[str], class_boxes: Sequence[tuple] | None = None) -> dict[str, Any]:
+    """Finding objects apart from naming them, on ``objects`` (``runtime.detect.postprocess_objects``:
+    scored by P(object) = 1 - P(background), labelled by the likeliest class, what tracking and
+    counting use): their mAP as one class; their F1 against the ground truth at each score threshold
+    and the best one (``object_threshold``: the training stores the validation split's in the run);
+    and at ``threshold`` (None: that best one, chosen on these images) how many ground-truth boxes an
+    object found (IoU >= 0.5) and how often the class of the best-scoring one over a found object is
+    right (the detector as a classifier of what it found). ``class_boxes`` (the per-class boxes of
+    ``postprocess``, each class scored apart) adds ``map50_class_boxes``: the mAP of those boxes with
+    their classes merged, the figure this metric was before (a cell whose class is uncertain gives two
+    half-confident boxes there, so it is lower)."""
+    from .metrics import box_iou
+
+    merged = _one_class(gts, objects)
+    f1 = object_f1(gts, objects)
+    best = choose_object_threshold(f1)
+    score_threshold = best if threshold is None else float(threshold)
+    extra = {"map50_class_boxes": _one_class(gts, class_boxes)["map50"]} if class_boxes is not None else {}
     k = len(class_names)
     confusion = np.zeros((k, k), np.int64)  # rows: true class, columns: the found box's class
     n_gt = found = 0
-    for (gb, gc), (db, ds, dc) in zip(gts, dets):
+    for (gb, gc), (db, ds, dc) in zip(gts, objects):
         keep = ds >= score_threshold
         db, dc = db[keep], dc[keep]
         n_gt += len(gc)
         if not len(gc) or not len(db):
             continue
-        ov = box_iou(gb, db) >= 0.5  # a box of either class over the object; its best-scoring one names it
-        best = np.where(ov, ds[keep][None, :], -1.0).argmax(axis=1)
+        ov = box_iou(gb, db) >= 0.5  # a box over the object; the best-scoring one names it
+        top = np.where(ov, ds[keep][None, :], -1.0).argmax(axis=1)
         for i in np.flatnonzero(ov.any(axis=1)):
-            confusion[int(gc[i]), int(dc[best[i]])] += 1
+            confusion[int(gc[i]), int(dc[top[i]])] += 1
             found += 1
     correct = int(np.trace(confusion))
-    return {"map50": merged["map50"], "map": merged["map"], "score_threshold": score_threshold, "n_gt": n_gt,
+    return {"map50": merged["map50"], "map": merged["map"], "score_threshold": score_threshold,
+            "threshold_chosen_here": threshold is None, "object_threshold": best, "f1_by_threshold": f1,
+            "f1": object_f1(gts, objects, (score_threshold,))[score_threshold], "n_gt": n_gt,
             "found": found, "found_fraction": found / n_gt if n_gt else None, "class_correct": correct,
             "class_accuracy": correct / found if found else None, "confusion": confusion.tolist(),
-            "classes": list(class_names)}
+            "classes": list(class_names), **extra}
 
 
 def _finite(v: Any) -> float | None:
@@ -391,8 +440,12 @@ def _summary(m: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if m is None:
         return None
     per = [{k: (_finite(v) if isinstance(v, float) else v) for k, v in c.items()} for c in m.get("per_class", [])]
+    ca = m.get("class_agnostic")
+    objects = None if not ca else {k: ca[k] for k in ("map50", "map", "map50_class_boxes", "score_threshold", "f1",
+                                                        "found", "n_gt", "class_accuracy") if k in ca}
     return {"map50": _finite(m["map50"]), "map": _finite(m["map"]), "n_images": m.get("n_images"),
-            "n_gt": m.get("n_gt"), "n_det": m.get("n_det"), "per_class": per}
+            "n_gt": m.get("n_gt"), "n_det": m.get("n_det"), "per_class": per,
+            **({"objects": objects} if objects else {})}
 
 
 # ------------------------------------------------------------------------------------------
@@ -554,13 +607,21 @@ def _train_detector(data: Path, out: Path, cfg: DetTrainConfig, overwrite: bool,
              f"params, {len(model.anchors)} anchors, input {cfg.input_size}x{cfg.input_size} stretch; mode {cfg.mode}; "
              f"device {device}")
     fit = _fit(model, splits, ds.class_names, cfg, device, progress)
-    results = {s: evaluate_images(model, splits[s], model.spec, postprocess_spec(model, cfg), ds.class_names, device,
-                                  cfg.workers) for s in ("val", "test") if splits[s]}
-    for s, m in results.items():
+    post, results = postprocess_spec(model, cfg), {}
+    for s in ("val", "test"):  # val first: it chooses the objects' threshold the test split is then scored at
+        if not splits[s]:
+            continue
+        m = results[s] = evaluate_images(model, splits[s], model.spec, post, ds.class_names, device, cfg.workers)
         progress(f"{s}: mAP@0.5 {m['map50']:.4f}  mAP {m['map']:.4f}  ({m['n_images']} images, {m['n_gt']} boxes)")
+        ca = m.get("class_agnostic")
+        if ca and post.object_threshold is None:
+            post = dataclasses.replace(post, object_threshold=ca["object_threshold"])
+            progress(f"objects (P(object), every class): mAP@0.5 {ca['map50']:.4f}; threshold "
+                     f"{post.object_threshold:.2f} (the best F1 on {s}, {ca['f1']:.3f}) stored for tracking and counting")
     model.to("cpu")
     run = {"ds": ds, "split_json": split_json, "fingerprint": fingerprint, "summary": summary, "fit": fit,
-           "results": results, "anchors": anchors.to_dict(), "device": str(device), "time_s": time.time() - t_start}
+           "results": results, "anchors": anchors.to_dict(), "device": str(device), "time_s": time.time() - t_start,
+           "post": post}
     _write_run(out, model, cfg, run, overwrite)
     progress(f"wrote {out} (best epoch {fit['best_epoch']}; {time.time() - t_start:.0f}s)")
     return out
@@ -609,7 +670,7 @@ def _write_run(out: Path, model, cfg: DetTrainConfig, run: dict[str, Any], overw
         (d / CONFIG_FILE).write_text(to_toml({k: v for k, v in cfg.to_dict().items()},
                                              f"edgetl detection training: resolved config of {out.name}"))
         plot_det_curves(fit["history"], d / CURVES_PNG, fit["best_epoch"])
-        post = postprocess_spec(model, cfg).to_manifest(ANCHORS_FILE)
+        post = run["post"].to_manifest(ANCHORS_FILE)
         manifest = Manifest(
             kind="run", task="detection", labels=ds.class_names, preprocess=model.spec, postprocess=post,
             backbone={"name": cfg.backbone, "detector": "ssdlite", "pretrained": cfg.pretrained,
