@@ -86,7 +86,9 @@ def print_summary(s: dict[str, Any]) -> None:
     con = Console(width=max(150, Console().width))
     ft = s.get("float_test") or {}
     con.print(f"\n[bold]edgetl demo (detection): ELPV cells on a conveyor, SSDLite + EfficientNet-Lite0[/bold] "
-              f"(float test mAP@0.5 {100 * (ft.get('map50') or 0):.1f}, mAP@0.5:0.95 {100 * (ft.get('map') or 0):.1f}; "
+              f"(float test mAP@0.5 {100 * (ft.get('map50') or 0):.1f}, mAP@0.5:0.95 {100 * (ft.get('map') or 0):.1f}"
+              + (f", cells found (every class as one) mAP@0.5 {100 * ft['objects_map50']:.1f}"
+                 if ft.get("objects_map50") is not None else "") + "; "
               f"{s['total_seconds'] / 60:.1f} min in all; CPU: {describe(s.get('cpu'))})")
     t = Table(title="float vs INT8 on the held-out scenes (each target's own build on this CPU)")
     for c in ("target", "runs as", "gate", "float mAP50", "INT8 mAP50", "drop", "agreement F1", "kept step"):

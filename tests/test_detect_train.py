@@ -125,6 +125,7 @@ def test_training_beats_untrained_and_writes_a_verified_run(trained):
     val = evaluate_images(model, splits["val"], model.spec, postprocess_spec(model, CFG), names)["class_agnostic"]
     assert val["threshold_chosen_here"] and objects_threshold == val["object_threshold"]
     assert val["f1"] == max(val["f1_by_threshold"].values()) > 0.5
+    assert manifest.training["metrics"]["val"]["objects_map50"] == pytest.approx(val["map50"])
     assert manifest.preprocess.resize == "stretch" and manifest.preprocess.input_size == (SIZE, SIZE)
     t = manifest.training
     assert t["best_epoch"] >= 1 and t["epochs_run"] == CFG.epochs and len(t["data_fingerprint"]) == 64

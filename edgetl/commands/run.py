@@ -53,7 +53,8 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
               help="Temporal smoothing: EMA of the scores over about this many frames (0 = off).")
 @click.option("--threshold", default=0.0, show_default=True, type=float,
               help="Classification: below this top-1 score the label is 'unknown'. Detection: the minimum box "
-                   "score (0 = the score threshold the artifact was gated at).")
+                   "score (0 = the score threshold the artifact was gated at; with --track or --count-line the "
+                   "objects' threshold its training chose).")
 @click.option("--track", is_flag=True,
               help="Detection: follow objects across frames (ids; --events prints entries and exits).")
 @click.option("--count-line", default=None, metavar="X1,Y1,X2,Y2",

@@ -26,7 +26,10 @@ Conventions every module keeps (see ``docs/ARCHITECTURE.md``, "Detection"):
   in the head's output order, stored as ``anchors.npy`` in runs and artifacts.
 - ``manifest.postprocess`` = ``{"kind": "ssd", "anchors": "anchors.npy", "box_coder_weights":
   [10, 10, 5, 5], "score_threshold": 0.3, "nms_iou": 0.5, "max_detections": 100,
-  "candidates_per_class": 200}``; the manifest's schema is 2.0 for detection (1.x runtimes refuse it).
+  "candidates_per_class": 200, "object_threshold": 0.45}``; the manifest's schema is 2.1 for detection
+  (1.x runtimes refuse it; 2.0, without ``object_threshold``, is still read). ``object_threshold`` is
+  the score threshold of the objects (``runtime.detect.postprocess_objects``: P(object), every class
+  together) that tracking and counting use, chosen by the training on the validation split.
 - Coordinates in the checkset and the gate are the model input's; the runtime maps boxes back to the
   frame through the inverse of the preprocessing geometry.
 """

@@ -448,6 +448,11 @@ def _summary(m: Mapping[str, Any] | None) -> dict[str, Any] | None:
             **({"objects": objects} if objects else {})}
 
 
+def _objects_map(m: Mapping[str, Any]) -> dict[str, Any]:
+    """The objects' mAP@0.5 (every class as one) of a split's summary, for the manifest."""
+    return {"objects_map50": _finite(m["objects"]["map50"])} if m.get("objects") else {}
+
+
 # ------------------------------------------------------------------------------------------
 # training
 # ------------------------------------------------------------------------------------------
@@ -678,7 +683,8 @@ def _write_run(out: Path, model, cfg: DetTrainConfig, run: dict[str, Any], overw
                       "num_anchors": int(len(model.anchors)), "anchor_scales": model.arch["anchor_scales"]},
             training={"config": cfg.to_dict(), "config_file": CONFIG_FILE, "mode": cfg.mode, "epochs": cfg.epochs,
                       "epochs_run": len(fit["history"]), "best_epoch": fit["best_epoch"], "selection_metric": "val_map50",
-                      "metrics": {s: (None if m is None else {"map50": m["map50"], "map": m["map"]})
+                      "metrics": {s: (None if m is None else {"map50": m["map50"], "map": m["map"],
+                                                              **_objects_map(m)})
                                   for s, m in (("val", metrics["val"]), ("test", metrics["test"]))},
                       "data": ds.report.get("data"), "data_root": str(ds.root), "data_format": ds.format,
                       "data_fingerprint": run["fingerprint"],
