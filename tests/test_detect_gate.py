@@ -446,3 +446,29 @@ def test_gate_and_metrics_import_without_torch():
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def _swap_classes(cs):
+    """The quantized model finds every object but names it the other class."""
+    qs = cs.float_scores.copy()
+    qs[:, :, [1, 2]] = qs[:, :, [2, 1]]
+    return cs.float_boxes, qs
+
+
+def test_objects_agreement_is_reported_beside_the_gate_not_gating():
+    """With the run's objects' threshold the gate also reports what tracking sees: a quantized model
+    that names every object the other class fails the (per-class) gate, and its objects all agree."""
+    import dataclasses
+
+    from edgetl.detect.gate import det_gate_markdown
+
+    cs, spec = make_case()
+    assert evaluate_detection(_swap_classes(cs), cs, spec, labels=NAMES)["objects_agreement"] is None  # a 2.0 run
+    spec = dataclasses.replace(spec, object_threshold=0.5)
+    g = evaluate_detection(_swap_classes(cs), cs, spec, labels=NAMES)
+    assert not g["passed"] and g["agreement"] == 0.0
+    o = g["objects_agreement"]
+    assert o["f1"] == 1.0 and o["matched"] == o["n_float"] == o["n_quant"] == 18 and o["threshold"] == 0.5
+    lost = evaluate_detection(_drop_class(cs, 1), cs, spec, labels=NAMES)["objects_agreement"]
+    assert (lost["matched"], lost["n_float"], lost["n_quant"]) == (9, 18, 9)
+    assert "objects agreement" in det_gate_markdown(g) and "not gated" in det_gate_markdown(g)

@@ -224,6 +224,21 @@ def _pairs(float_dets: Sequence[tuple], quant_dets: Sequence[tuple]) -> dict[str
             "mean_box_error": float(err.mean()) if err.size else None}
 
 
+def _objects_agreement(fb: np.ndarray, fs: np.ndarray, qb: np.ndarray, qs: np.ndarray, post: Any) -> dict[str, Any]:
+    """What tracking and counting see (``runtime.detect.postprocess_objects``): both models' objects at
+    the run's objects' threshold, matched one to one whatever their class (IoU >= 0.5). Reported beside
+    the gate, which judges the per-class boxes."""
+    from ..runtime.detect import postprocess_objects
+
+    matched = n_f = n_q = 0
+    for f_raw, q_raw in zip(zip(fb, fs), zip(qb, qs)):
+        f = postprocess_objects(*f_raw, post, score_threshold=post.object_threshold)
+        q = postprocess_objects(*q_raw, post, score_threshold=post.object_threshold)
+        matched += len(match_pairs(f.boxes, np.zeros(len(f)), q.boxes, np.zeros(len(q)), MATCH_IOU)[0])
+        n_f, n_q = n_f + len(f), n_q + len(q)
+    return {**agreement_from_counts(matched, n_f, n_q), "threshold": post.object_threshold}
+
+
 def _bootstrap(fm, qm, pairs: Mapping[str, np.ndarray], n_boot: int, seed: int) -> dict[str, Any]:
     """Paired bootstrap over images: each resample draws n image indices with replacement; both
     mAP@0.5 are re-accumulated on it (exactly what COCOeval gives on those images, see
@@ -313,6 +328,8 @@ def evaluate_detection(quant_raw: tuple[np.ndarray, np.ndarray], checkset: DetCh
         "disagreement": {"unmatched": int(len(lone)), "band": NEAR_BAND,
                          "near_threshold": int((lone < deployed + NEAR_BAND).sum())},
         "n_det_float": fr["n_det"], "n_det_quant": qr["n_det"], "bootstrap": {k: boot[k] for k in ("n_boot", "n_boot_drop")},
+        "objects_agreement": (_objects_agreement(fb, fs, qb, qs, post)
+                              if getattr(post, "object_threshold", None) is not None else None),
         "checked": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -323,6 +340,13 @@ def evaluate_detection(quant_raw: tuple[np.ndarray, np.ndarray], checkset: DetCh
 
 def _p(x: float | None) -> str:
     return "—" if x is None or not np.isfinite(x) else f"{100 * x:.2f}"
+
+
+def _objects_row(o: Mapping[str, Any] | None) -> list[str]:
+    if not o:
+        return []
+    return [f"| objects agreement (F1; what tracking and counting see, every class as one, at {o['threshold']:g}; "
+            f"not gated) | {o['f1']:.4f} ({o['matched']} / {o['n_float']} / {o['n_quant']}) | | |"]
 
 
 def det_gate_markdown(g: Mapping[str, Any], title: str = "Detection gate") -> str:
@@ -347,7 +371,7 @@ def det_gate_markdown(g: Mapping[str, Any], title: str = "Detection gate") -> st
              f"| detection agreement (F1) | {g['agreement']:.4f} | [{alo:.4f}, {ahi:.4f}] (bootstrap) | ≥ "
              f"{th['min_agreement']:g} (margin {m.get('agreement', float('nan')):+.4f}) |",
              f"| matched / float / quantized detections | {ad['matched']} / {ad['n_float']} / {ad['n_quant']} | | |",
-             f"| box error of matched pairs max / mean | {err} | | |", "",
+             f"| box error of matched pairs max / mean | {err} | | |", *_objects_row(g.get("objects_agreement")), "",
              "| class | GT boxes | AP@0.5 float | AP@0.5 quantized | Δ points |", "| --- | --- | --- | --- | --- |"]
     for p in g["per_class"]:
         delta = "—" if p["delta"] is None else f"{p['delta']:+.2f}"
