@@ -142,7 +142,8 @@ class DetectHead:
             events = list(self.tracker.events())
             if self.counter is not None:
                 events += self.counter.update(tracks, frame.index)
-        return {"label": f"{len(dets)} objects", "score": float(dets.scores.max()) if len(dets) else 0.0,
+        # the objects at the deployed threshold (with tracking, dets also holds the tracker's low-score boxes)
+        return {"label": f"{sum(counts.values())} objects", "score": float(dets.scores.max()) if len(dets) else 0.0,
                 "top_k": [], "probs": np.zeros(0, np.float32), "detections": dets, "tracks": tracks,
                 "events": events, "counts": counts}
 

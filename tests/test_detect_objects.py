@@ -68,7 +68,7 @@ def test_doubled_class_boxes_score_lower_than_one_object():
 # ---- the runtime: tracking and counting on objects ------------------------------------------------
 
 def _head(object_threshold, threshold=0.0):
-    anchors = np.array([[10, 10, 60, 60], [12, 10, 62, 60]], np.float32)
+    anchors = np.array([[10, 10, 60, 60], [12, 10, 62, 60], [70, 70, 90, 90]], np.float32)
     post = PostprocessSpec(anchors, score_threshold=0.3, image_size=(100, 100), object_threshold=object_threshold)
     model = types.SimpleNamespace(postprocess=post, labels=["defective", "functional"], folder="art",
                                   spec=types.SimpleNamespace(input_size=(100, 100), resize="stretch"))
@@ -77,9 +77,10 @@ def _head(object_threshold, threshold=0.0):
 
 
 def _frames(head, n=3):
-    # one cell the model is sure of and doubts the class of: background 0.04, defective 0.50, functional 0.46
-    logits = np.log(np.array([[[0.04, 0.50, 0.46], [0.10, 0.44, 0.46]]], np.float32))
-    raw = np.zeros((1, 2, 4), np.float32)
+    # one cell the model is sure of and doubts the class of: background 0.04, defective 0.50, functional 0.46;
+    # elsewhere a faint box (P(object) 0.18: only the tracker's second stage sees it)
+    logits = np.log(np.array([[[0.04, 0.50, 0.46], [0.10, 0.44, 0.46], [0.82, 0.09, 0.09]]], np.float32))
+    raw = np.zeros((1, 3, 4), np.float32)
     frame = types.SimpleNamespace(image=np.zeros((100, 100, 3), np.uint8), index=0)
     out = []
     for i in range(n):
@@ -92,8 +93,9 @@ def test_tracking_follows_objects_at_the_runs_threshold():
     head, anchors = _head(object_threshold=0.6)
     assert head.objects and head.threshold == 0.6
     r = _frames(head)[-1]
-    assert isinstance(r["detections"], Detections) and len(r["detections"]) == 1  # one box, not one per class
-    assert r["detections"].scores[0] == pytest.approx(0.96) and r["detections"].classes.tolist() == [0]
+    assert isinstance(r["detections"], Detections) and len(r["detections"]) == 2  # one box per object + the faint one
+    assert r["detections"].scores[0] == pytest.approx(0.96) and r["detections"].classes.tolist() == [0, 0]
+    assert r["label"] == "1 objects"  # at the deployed threshold, not the tracker's low one
     assert len(r["tracks"]) == 1 and r["tracks"][0].score == pytest.approx(0.96)
     assert r["counts"] == {"defective": 1, "functional": 0}
     assert _head(object_threshold=0.6, threshold=0.97)[0].threshold == 0.97  # --threshold still wins
