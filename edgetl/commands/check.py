@@ -61,6 +61,11 @@ def _detection_lines(g: Mapping[str, Any]) -> int:
                f"{g['drop']:.2f} points [{lo:.2f}, {hi:.2f}]  mAP@0.5:0.95 {100 * g['float_map']:.2f} -> "
                f"{100 * g['quant_map']:.2f}  detection agreement F1 {g['agreement']:.4f} "
                f"[{g['agreement_ci'][0]:.4f}, {g['agreement_ci'][1]:.4f}] at score {g['score_threshold']:.2f}")
+    o = g.get("objects_agreement")
+    if o:
+        click.echo(f"objects (what --track and --count-line follow, every class as one, at {o['threshold']:.2f}): "
+                   f"agreement F1 {o['f1']:.4f} ({o['matched']} of {o['n_float']} float and {o['n_quant']} quantized "
+                   "matched; reported, not gated)")
     if g["passed"]:
         click.echo("gate PASSED")
         return 0
