@@ -51,8 +51,8 @@ def det_artifact(tmp_path_factory):
         root = tmp_path_factory.mktemp("detbench")
         data = write_rectangles(root / "data", n=32, negatives=2)
         cfg = DetTrainConfig(backbone="tiny_cnn", pretrained="none", input_size=96, epochs=10, batch_size=8, lr=1e-2,
-                             patience=0, num_workers=0, device="cpu", warmup_epochs=0.5, val_fraction=0.2,
-                             test_fraction=0.25)
+                             backbone_lr_mult=0.1, patience=0, num_workers=0, device="cpu", warmup_epochs=0.5,
+                             val_fraction=0.2, test_fraction=0.25)
         run = train_detector(data, root / "run", cfg, progress=lambda s: None)
         art = root / "art"
         compile_run(run, art, load_target("x86-cpu-onnxruntime"), speed_check=False, progress=lambda s: None)

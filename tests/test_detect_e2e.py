@@ -104,7 +104,7 @@ def flow(tmp_path_factory):
     torch.set_num_threads(1)  # tiny convolutions on a busy 2-core machine: one thread is ~20x faster
     try:
         assert main(["train", str(data), "--task", "detect", "--backbone", "tiny_cnn", "--pretrained", "none",
-                     "--input-size", "96", "--epochs", "12", "--batch-size", "8", "--lr", "0.01", "--patience", "0",
+                     "--input-size", "96", "--epochs", "12", "--batch-size", "8", "--lr", "0.01", "--backbone-lr-factor", "0.1", "--patience", "0",
                      "--num-workers", "0", "--device", "cpu", "--quiet", "--out", str(run)]) == 0
         rc = main(["compile", str(run), "--target", "x86-cpu-onnxruntime", "--out", str(art)])
     finally:

@@ -72,7 +72,8 @@ def one_thread():
 
 
 CFG = DetTrainConfig(backbone="tiny_cnn", pretrained="none", input_size=SIZE, epochs=30, batch_size=8, lr=1e-2,
-                     patience=0, num_workers=0, device="cpu", warmup_epochs=0.5, val_fraction=0.2, test_fraction=0.2)
+                     backbone_lr_mult=0.1, patience=0, num_workers=0, device="cpu", warmup_epochs=0.5,
+                     val_fraction=0.2, test_fraction=0.2)
 
 
 @pytest.fixture(scope="module")

@@ -60,8 +60,8 @@ def det_run(tmp_path_factory):
     torch.set_num_threads(1)  # tiny convolutions on a busy 2-core machine: one thread is ~20x faster
     try:
         cfg = DetTrainConfig(backbone="tiny_cnn", pretrained="none", input_size=SIZE, epochs=2, batch_size=8, lr=1e-2,
-                             patience=0, num_workers=0, device="cpu", warmup_epochs=0.5, val_fraction=0.2,
-                             test_fraction=0.2)
+                             backbone_lr_mult=0.1, patience=0, num_workers=0, device="cpu", warmup_epochs=0.5,
+                             val_fraction=0.2, test_fraction=0.2)
         run = train_detector(write_rectangles(root / "data", n=40), root / "run", cfg, progress=lambda m: None)
         yield run
     finally:

@@ -65,8 +65,8 @@ def test_detection_artifact_for_arm_carries_the_note_through_check(tmp_path, mon
     torch.set_num_threads(1)  # tiny convolutions on a busy 2-core machine: one thread is ~20x faster
     try:
         cfg = DetTrainConfig(backbone="tiny_cnn", pretrained="none", input_size=96, epochs=2, batch_size=8, lr=1e-2,
-                             patience=0, num_workers=0, device="cpu", warmup_epochs=0.5, val_fraction=0.2,
-                             test_fraction=0.2)
+                             backbone_lr_mult=0.1, patience=0, num_workers=0, device="cpu", warmup_epochs=0.5,
+                             val_fraction=0.2, test_fraction=0.2)
         run = train_detector(write_rectangles(tmp_path / "data", n=40), tmp_path / "run", cfg, progress=lambda m: None)
     finally:
         torch.set_num_threads(threads)

@@ -49,7 +49,8 @@ def _d(value) -> str:
 @click.option("--epochs", type=int, help="Max epochs. [default: 30 for cached feature-extract, 10 otherwise]")
 @click.option("--batch-size", type=int, help="Batch size (per process with --nproc)." + _d(D.batch_size))
 @click.option("--lr", type=float, help="Head learning rate (AdamW)." + _d(D.lr))
-@click.option("--backbone-lr-factor", type=float, help="Backbone LR = head LR x this." + _d(D.backbone_lr_factor))
+@click.option("--backbone-lr-factor", type=float,
+              help="Backbone LR = head LR x this." + _d(D.backbone_lr_factor) + " (detection: 1.0)")
 @click.option("--backbone-lr", type=float, help="Explicit backbone LR (instead of the factor).")
 @click.option("--weight-decay", type=float, help="AdamW weight decay (not on biases/norms)." + _d(D.weight_decay))
 @click.option("--warmup-epochs", type=float, help="Linear warm-up before the cosine decay." + _d(D.warmup_epochs))
