@@ -14,13 +14,17 @@ NEED_GIB ?= $(if $(findstring train,$(EXTRAS)),8,1)
 DISK_CHECK = import os, shutil, sys; free = shutil.disk_usage(os.path.dirname(os.path.abspath('$(VENV)'))).free / 2**30; \
 	sys.exit(0 if free >= $(NEED_GIB) else f'make: {free:.1f} GiB free where $(VENV) goes; a new venv with edgetl[$(EXTRAS)] needs about $(NEED_GIB) GiB. Free some space, or put the venv on a larger disk: make VENV=/big/disk/venv ...')
 
+# pip's own output (and the warnings of the packages it builds) goes to $(VENV)/install.log, so that the
+# demo's log holds edgetl's lines only; when pip fails, the end of that log is shown.
+# deepforest's wheel ships the NEON tree-crown images + Pascal VOC boxes `edgetl data trees` reads; only its
+# data is used, so not its ~25 dependencies (lightning, geopandas, rasterio, ...).
 $(STAMP): pyproject.toml
-	test -x $(PY) || { $(PYTHON) -c "$(DISK_CHECK)" && $(PYTHON) -m venv $(VENV); }
-	$(PY) -m pip install --upgrade "pip>=24" "setuptools>=68" wheel
-	$(PY) -m pip install -e ".[$(EXTRAS)]"
-	# deepforest's wheel ships the NEON tree-crown images + Pascal VOC boxes `edgetl data trees` reads;
-	# only its data is used, so not its ~25 dependencies (lightning, geopandas, rasterio, ...)
-	$(PY) -m pip install --no-deps "deepforest==2.1.0"
+	@test -x $(PY) || { $(PYTHON) -c "$(DISK_CHECK)" && echo "creating $(VENV) ($(PYTHON) -m venv)" && $(PYTHON) -m venv $(VENV); }
+	@echo "installing edgetl[$(EXTRAS)] into $(VENV) (a few minutes the first time; pip's output: $(VENV)/install.log)"
+	@{ $(PY) -m pip install --upgrade "pip>=24" "setuptools>=68" wheel && \
+	   $(PY) -m pip install -e ".[$(EXTRAS)]" && \
+	   $(PY) -m pip install --no-deps "deepforest==2.1.0"; } > $(VENV)/install.log 2>&1 || \
+	 { tail -n 25 $(VENV)/install.log; echo "make: pip failed installing edgetl[$(EXTRAS)] (its whole output: $(VENV)/install.log)"; exit 1; }
 	touch $(STAMP)
 
 install: $(STAMP)
