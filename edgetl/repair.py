@@ -303,8 +303,8 @@ class Verdict:
 def fallback_rounds(render: Callable[[list[str]], Path], judge_round: Callable[[Path], Verdict],
                     rank: Callable[[list[str]], list], max_rounds: int, step: int | Callable[[int], int], log: Log,
                     ranking: list | None = None, order: Callable[[dict, dict], bool] = better,
-                    ranker_label: str = "", seek_margin: int = 0,
-                    seek_rounds: int = 2) -> tuple[Verdict, list[str], list[dict[str, Any]], list | None]:
+                    ranker_label: str = "", seek_margin: int = 0, seek_rounds: int = 2,
+                    margin_unit: str = "image(s)") -> tuple[Verdict, list[str], list[dict[str, Any]], list | None]:
     """The mixed-precision loop of any task: render the graph with ``exclude`` in float, judge it;
     while it misses, add the next ``step`` layers of the sensitivity ranking that gain in float
     (``rank(kept)``, layers with ``node`` and ``gain_db``; ``step`` may be a function of the number
@@ -313,7 +313,7 @@ def fallback_rounds(render: Callable[[list[str]], Path], judge_round: Callable[[
     (ranked when round 0 misses). Returns the kept verdict, its float layers, every round's row and
     the first full ranking.
 
-    ``seek_margin`` (images): a round that passes with less margin than this to one of its
+    ``seek_margin`` (images, or ``margin_unit``): a round that passes with less margin than this to one of its
     thresholds (``row["margins"]``) is a pass on the line, which another CPU, another rendering of the
     same images or a few more images can turn into a failure; up to ``seek_rounds`` more rounds are
     tried (also past ``max_rounds``), and the passing round with the largest margin is kept (ties:
@@ -334,7 +334,7 @@ def fallback_rounds(render: Callable[[list[str]], Path], judge_round: Callable[[
                 or (v.passed and (_margin(v.row) >= seek_margin or _perfect(v.row))):
             break
         if first_pass is not None:
-            log(f"round {first_pass} passed {_margin(rounds[first_pass])} image(s) from a threshold "
+            log(f"round {first_pass} passed {_margin(rounds[first_pass])} {margin_unit} from a threshold "
                 f"(< {seek_margin}): one more round in search of margin")
         if ranking is None:
             log(f"sensitivity: ranking layers for the mixed-precision fallback ({ranker_label})")

@@ -74,11 +74,13 @@ def world(tmp_path_factory):
             os.environ["EDGETL_CACHE"] = cache
 
 
-def run(world, variant: str, tmp_path, th=TH, rounds: int = 3, numerics: Numerics | None = None, ranking=None):
+def run(world, variant: str, tmp_path, th=TH, rounds: int = 3, numerics: Numerics | None = None, ranking=None,
+        seek_margin: int = 0):
+    """The fallback; without the margin search unless asked (the tiny checkset's margins are a box or two)."""
     mat, ranges = world["mats"][variant]
     tmp_path.mkdir(parents=True, exist_ok=True)
     return fallback(mat, ranges, FORM, True, numerics or reference(), th, tmp_path / "q.onnx", rounds, lambda s: None,
-                    ranking=ranking)
+                    ranking=ranking, seek_margin=seek_margin)
 
 
 def test_the_sensitive_layer_is_real_and_the_plain_model_passes_round_0(world, tmp_path):
@@ -87,6 +89,14 @@ def test_the_sensitive_layer_is_real_and_the_plain_model_passes_round_0(world, t
     plain = run(world, "plain", tmp_path)
     assert len(plain["rounds"]) == 1 and plain["float_layers"] == [] and plain["ranking"] is None  # lazy ranking
     assert plain["gate"]["passed"] and plain["gate"]["float_map50"] > 0.5
+    # the same round 0 passes on the line (under 2 boxes from a threshold): the margin search tries more rounds
+    # and keeps the widest pass
+    seek = run(world, "plain", tmp_path / "seek", seek_margin=2)
+    assert seek["rounds"][0]["passed"] and min(seek["rounds"][0]["margins"].values()) < 2 and len(seek["rounds"]) > 1
+    from edgetl.repair import _margin
+
+    kept = next(x for x in seek["rounds"] if x["kept"])
+    assert _margin(kept) == max(_margin(x) for x in seek["rounds"] if x["passed"])
 
 
 def test_round_0_fails_and_the_fallback_keeps_exactly_the_sensitive_layer(world, tmp_path):
@@ -156,3 +166,17 @@ def test_the_ranking_metric_looks_only_where_float_sees_something(world):
     fg[:, :5, 4] += 0.04
     assert err(ref, bg)[0] == float("inf") and err(ref, fg)[0] < 30
     assert replace(TH).min_agreement == 0.85  # the thresholds the other tests use are the module's
+
+
+def test_margins_are_counted_in_boxes_and_a_pass_on_the_line_seeks_margin():
+    """F1 0.951 against 0.95 on 230 + 232 detections is 0.23 of a box: a pass on the line, so the
+    loop tries more rounds (repair.fallback_rounds) as the classifier does with images."""
+    from edgetl.detect.repair import SEEK_MARGIN, margins_in_boxes
+    from edgetl.repair import _margin
+
+    g = {"agreement_detail": {"n_float": 230, "n_quant": 232}, "margins": {"agreement": 0.001, "drop": 0.5}, "n_gt": 237}
+    m = margins_in_boxes(g)
+    assert m["agreement"] == pytest.approx(0.231) and m["drop"] == pytest.approx(1.185)
+    assert _margin({"margins": m}) == 0 < SEEK_MARGIN
+    wide = margins_in_boxes({**g, "margins": {"agreement": 0.02, "drop": 1.0}})
+    assert _margin({"margins": wide}) == 2  # 4.6 boxes of agreement, 2.37 of mAP: enough

@@ -126,17 +126,30 @@ def det_better(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return key(a) > key(b)
 
 
+SEEK_MARGIN = 2  # boxes: a round that passes closer than this to a threshold tries more rounds (repair.fallback_rounds)
+
+
+def margins_in_boxes(g: dict[str, Any]) -> dict[str, float]:
+    """A detection gate's margins in boxes, as the classification gate counts images: the agreement's
+    margin times half the float + quantized detections (one box more or less matched moves F1 by
+    about 2 / (n_float + n_quant)); the mAP@0.5 drop's in ground-truth boxes (one box of n_gt found
+    or lost moves mAP@0.5 by about 100 / n_gt points)."""
+    ad, m = g["agreement_detail"], g["margins"]
+    return {"agreement": m["agreement"] * (ad["n_float"] + ad["n_quant"]) / 2, "drop": m["drop"] * g["n_gt"] / 100}
+
+
 def doubling(n_float: int) -> int:
     return max(1, n_float)
 
 
 def fallback(mat: Any, ranges: Path, form: Any, reduce_range: bool, numerics: Any, thresholds: Any, out: Path,
              max_rounds: int, progress: Callable[[str], None], first: list[str] | tuple = (),
-             ranking: list | None = None) -> dict[str, Any]:
+             ranking: list | None = None, seek_margin: int = SEEK_MARGIN) -> dict[str, Any]:
     """PTQ of ``mat.prepared`` with ``ranges`` rendered into ``out``, judged by the detection gate in
     ``numerics``, with the sensitivity-ranked mixed-precision fallback. ``first``: layers kept in float
     from round 0 on; ``ranking``: a ranking to use (another calibrator's: ranking Lite0's 85 layers
-    costs 85 renders, minutes on 2 cores), None = rank these ranges when round 0 misses. Returns
+    costs 85 renders, minutes on 2 cores), None = rank these ranges when round 0 misses; ``seek_margin``
+    (boxes, :func:`margins_in_boxes`): a pass closer to a threshold tries more rounds. Returns
     ``{"gate", "model", "float_layers", "rounds", "ranking"}``."""
     from ..quantize import render_qdq
     from .compile import judge
@@ -153,7 +166,8 @@ def fallback(mat: Any, ranges: Path, form: Any, reduce_range: bool, numerics: An
         t0 = time.perf_counter()
         g = judge(numerics, model, mat, thresholds, out.parent)
         row = {"passed": g["passed"], "drop": round(g["drop"], 3), "agreement": round(g["agreement"], 4),
-               "quant_map50": g["quant_map50"], "seconds": round(time.perf_counter() - t0, 1)}
+               "quant_map50": g["quant_map50"], "margins": margins_in_boxes(g),
+               "seconds": round(time.perf_counter() - t0, 1)}
         line = (f"mAP@0.5 {100 * g['float_map50']:.1f} -> {100 * g['quant_map50']:.1f} (drop {g['drop']:+.2f} pts), "
                 f"agreement {g['agreement']:.3f} -> {'PASSED' if g['passed'] else 'failed'}  [{numerics.label}]")
         return Verdict(g["passed"], row, g, line)
@@ -164,8 +178,10 @@ def fallback(mat: Any, ranges: Path, form: Any, reduce_range: bool, numerics: An
                            log=lambda s: progress("    " + s))
 
     v, exclude, rounds, ranking = fallback_rounds(render, judge_round, rank, max_rounds, doubling,
-                                                  lambda s: progress("    " + s), ranking, det_better, ranker.label)
+                                                  lambda s: progress("    " + s), ranking, det_better, ranker.label,
+                                                  seek_margin=seek_margin, margin_unit="box(es)")
     return {"gate": v.gate, "model": out, "float_layers": [*first, *exclude], "rounds": rounds, "ranking": ranking}
 
 
-__all__ = ["FG_MIN", "RANK_IMAGES", "det_better", "det_error", "det_metric", "doubling", "fallback"]
+__all__ = ["FG_MIN", "RANK_IMAGES", "SEEK_MARGIN", "det_better", "det_error", "det_metric", "doubling", "fallback",
+           "margins_in_boxes"]
