@@ -37,7 +37,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..runtime.errors import EdgetlError
-from .metrics import (agreement_from_counts, coco_evaluate, map50_resampled, match_pairs)
+from .metrics import (agreement_from_counts, coco_evaluate, detection_agreement, map50_resampled, match_pairs)
 
 CHECKSET_NAME = "checkset.npz"
 MAP_SCORE_THRESHOLD = 0.01  # the score threshold mAP is computed at (COCO's convention)
@@ -230,13 +230,14 @@ def _objects_agreement(fb: np.ndarray, fs: np.ndarray, qb: np.ndarray, qs: np.nd
     the gate, which judges the per-class boxes."""
     from ..runtime.detect import postprocess_objects
 
-    matched = n_f = n_q = 0
-    for f_raw, q_raw in zip(zip(fb, fs), zip(qb, qs)):
-        f = postprocess_objects(*f_raw, post, score_threshold=post.object_threshold)
-        q = postprocess_objects(*q_raw, post, score_threshold=post.object_threshold)
-        matched += len(match_pairs(f.boxes, np.zeros(len(f)), q.boxes, np.zeros(len(q)), MATCH_IOU)[0])
-        n_f, n_q = n_f + len(f), n_q + len(q)
-    return {**agreement_from_counts(matched, n_f, n_q), "threshold": post.object_threshold}
+    def objects(raw_boxes: np.ndarray, raw_scores: np.ndarray) -> list[tuple]:
+        out = []
+        for b, s in zip(raw_boxes, raw_scores):
+            d = postprocess_objects(b, s, post, score_threshold=post.object_threshold)
+            out.append((d.boxes, d.scores, np.zeros(len(d), np.int64)))  # one class: matched whatever their class
+        return out
+
+    return {**detection_agreement(objects(fb, fs), objects(qb, qs), MATCH_IOU), "threshold": post.object_threshold}
 
 
 def _bootstrap(fm, qm, pairs: Mapping[str, np.ndarray], n_boot: int, seed: int) -> dict[str, Any]:

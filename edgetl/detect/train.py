@@ -409,6 +409,9 @@ def class_agnostic(gts: Sequence[tuple], objects: Sequence[tuple], threshold: fl
     f1 = object_f1(gts, objects)
     best = choose_object_threshold(f1)
     score_threshold = best if threshold is None else float(threshold)
+    f1_at = f1.get(score_threshold)  # the sweep has it unless the threshold is off its 0.05 grid
+    if f1_at is None:
+        f1_at = object_f1(gts, objects, (score_threshold,))[score_threshold]
     extra = {"map50_class_boxes": _one_class(gts, class_boxes)["map50"]} if class_boxes is not None else {}
     k = len(class_names)
     confusion = np.zeros((k, k), np.int64)  # rows: true class, columns: the found box's class
@@ -427,7 +430,7 @@ def class_agnostic(gts: Sequence[tuple], objects: Sequence[tuple], threshold: fl
     correct = int(np.trace(confusion))
     return {"map50": merged["map50"], "map": merged["map"], "score_threshold": score_threshold,
             "threshold_chosen_here": threshold is None, "object_threshold": best, "f1_by_threshold": f1,
-            "f1": object_f1(gts, objects, (score_threshold,))[score_threshold], "n_gt": n_gt,
+            "f1": f1_at, "n_gt": n_gt,
             "found": found, "found_fraction": found / n_gt if n_gt else None, "class_correct": correct,
             "class_accuracy": correct / found if found else None, "confusion": confusion.tolist(),
             "classes": list(class_names), **extra}
