@@ -87,7 +87,9 @@ class PostprocessSpec:
         unknown = sorted(set(section) - known)
         if unknown:
             raise ManifestError(f"unknown postprocess key(s): {', '.join(map(str, unknown))}",
-                                hint=f"known keys are {sorted(known)}")
+                                hint=f"a newer edgetl probably wrote this artifact: install that edgetl version on this "
+                                     f"device, or rebuild the artifact with this one; "
+                                     f"known keys are {sorted(known)}")
         kind = section.get("kind", "ssd")
         _need(kind in POSTPROCESS_KINDS, "kind", kind, f"one of {POSTPROCESS_KINDS} (a newer edgetl wrote it?)")
         _need(isinstance(section.get("anchors", ""), str), "anchors", section.get("anchors"), "a file name")

@@ -282,8 +282,9 @@ def test_postprocess_spec_refuses_a_bad_value_naming_the_key(key, value):
 
 
 def test_postprocess_spec_refuses_an_unknown_key():
-    with pytest.raises(ManifestError, match="nms_threshold"):
+    with pytest.raises(ManifestError, match="nms_threshold") as err:
         PostprocessSpec.from_manifest(dict(good_section(), nms_threshold=0.5), scene(0, a=10)[0])
+    assert "newer edgetl" in err.value.hint and "nms_iou" in err.value.hint  # what to do, and the known keys
 
 
 def npy(arr):
