@@ -606,14 +606,17 @@ def finish_artifact(mat: Material, esc: Escalation, log: Log = print, *, timings
     ort_gate = _ort_build_gate(mat, cfg, stability=cfg.backend == GATE_BACKEND)
     forms = [_form_row(form.key, ort_gate, _speed_of(ort_gate), chosen=True)]
     forms += _other_forms(mat, cand, r, log)
+    ort_decides = not decides and cfg.backend == GATE_BACKEND
+    aside = f" (for the record: {esc.numerics.label} decides this artifact)"  # a verdict that does not decide
     log(f"gate: {'PASSED' if gate.passed else 'FAILED'} in reference numerics: top-1 {gate.quant_top1:.4f} vs float "
-        f"{gate.float_top1:.4f} (drop {gate.drop:.2f} points), agreement {gate.agreement:.4f}")
+        f"{gate.float_top1:.4f} (drop {gate.drop:.2f} points), agreement {gate.agreement:.4f}"
+        + ("" if decides else aside))
     for f in gate.failures:
         log(f"  failure: {f}")
     sp = f", batch-1 {ort_gate.speed['quant_ms']:.3g} ms vs float {ort_gate.speed['float_ms']:.3g} ms" \
         if ort_gate.speed else ""
     log(f"gate: {'PASSED' if ort_gate.passed else 'FAILED'} on ONNX Runtime's kernels on this CPU: top-1 "
-        f"{ort_gate.quant_top1:.4f}, agreement {ort_gate.agreement:.4f}{sp}")
+        f"{ort_gate.quant_top1:.4f}, agreement {ort_gate.agreement:.4f}{sp}" + ("" if ort_decides else aside))
     for f in ort_gate.failures:
         log(f"  failure: {f}")
     mat.checkset.save(folder / CHECKSET_NAME)

@@ -85,6 +85,11 @@ def test_compile_run_passes_gate(tiny_run, tmp_path, capsys, target, method):
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "deployable" in text and "yes" in text
+    # the verdicts that do not decide this artifact say which one does; the deciding one says nothing more
+    aside = "(for the record: deployed ("
+    ref_line = next(x for x in text.splitlines() if "in reference numerics: top-1" in x)
+    ort_line = next(x for x in text.splitlines() if "on ONNX Runtime's kernels on this CPU" in x)
+    assert aside in ref_line and (aside in ort_line) == target.endswith("openvino")
     m = verify_files(out)
     assert m.kind == "artifact" and m.gate["passed"] and m.target["name"] == target
     assert m.gate["deployable"] and m.gate["decided_by"] == f"the {m.target['backend']} build"
