@@ -333,9 +333,10 @@ def fallback_rounds(render: Callable[[list[str]], Path], judge_round: Callable[[
         if (first_pass is None and rnd >= max_rounds) or (first_pass is not None and rnd - first_pass >= seek_rounds) \
                 or (v.passed and (_margin(v.row) >= seek_margin or _perfect(v.row))):
             break
-        if first_pass is not None:
-            log(f"round {first_pass} passed {_margin(rounds[first_pass])} {margin_unit} from a threshold "
-                f"(< {seek_margin}): one more round in search of margin")
+        if first_pass is not None:  # the widest pass so far is still on the line
+            widest = max((r for r, ok in zip(rounds, passed) if ok), key=_margin)
+            log(f"the widest pass so far (round {widest['round']}) is {_margin(widest)} {margin_unit} from a "
+                f"threshold (< {seek_margin}): one more round in search of margin")
         if ranking is None:
             log(f"sensitivity: ranking layers for the mixed-precision fallback ({ranker_label})")
             ranking = full_ranking = rank([])

@@ -315,7 +315,7 @@ def test_check_reference_is_the_artifact_gate_and_the_same_verdict(world, tmp_pa
     assert after["stability"]["perturbations"]  # `check --backend reference` measures stability too
 
 
-def _scripted_rounds(script, seek_margin, max_rounds=3, perfect=False):
+def _scripted_rounds(script, seek_margin, max_rounds=3, perfect=False, log=lambda s: None):
     """fallback_rounds over a scripted judge: ``script[n]`` = (passed, smallest margin) of the round
     with n layers in float; the ranking gains for layers L0, L1, ..."""
     from types import SimpleNamespace
@@ -336,7 +336,7 @@ def _scripted_rounds(script, seek_margin, max_rounds=3, perfect=False):
         return Verdict(ok, row, n, f"{n} float")
 
     ranking = [SimpleNamespace(node=f"L{i}", gain_db=10.0 - i) for i in range(6)]
-    v, exclude, rounds, _ = fallback_rounds(render, judge, lambda kept: ranking, max_rounds, 1, lambda s: None,
+    v, exclude, rounds, _ = fallback_rounds(render, judge, lambda kept: ranking, max_rounds, 1, log,
                                             ranking=ranking, seek_margin=seek_margin)
     return v, exclude, rounds, rendered
 
@@ -361,8 +361,12 @@ def test_seeking_margin_never_trades_a_pass_for_a_miss_and_stops_after_two_round
     v, exclude, rounds, rendered = _scripted_rounds({0: (True, 1), 1: (False, -2), 2: (True, 0)}, seek_margin=2)
     assert exclude == [] and v.gate == 0 and v.passed and rendered[-1] == [] and rounds[0]["kept"]
     # at most two rounds spent seeking; the best margin among the passes is kept (ties: fewer float layers)
-    v, exclude, rounds, _ = _scripted_rounds({0: (True, 0), 1: (True, 1), 2: (True, 1), 3: (True, 9)}, seek_margin=2)
+    said: list[str] = []
+    v, exclude, rounds, _ = _scripted_rounds({0: (True, 0), 1: (True, 1), 2: (True, 1), 3: (True, 9)}, seek_margin=2,
+                                             log=said.append)
     assert len(rounds) == 3 and exclude == ["L0"] and v.gate == 1
+    seeking = [x for x in said if "in search of margin" in x]  # each names the widest pass so far, not the first
+    assert [x.split("(round ")[1][0] for x in seeking] == ["0", "1"] and "is 1 image(s)" in seeking[1]
     # a miss first, then a pass on the line, then a pass with margin: the margin is found
     v, exclude, rounds, _ = _scripted_rounds({0: (False, -3), 1: (True, 0), 2: (True, 4)}, seek_margin=2)
     assert exclude == ["L0", "L1"] and v.gate == 2
