@@ -42,6 +42,10 @@ def test_object_f1_counts_one_to_one_matches_at_each_threshold():
     assert choose_object_threshold(f1) == 0.45
     assert choose_object_threshold(object_f1(GTS, OBJECTS)) == 0.5  # 0.45 and 0.5 tie (B scores 0.5): the higher
     assert choose_object_threshold({0.3: 0.8, 0.5: 0.8, 0.4: 0.7}) == 0.5  # a tie: the higher threshold
+    # the floor (the boxes' deployed threshold): the best F1 at or above it, however good lower ones are
+    curve = {0.05: 0.977, 0.1: 0.975, 0.3: 0.93, 0.35: 0.94, 0.4: 0.92}
+    assert choose_object_threshold(curve) == 0.05 and choose_object_threshold(curve, 0.3) == 0.35
+    assert choose_object_threshold(curve, 0.3 + 1e-12) == 0.35 and choose_object_threshold(curve, 0.9) == 0.9
 
 
 def test_class_agnostic_finds_and_names_at_the_threshold():
@@ -53,6 +57,8 @@ def test_class_agnostic_finds_and_names_at_the_threshold():
     assert chosen["threshold_chosen_here"] and chosen["score_threshold"] == chosen["object_threshold"] == 0.5
     assert (chosen["found"], chosen["class_correct"]) == (3, 2) and chosen["confusion"] == [[1, 0], [1, 1]]
     assert chosen["map50"] == pytest.approx(1.0, abs=1e-6)  # every truth found before the false box
+    floored = class_agnostic(GTS, OBJECTS, None, ["a", "b"], floor=0.6)  # the training passes the boxes' threshold
+    assert floored["object_threshold"] == floored["score_threshold"] >= 0.6
 
 
 def test_doubled_class_boxes_score_lower_than_one_object():
@@ -99,6 +105,10 @@ def test_tracking_follows_objects_at_the_runs_threshold():
     assert len(r["tracks"]) == 1 and r["tracks"][0].score == pytest.approx(0.96)
     assert r["counts"] == {"defective": 1, "functional": 0}
     assert _head(object_threshold=0.6, threshold=0.97)[0].threshold == 0.97  # --threshold still wins
+    # a run trained before the floor stored an objects' threshold below the boxes' one: tracks start at the boxes'
+    low, _ = _head(object_threshold=0.05)
+    assert low.threshold == 0.3 and low.tracker.high == 0.3
+    assert _head(object_threshold=0.05, threshold=0.05)[0].threshold == 0.05  # unless --threshold says so
 
 
 def test_an_artifact_without_an_objects_threshold_tracks_its_merged_class_boxes():
