@@ -73,6 +73,15 @@ class PostprocessSpec:
         if self.image_size is not None:
             object.__setattr__(self, "image_size", (int(self.image_size[0]), int(self.image_size[1])))
 
+    @property
+    def tracking_threshold(self) -> Optional[float]:
+        """The objects' threshold the device tracks and counts at: ``object_threshold``, never below
+        ``score_threshold`` (``edgetl.detect.train.choose_object_threshold`` says why; runs trained
+        before that floor stored lower ones); None without an objects' threshold."""
+        if self.object_threshold is None:
+            return None
+        return max(float(self.object_threshold), float(self.score_threshold))
+
     @classmethod
     def from_manifest(cls, section: Mapping[str, Any], anchors: np.ndarray,
                       image_size: Optional[Sequence[int]] = None) -> "PostprocessSpec":

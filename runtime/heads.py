@@ -92,11 +92,9 @@ class DetectHead:
         tracking = bool(options.track or options.count_line)
         # objects (P(object), one box each) feed the tracker when the run chose their threshold (schema 2.1)
         self.objects = tracking and self.post.object_threshold is not None
-        # --threshold 0 (the default) keeps the artifact's: the objects' with tracking (never below the boxes'
-        # deployed threshold: edgetl.detect.train.choose_object_threshold says why; runs trained before that
-        # floor stored lower ones), else the one it was gated at
-        self.threshold = float(options.threshold) or (max(self.post.object_threshold, self.post.score_threshold)
-                                                      if self.objects else self.post.score_threshold)
+        # --threshold 0 (the default) keeps the artifact's: the objects' with tracking, else the one it was gated at
+        self.threshold = float(options.threshold) or (self.post.tracking_threshold if self.objects
+                                                      else self.post.score_threshold)
         self.tracker = self.counter = None
         if tracking:
             from .track import LineCounter, Tracker, parse_line

@@ -472,3 +472,7 @@ def test_objects_agreement_is_reported_beside_the_gate_not_gating():
     lost = evaluate_detection(_drop_class(cs, 1), cs, spec, labels=NAMES)["objects_agreement"]
     assert (lost["matched"], lost["n_float"], lost["n_quant"]) == (9, 18, 9)
     assert "objects agreement" in det_gate_markdown(g) and "not gated" in det_gate_markdown(g)
+    # an objects' threshold stored below the boxes' (before the floor): measured where the device tracks
+    before = dataclasses.replace(spec, object_threshold=0.05)
+    low = evaluate_detection(_swap_classes(cs), cs, before, labels=NAMES)["objects_agreement"]
+    assert low["threshold"] == before.tracking_threshold == spec.score_threshold

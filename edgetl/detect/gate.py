@@ -226,18 +226,18 @@ def _pairs(float_dets: Sequence[tuple], quant_dets: Sequence[tuple]) -> dict[str
 
 def _objects_agreement(fb: np.ndarray, fs: np.ndarray, qb: np.ndarray, qs: np.ndarray, post: Any) -> dict[str, Any]:
     """What tracking and counting see (``runtime.detect.postprocess_objects``): both models' objects at
-    the run's objects' threshold, matched one to one whatever their class (IoU >= 0.5). Reported beside
-    the gate, which judges the per-class boxes."""
+    the threshold the device tracks at (``tracking_threshold``), matched one to one whatever their
+    class (IoU >= 0.5). Reported beside the gate, which judges the per-class boxes."""
     from ..runtime.detect import postprocess_objects
 
     def objects(raw_boxes: np.ndarray, raw_scores: np.ndarray) -> list[tuple]:
         out = []
         for b, s in zip(raw_boxes, raw_scores):
-            d = postprocess_objects(b, s, post, score_threshold=post.object_threshold)
+            d = postprocess_objects(b, s, post, score_threshold=post.tracking_threshold)
             out.append((d.boxes, d.scores, np.zeros(len(d), np.int64)))  # one class: matched whatever their class
         return out
 
-    return {**detection_agreement(objects(fb, fs), objects(qb, qs), MATCH_IOU), "threshold": post.object_threshold}
+    return {**detection_agreement(objects(fb, fs), objects(qb, qs), MATCH_IOU), "threshold": post.tracking_threshold}
 
 
 def _bootstrap(fm, qm, pairs: Mapping[str, np.ndarray], n_boot: int, seed: int) -> dict[str, Any]:
