@@ -30,14 +30,14 @@ sys.path.insert(0, str(ROOT))
 
 
 def depthwise_nodes(prepared: Path) -> list[str]:
+    """The depthwise Convs, as the quantizer's weight-width choice defines them."""
     import onnx
 
-    out = []
-    for n in onnx.load(str(prepared)).graph.node:
-        group = [a.i for a in n.attribute if a.name == "group"]
-        if n.op_type == "Conv" and group and group[0] > 1:
-            out.append(n.name)
-    return out
+    from edgetl.calibration.depthwise import depthwise_weights
+
+    model = onnx.load(str(prepared))
+    weights = depthwise_weights(model)
+    return [n.name for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in weights]
 
 
 def renders(art: Path, inputs: np.ndarray, work: Path, reduce_range: bool) -> dict[str, Path]:
