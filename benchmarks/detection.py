@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                     "--count-line", ",".join(str(int(v)) for v in line), "--summary-json", str(work / "run.json")],
                    log, stdout=fh)
         result["counting"] = score_counts(work / "run.jsonl", data / "conveyor_gt.json")
-        result["runtime"] = {k: json.loads((work / "run.json").read_text()).get(k) for k in ("fps", "frames", "stages_ms")}
+        result["runtime"] = {k: json.loads((work / "run.json").read_text()).get(k)
+                             for k in ("fps", "frames", "stages_ms", "count_confidence", "crossings_low_confidence")}
     ft = result["float_test"]
     print(f"\n{a.set}: float test mAP@0.5 {100 * ft['map50']:.2f}, mAP@0.5:0.95 {100 * ft['map']:.2f} "
           f"({ft['n_images']} images, {ft['n_gt']} boxes; CPU {describe(cpu)})")

@@ -70,7 +70,8 @@ def summarize(out: Path, run: Path, artifacts: dict[str, Path], scenes: Path, lo
             "runtime": {"artifact": str(artifacts[TARGETS[0]]), "fps": live.get("fps"), "frames": live.get("frames"),
                         "precision": (live.get("model") or {}).get("precision"),
                         "stages_p50_ms": {k: v["p50"] for k, v in live.get("stages_ms", {}).items()},
-                        "line_counts": live.get("line_counts")},
+                        "line_counts": live.get("line_counts"),
+                        "crossings_low_confidence": live.get("crossings_low_confidence")},
             "outputs": {"scenes": str(scenes), "run": str(run), "artifacts": {k: str(v) for k, v in artifacts.items()},
                         "annotated_video": str(out / "annotated_detect.mp4"),
                         "json_lines": str(out / "run_detect.jsonl")},
@@ -103,7 +104,9 @@ def print_summary(s: dict[str, Any]) -> None:
     c, rt = s["counting"], s["runtime"]
     con.print(f"counting (edgetl run --count-line on the conveyor video, {rt['frames']} frames at {rt['fps']} FPS, "
               f"{rt['precision']}): {c['counted']} of {c['objects']} cells counted once "
-              f"({100 * c['counted_fraction']:.1f} %), {c['missed']} missed, {c['extra']} extra counts; class right "
+              f"({100 * c['counted_fraction']:.1f} %), {c['missed']} missed, {c['extra']} extra counts"
+              + (f" ({rt['crossings_low_confidence']} low-confidence crossings not counted)"
+                 if rt.get("crossings_low_confidence") else "") + "; class right "
               f"for {c['class_correct']} of {c['counted']}; per class "
               + ", ".join(f"{k} {v['counted']}/{v['objects']}" for k, v in c["per_class"].items()), soft_wrap=True)
     o = s["outputs"]

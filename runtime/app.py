@@ -98,6 +98,7 @@ class StreamOptions:
     decode_threads: int | None = None
     track: bool = False  # detection: follow objects across frames (ids, entries, exits)
     count_line: str | Tuple[int, int, int, int] | None = None  # detection: count tracks crossing x1,y1,x2,y2
+    count_confidence: float = 0.5  # detection: the mean box score a track needs to be counted (track.LineCounter)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "roi", parse_roi(self.roi))
@@ -108,6 +109,9 @@ class StreamOptions:
             raise EdgetlError(f"--top-k {self.top_k} is not valid", hint="give 1 or more")
         if not 0.0 <= float(self.threshold) <= 1.0:
             raise EdgetlError(f"--threshold {self.threshold} is not valid", hint="give a probability in [0, 1]")
+        if not 0.0 <= float(self.count_confidence) <= 1.0:
+            raise EdgetlError(f"--count-confidence {self.count_confidence} is not valid",
+                              hint="give the mean detection score a track needs to be counted, in [0, 1] (0 = all)")
         if float(self.smooth) < 0:
             raise EdgetlError(f"--smooth {self.smooth} is not valid", hint="give a span in frames (0 = off)")
         if self.reconnect_timeout < 0:
@@ -425,6 +429,9 @@ def format_summary(s: dict[str, Any]) -> str:
         if lc:
             lines.append(f"  line crossings: {lc['total']} (in: " + ", ".join(f"{k} {v}" for k, v in lc["in"].items())
                          + "; out: " + ", ".join(f"{k} {v}" for k, v in lc["out"].items()) + ")")
+        if s.get("crossings_low_confidence"):
+            lines.append(f"  not counted: {s['crossings_low_confidence']} crossing(s) by tracks whose boxes scored "
+                         f"below {s['count_confidence']} on average (--count-confidence)")
     if s.get("saved"):
         lines.append(f"  saved {s['saved']['frames']} annotated frames to {s['saved']['path']}")
     return "\n".join(lines)

@@ -102,7 +102,8 @@ class DetectHead:
             self.tracker = Tracker(low=min(0.1, self.threshold), high=self.threshold, labels=model.labels)
             if options.count_line:
                 line = options.count_line
-                self.counter = LineCounter(parse_line(line) if isinstance(line, str) else tuple(line), model.labels)
+                self.counter = LineCounter(parse_line(line) if isinstance(line, str) else tuple(line), model.labels,
+                                           min_confidence=getattr(options, "count_confidence", 0.5))
         self.totals: Dict[str, int] = {lab: 0 for lab in model.labels}  # detections summed over frames
         self.peak: Dict[str, int] = {lab: 0 for lab in model.labels}  # most in one frame
 
@@ -189,6 +190,8 @@ class DetectHead:
             out["tracks"] = self.tracker.next_id - 1
         if self.counter is not None:
             out["line_counts"] = self.counter.counts
+            out["crossings_low_confidence"] = self.counter.low_confidence
+            out["count_confidence"] = self.counter.min_confidence
         return out
 
 

@@ -168,6 +168,7 @@ def test_run_with_a_count_line(flow, full_run):
     assert s["task"] == "detection" and s["frames"] == FRAMES and s["stop_reason"] == "end of source"
     assert set(s["line_counts"]) == {"in", "out", "total"} and s["line_counts"]["total"] >= 1
     assert s["line_counts"] == frames[-1]["line_counts"] and s["tracks"] >= 2
+    assert s["count_confidence"] == 0.5 and isinstance(s["crossings_low_confidence"], int)
 
 
 def test_events_prints_only_frames_with_events_and_save_writes_a_video(flow, full_run, tmp_path):
@@ -228,6 +229,9 @@ def test_tampered_anchors_are_refused_before_anything_runs(flow, tmp_path):
 def test_bad_count_line_is_one_line_error(flow):
     err = one_line_error(edgetl("run", flow.art, "--source", flow.video, "--headless", "--count-line", "1,2,3"))
     assert "--count-line" in err
+    err = one_line_error(edgetl("run", flow.art, "--source", flow.video, "--headless", "--count-line", LINE,
+                                "--count-confidence", "1.5"))
+    assert "--count-confidence 1.5" in err
 
 
 def test_classification_artifacts(flow, tmp_path):

@@ -235,3 +235,53 @@ def test_parse_line():
         with pytest.raises(EdgetlError) as err:
             parse_line(bad)
         assert "--count-line" in err.value.message and "--count-line 0,360,1280,360" in err.value.hint
+
+
+# ---- counting only tracks that are objects on the balance of their boxes ----------------------------
+
+def belt_frames(n=40):
+    """A cell moving right at 12 px/frame scored 0.9 every frame, and below it a large "phantom" (bare
+    belt the detector finds on and off, as on the conveyor video, labelled class 1 here to tell them
+    apart): scored 0.6 on frames 0-2 and on every 10th frame, 0.2 on the others (the tracker's second
+    stage keeps it alive on them), missing on frames 5, 15, 25, 35; both cross the line x = 240."""
+    frames = []
+    for f in range(n):
+        boxes, scores, classes = [box_at(40 + 12 * f, 100)], [0.9], [0]
+        if f % 10 != 5:
+            boxes.append(box_at(30 + 12 * f, 300, size=120))
+            scores.append(0.6 if f < 3 or f % 10 == 0 else 0.2)
+            classes.append(1)
+        frames.append(Detections(np.array(boxes, np.float32), scores, classes))
+    return frames
+
+
+def test_track_confidence_is_the_mean_score_of_its_matched_boxes():
+    tracker = Tracker(high=0.5, low=0.1)
+    for f, s in enumerate([0.9, 0.8, 0.3, 0.2]):  # the last two reach it through the second stage
+        tracks = tracker.update(Detections(np.array([box_at(100 + 5 * f, 100)], np.float32), [s], [0]), f)
+    assert len(tracks) == 1 and tracks[0].hits == 4
+    assert tracks[0].confidence == pytest.approx((0.9 + 0.8 + 0.3 + 0.2) / 4) and tracks[0].score == pytest.approx(0.2)
+    assert track(1, 0, 0).mean_score == pytest.approx(0.9)  # a track made by hand: its score
+
+
+def test_a_track_living_on_low_score_boxes_is_not_counted():
+    def count(min_confidence):
+        tracker = Tracker(high=0.5, low=0.1)
+        counter = LineCounter((240, 0, 240, 479), ["cell", "phantom"], min_confidence=min_confidence)
+        events = []
+        for f, dets in enumerate(belt_frames()):
+            events += counter.update(tracker.update(dets, f), f)
+        return events, counter
+
+    events, counter = count(0.5)
+    assert [(e["label"], e["direction"]) for e in events] == [("cell", "out")]
+    assert counter.counts["total"] == 1 and counter.low_confidence == 1
+    events, counter = count(0.0)  # every track counted: the phantom's crossing too (mean score 0.38)
+    assert sorted(e["label"] for e in events) == ["cell", "phantom"] and counter.low_confidence == 0
+
+
+def test_counter_refuses_a_bad_confidence():
+    for bad in (-0.1, 1.5):
+        with pytest.raises(EdgetlError) as err:
+            LineCounter((0, 1, 2, 3), ["cell"], min_confidence=bad)
+        assert "--count-confidence" in err.value.message

@@ -60,6 +60,10 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--count-line", default=None, metavar="X1,Y1,X2,Y2",
               help="Detection: count tracked objects crossing this segment (frame pixels), per class and "
                    "direction; implies --track.")
+@click.option("--count-confidence", default=0.5, show_default=True, type=float, metavar="SCORE",
+              help="Detection: count a crossing only when the track's boxes scored at least this on average "
+                   "(a track kept alive by low-score boxes, e.g. background found on and off, is not an "
+                   "object); 0 counts every track.")
 @click.option("--realtime", is_flag=True,
               help="Play a file/image folder like a camera: paced at its FPS, latest-frame policy (drops "
                    "frames when inference is slower). Default for files: every frame, in order.")
@@ -82,7 +86,7 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 def run(artifact: Path, sources: tuple[str, ...], sources_file: Path | None, serve: str | None, mqtt: str | None,
         topic: str | None, mqtt_qos: int, backend: str | None, options: tuple[str, ...], headless: bool, events: bool,
         top_k: int, roi: str | None, smooth: float, threshold: float, track: bool, count_line: str | None,
-        realtime: bool, fps: float | None,
+        count_confidence: float, realtime: bool, fps: float | None,
         save: Path | None, max_frames: int | None, duration: float | None, reconnect_timeout: float,
         decode_threads: int | None, summary_json: Path | None, no_verify: bool) -> int:
     """Run an artifact on a camera, stream, video file or image folder (no torch needed).
@@ -142,7 +146,8 @@ def run(artifact: Path, sources: tuple[str, ...], sources_file: Path | None, ser
     stream_opts = StreamOptions(top_k=top_k, roi=roi, smooth=smooth, threshold=threshold,
                                 realtime=True if realtime else None, fps=fps, reconnect_timeout=reconnect_timeout,
                                 max_frames=max_frames, duration=duration, decode_threads=decode_threads,
-                                track=track or bool(count_line), count_line=count_line)
+                                track=track or bool(count_line), count_line=count_line,
+                                count_confidence=count_confidence)
     app_opts = AppOptions(headless=headless, events=events, save=save, summary_json=summary_json, serve=serve,
                           mqtt=mqtt, mqtt_topic=topic, mqtt_qos=mqtt_qos)
     model = load(artifact, backend=backend, options=_parse_options(options), verify=not no_verify)
