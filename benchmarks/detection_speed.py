@@ -61,25 +61,21 @@ def renders(art: Path, inputs: np.ndarray, work: Path, reduce_range: bool) -> di
 
 
 def time_all(models: dict[str, Path], torch_model, x: np.ndarray, rounds: int, threads: int) -> dict[str, list[float]]:
-    import onnxruntime as ort
     import torch
 
-    def session(path: Path):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.log_severity_level = 3
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    from edgetl.runtime.runners import open_runner
 
-    sessions = {k: session(p) for k, p in models.items()}
+    # the runner `edgetl bench` and the device time (its session options), at this thread count
+    sessions = {k: open_runner("onnxruntime", p, {"intra_op_threads": threads}) for k, p in models.items()}
     torch.set_num_threads(threads)
     times: dict[str, list[float]] = {"pytorch eager fp32 (channels_last)": [], **{k: [] for k in sessions}}
     for _ in range(rounds):  # interleaved: drift on a shared VM hits every row alike
         for k, s in sessions.items():
             for xi in x[:8]:  # warm-up
-                s.run(None, {"input": xi[None]})
+                s.infer_all(xi[None])
             for xi in x:
                 t = time.perf_counter()
-                s.run(None, {"input": xi[None]})
+                s.infer_all(xi[None])
                 times[k].append(time.perf_counter() - t)
         with torch.inference_mode():
             for xi in x:

@@ -1,7 +1,8 @@
-"""Fine-tuning on real data: ELPV (binary) with EfficientNet-Lite0 at 224 px.
+"""Fine-tuning on real data: ELPV (binary) with EfficientNet-Lite0 at 224 px (or another backbone).
 
     nice -n 10 .venv/bin/python benchmarks/train_elpv.py                       # all three parts
     nice -n 10 .venv/bin/python benchmarks/train_elpv.py --parts feature-extract,fine-tune-speed
+    nice -n 10 .venv/bin/python benchmarks/train_elpv.py --parts best --backbone efficientnet_lite1  # at its 240 px
 
 Parts (each one ``edgetl train`` child process, measured from outside):
 1. ``feature-extract``: end to end (validate + decode 2,624 images, features once, head training,
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from edgetl.demo import FULL as DEMO_FULL  # noqa: E402
 EDGETL = [sys.executable, "-m", "edgetl.cli"]
 
-COMMON = ["--backbone", "efficientnet_lite0", "--pretrained", "imagenet", "--overwrite"]
+COMMON = ["--pretrained", "imagenet", "--overwrite"]
 PARTS = {
     "feature-extract": ["--mode", "feature-extract"],
     "fine-tune-speed": ["--mode", "fine-tune", "--epochs", "1"],
@@ -73,6 +74,8 @@ def main() -> int:
     ap.add_argument("--data", type=Path, help="an existing ELPV binary folder (default: WORK/data)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
     ap.add_argument("--json", type=Path, help="default: WORK/train_elpv.json")
+    ap.add_argument("--backbone", default="efficientnet_lite0", help="any registered backbone (default: %(default)s)")
+    ap.add_argument("--input-size", help="default: the backbone's native size (Lite0 224, Lite1 240, Lite2 260)")
     args = ap.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
@@ -88,10 +91,11 @@ def main() -> int:
 
     results = {"host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
                         "torch": torch.__version__, "cuda": torch.cuda.is_available()},
-               "data": str(data), "rows": {}}
+               "data": str(data), "backbone": args.backbone, "input_size": args.input_size or "native", "rows": {}}
     for part in parts:
         run = args.work / "runs" / part
-        argv = EDGETL + ["train", str(data), "--out", str(run)] + COMMON + PARTS[part]
+        size = ["--input-size", args.input_size] if args.input_size else []
+        argv = EDGETL + ["train", str(data), "--out", str(run), "--backbone", args.backbone, *size] + COMMON + PARTS[part]
         cmd = "edgetl " + shlex.join(argv[len(EDGETL):])
         print(f"[{part}] {cmd}", flush=True)
         meas = run_child(argv, args.work / f"{part}.log")
