@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--images", type=int, default=32)
+    ap.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/detection_speed_<CPU class>.json")
     args = ap.parse_args(argv)
     import torch
 
@@ -124,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
               "images": len(x), "rounds": args.rounds, "weight_bits": 7 if reduce_range else 8,
               "loadavg_start": load0, "loadavg_end": os.getloadavg()[0], "rows": rows,
               "command": "python benchmarks/detection_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    out = ROOT / "benchmarks" / "results" / f"detection_speed_{cpu.slug}.json"
+    out = args.json or ROOT / "benchmarks" / "results" / f"detection_speed_{cpu.slug}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {out}")
     return 0
 
 
