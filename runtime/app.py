@@ -109,9 +109,8 @@ class StreamOptions:
             raise EdgetlError(f"--top-k {self.top_k} is not valid", hint="give 1 or more")
         if not 0.0 <= float(self.threshold) <= 1.0:
             raise EdgetlError(f"--threshold {self.threshold} is not valid", hint="give a probability in [0, 1]")
-        if not 0.0 <= float(self.count_confidence) <= 1.0:
-            raise EdgetlError(f"--count-confidence {self.count_confidence} is not valid",
-                              hint="give the mean detection score a track needs to be counted, in [0, 1] (0 = all)")
+        from .track import check_count_confidence
+        check_count_confidence(self.count_confidence)  # checked before the artifact loads, like --count-line
         if float(self.smooth) < 0:
             raise EdgetlError(f"--smooth {self.smooth} is not valid", hint="give a span in frames (0 = off)")
         if self.reconnect_timeout < 0:

@@ -103,7 +103,7 @@ class DetectHead:
             if options.count_line:
                 line = options.count_line
                 self.counter = LineCounter(parse_line(line) if isinstance(line, str) else tuple(line), model.labels,
-                                           min_confidence=getattr(options, "count_confidence", 0.5))
+                                           min_confidence=options.count_confidence)
         self.totals: Dict[str, int] = {lab: 0 for lab in model.labels}  # detections summed over frames
         self.peak: Dict[str, int] = {lab: 0 for lab in model.labels}  # most in one frame
 

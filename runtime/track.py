@@ -58,8 +58,8 @@ class Track:
     """A confirmed track as of the last update (a snapshot: changing it changes nothing in the
     tracker). ``box``: its detection's box this frame; ``hits``: frames it was matched; ``age``:
     frames since it was first seen; ``missed``: frames since it was last matched (0 when returned by
-    :meth:`Tracker.update`); ``confidence``: the mean score of its matched detections (None: the
-    score alone, for tracks made by hand)."""
+    :meth:`Tracker.update`); ``confidence``: the mean score of its matched detections (a track made
+    by hand without one takes its ``score``)."""
 
     id: int
     box: np.ndarray
@@ -70,9 +70,9 @@ class Track:
     missed: int = 0
     confidence: Optional[float] = None
 
-    @property
-    def mean_score(self) -> float:
-        return float(self.score if self.confidence is None else self.confidence)
+    def __post_init__(self) -> None:
+        if self.confidence is None:
+            self.confidence = float(self.score)
 
 
 @dataclass
@@ -102,9 +102,8 @@ class _State:
 
     @property
     def confidence(self) -> float:
-        """The mean score of the detections matched to the track."""
-        n = sum(v[0] for v in self.votes.values())
-        return sum(v[1] for v in self.votes.values()) / n if n else float(self.score)
+        """The mean score of the detections matched to the track (one vote per match: ``hits``)."""
+        return sum(v[1] for v in self.votes.values()) / self.hits
 
 
 def greedy_match(iou: np.ndarray, threshold: float) -> Tuple[List[Tuple[int, int]], List[int], List[int]]:
@@ -270,6 +269,14 @@ def parse_line(text: Any) -> Line:
     return vals  # type: ignore[return-value]
 
 
+def check_count_confidence(value: Any) -> float:
+    """``--count-confidence`` -> a float in [0, 1]; else an EdgetlError naming it."""
+    if not 0.0 <= float(value) <= 1.0:
+        raise EdgetlError(f"--count-confidence {value} is not valid",
+                          hint="give the mean detection score a track needs to be counted, in [0, 1] (0 = all)")
+    return float(value)
+
+
 @dataclass
 class _Side:
     side: int  # +1 / -1: the side the centre was last seen beyond the band; 0: not yet
@@ -285,15 +292,12 @@ class LineCounter:
     ``(x2 - x1) * (y - y1) - (y2 - y1) * (x - x1)`` is positive (for a line drawn left to right, in
     image coordinates: moving down), ``"out"`` the other way. ``counts`` = ``{"in": {label: n},
     "out": {label: n}, "total": n}``. Tracks unseen for ``forget_after`` frames are forgotten (memory
-    stays bounded on a day-long stream). A crossing by a track whose confidence (:attr:`Track.mean_score`)
+    stays bounded on a day-long stream). A crossing by a track whose :attr:`Track.confidence`
     is below ``min_confidence`` is not counted; ``low_confidence`` counts them (module docstring)."""
 
     def __init__(self, line: Sequence[int], labels: Sequence[str], margin: float = 0.2, forget_after: int = 300,
                  min_confidence: float = 0.5):
-        if not 0.0 <= float(min_confidence) <= 1.0:
-            raise EdgetlError(f"--count-confidence {min_confidence} is not valid",
-                              hint="give the mean detection score a track needs to be counted, in [0, 1] (0 = all)")
-        self.min_confidence = float(min_confidence)
+        self.min_confidence = check_count_confidence(min_confidence)
         self.low_confidence = 0
         self.line = parse_line(line)
         self.labels = list(labels)
@@ -338,7 +342,7 @@ class LineCounter:
                 continue  # inside the band: wait until it is clearly on one side
             if st.side == -side and self._through_segment(st.point, p):
                 direction = "in" if side > 0 else "out"
-                if direction not in st.counted and t.mean_score < self.min_confidence:
+                if direction not in st.counted and t.confidence < self.min_confidence:
                     self.low_confidence += 1  # not an object on the balance of its boxes: not counted
                 elif direction not in st.counted:
                     st.counted.add(direction)

@@ -261,7 +261,7 @@ def test_track_confidence_is_the_mean_score_of_its_matched_boxes():
         tracks = tracker.update(Detections(np.array([box_at(100 + 5 * f, 100)], np.float32), [s], [0]), f)
     assert len(tracks) == 1 and tracks[0].hits == 4
     assert tracks[0].confidence == pytest.approx((0.9 + 0.8 + 0.3 + 0.2) / 4) and tracks[0].score == pytest.approx(0.2)
-    assert track(1, 0, 0).mean_score == pytest.approx(0.9)  # a track made by hand: its score
+    assert track(1, 0, 0).confidence == pytest.approx(0.9)  # a track made by hand: its score
 
 
 def test_a_track_living_on_low_score_boxes_is_not_counted():
