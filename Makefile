@@ -54,7 +54,7 @@ gst-env:
 	$(GST_PY) -c "from edgetl.runtime.sources import opencv_has_gstreamer as g; assert g(), 'no GStreamer in this OpenCV: sudo make system-deps'"
 
 # The ARM target's gate on ARM kernels without a board: a Debian arm64 root under qemu-user emulation
-# (root on Debian/Ubuntu; installs qemu-user-static, binfmt-support, mmdebstrap), cached in
+# (root on Debian/Ubuntu; installs qemu-user-static, binfmt-support, mmdebstrap, arch-test), cached in
 # ~/.cache/edgetl/arm64-root: the core install of this checkout, the runtime's torch-free tests, and
 # `edgetl check` of artifacts compiled here for arm64-cpu-onnxruntime (the demo's too once `make demo`
 # has trained it). Writes benchmarks/results/arm64_check_bookworm.json. ARM64_ARGS: more options (--help).

@@ -6,7 +6,7 @@ and Python 3.9, the oldest userland of the JetPacks the profiles offer) call thi
 Debian/Ubuntu it:
 
 1. installs the host packages it needs (``apt-get update``, then qemu-user-static, binfmt-support,
-   mmdebstrap) and registers qemu-aarch64 with binfmt_misc;
+   mmdebstrap, arch-test) and registers qemu-aarch64 with binfmt_misc;
 2. builds a Debian arm64 root with mmdebstrap (python3, python3-venv, ca-certificates), cached under
    ``--cache`` (default ``$HOME/.cache/edgetl/arm64-root/<suite>``) and reused by the next run;
 3. copies this checkout (git's tracked and untracked-not-ignored files) into the root and installs its
@@ -50,8 +50,11 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 REPO = Path(__file__).resolve().parent.parent
 SUITES = {"bookworm": "ARM gate (Debian 12: glibc 2.36, Python 3.11)",
           "bullseye": "Jetson userland (Debian 11: glibc 2.31 as on JetPack 5, Python 3.9)"}
-HOST_PACKAGES = ("qemu-user-static", "binfmt-support", "mmdebstrap")
-HOST_TOOLS = {"qemu-user-static": "qemu-aarch64-static", "binfmt-support": "update-binfmts", "mmdebstrap": "mmdebstrap"}
+# arch-test: mmdebstrap >= 1.3 refuses a foreign --arch without it ("install arch-test for foreign architecture
+# support") and only Recommends it, which --no-install-recommends leaves out.
+HOST_PACKAGES = ("qemu-user-static", "binfmt-support", "mmdebstrap", "arch-test")
+HOST_TOOLS = {"qemu-user-static": "qemu-aarch64-static", "binfmt-support": "update-binfmts", "mmdebstrap": "mmdebstrap",
+              "arch-test": "arch-test"}
 ROOT_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 ROOT_STAMP = ".edgetl-arm64-root"  # written last: a root without it is incomplete and rebuilt
 SRC, VENV, WORK = "/opt/edgetl/src", "/opt/edgetl/venv", "/opt/edgetl/work"
@@ -719,7 +722,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ok = True
         else:
             log(f"FAILED: {exc}")
-    except CheckError as exc:
+    except (CheckError, subprocess.CalledProcessError) as exc:
         log(f"FAILED: {exc}")
         result["error"] = str(exc)[:2000]
     finally:
