@@ -319,6 +319,28 @@ def test_a_machine_without_binfmt_skips_only_when_asked(ac, tmp_path, monkeypatc
     assert rec["phases"][0]["phase"] == "host packages" and rec["phases"][0]["status"].startswith("failed")
 
 
+def test_a_failed_root_build_is_a_recorded_failure_not_a_traceback(ac, tmp_path, monkeypatch, capsys):
+    """CI's fresh machine: mmdebstrap exits 25 ("install arch-test for foreign architecture support")."""
+    import json
+    import subprocess
+
+    def mmdebstrap_fails(root, suite, mirror):
+        raise subprocess.CalledProcessError(25, ["mmdebstrap", "--arch=arm64", suite, str(root)])
+
+    monkeypatch.setattr(ac, "ensure_host", lambda no_apt: None)
+    monkeypatch.setattr(ac, "host_cpu", lambda python: None)
+    monkeypatch.setattr(ac, "build_root", mmdebstrap_fails)
+    monkeypatch.setattr(ac.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(ac.signal, "signal", lambda *a: None)
+    out = tmp_path / "r.json"
+    assert ac.main(["--cache", str(tmp_path / "c"), "--json", str(out), "--skip-unsupported"]) == 1
+    rec = json.loads(out.read_text())
+    assert rec["passed"] is False and "mmdebstrap" in rec["error"] and "25" in rec["error"]
+    assert [p["phase"] for p in rec["phases"]] == ["host packages", "root (mmdebstrap)"]
+    assert "FAILED" in capsys.readouterr().out
+    assert "arch-test" in ac.HOST_PACKAGES  # what mmdebstrap needed on that machine
+
+
 def test_a_root_is_never_removed_through_a_mount(ac, tmp_path, monkeypatch):
     root = tmp_path / "root"
     (root / "dev").mkdir(parents=True)
