@@ -86,6 +86,9 @@ class QuantizeConfig:
     qat_max_images: int | None = None  # training images per epoch (None: the whole train split)
     qat_freeze_bn: bool = True
     qat_loss: str = "distill"  # distill: match the float model's logits (KL, the gate's agreement); ce: labels
+    # share of QAT images moved as the stability check moves the checkset (JPEG, brightness; edgetl.stability.
+    # random_perturbation) before teacher and student see them: 0 = the images as loaded
+    qat_perturb: float = 0.0
     all_forms: bool = False  # also write the other QDQ forms under forms/ and measure them side by side
     weight_range: str = "full"  # "reduced": 7-bit weights (edgetl.runtime.cpu: no saturation without VNNI)
     weight_range_reason: str = ""  # why (recorded in manifest.quantization)
@@ -121,6 +124,8 @@ class QuantizeConfig:
             raise bad("--qat-loss", self.qat_loss, f"use one of {QAT_LOSSES}")
         if not self.qat_lr > 0:
             raise bad("--qat-lr", self.qat_lr, "give a positive learning rate, e.g. 1e-5")
+        if not 0 <= self.qat_perturb <= 1:
+            raise bad("--qat-perturb", self.qat_perturb, "give the share of QAT images to perturb, 0..1 (e.g. 0.5)")
 
     @property
     def resolved_calibrator(self) -> str:
@@ -432,7 +437,7 @@ def qat_finetune(model, cal_inputs: np.ndarray, train_paths: list[tuple[Path, in
         t_epoch = time.perf_counter()
         loss, seen, stopped = _qat_epoch(qmodel, teacher, opt, [train_paths[j] for j in order], spec, cfg,
                                          lambda m: log(f"qat: epoch {epoch + 1}/{cfg.qat_epochs}  {m}"), deadline,
-                                         estimate if epoch == 0 else None)
+                                         estimate if epoch == 0 else None, rng)
         losses.append(loss)
         trained += seen
         log(f"qat: epoch {epoch + 1}/{cfg.qat_epochs}  loss {loss:.4f}  ({time.perf_counter() - t_epoch:.0f} s)"
@@ -442,7 +447,7 @@ def qat_finetune(model, cal_inputs: np.ndarray, train_paths: list[tuple[Path, in
     qmodel.eval()
     info = {"epochs": cfg.qat_epochs, "lr": cfg.qat_lr, "batch_size": cfg.qat_batch_size, "images_per_epoch": per_epoch,
             "images_trained": trained, "stopped_early": stopped, "weight_range": cfg.weight_range,
-            "freeze_bn": cfg.qat_freeze_bn, "objective": cfg.qat_loss, "loss": losses, "init": f"nncf RangeEstimatorParametersSet.{cal.nncf_estimator}",
+            "freeze_bn": cfg.qat_freeze_bn, "objective": cfg.qat_loss, "perturb": cfg.qat_perturb, "loss": losses, "init": f"nncf RangeEstimatorParametersSet.{cal.nncf_estimator}",
             "init_seconds": init_s, "nncf": nncf.__version__}
     return qmodel, info
 
@@ -452,10 +457,14 @@ def _duration(seconds: float) -> str:
 
 
 def _qat_epoch(qmodel, teacher, opt, samples: list[tuple[Path, int]], spec, cfg: QuantizeConfig, log: Log,
-               deadline: float | None, estimate: Callable[[float], None] | None = None) -> tuple[float, int, bool]:
+               deadline: float | None, estimate: Callable[[float], None] | None = None,
+               rng: np.random.Generator | None = None) -> tuple[float, int, bool]:
     """One pass over ``samples``: ``(mean loss, images seen, stopped at the deadline)``. ``estimate``
-    gets the training rate (images/s) once, after the second batch (the first one warms up)."""
+    gets the training rate (images/s) once, after the second batch (the first one warms up). With
+    ``cfg.qat_perturb`` a share of each batch is perturbed first (``rng``)."""
     import torch
+
+    from .stability import random_perturbation
 
     qmodel.train()
     if cfg.qat_freeze_bn:  # small batches: keep the float model's BN statistics
@@ -468,7 +477,11 @@ def _qat_epoch(qmodel, teacher, opt, samples: list[tuple[Path, int]], spec, cfg:
         if deadline is not None and seen and time.perf_counter() >= deadline:
             return total / max(1, seen), seen, True
         batch = samples[i:i + cfg.qat_batch_size]
-        x = torch.from_numpy(load_images([p for p, _ in batch], spec))
+        x = load_images([p for p, _ in batch], spec)
+        if cfg.qat_perturb > 0:
+            x = random_perturbation(x, spec, rng if rng is not None else np.random.default_rng(cfg.seed),
+                                    cfg.qat_perturb, cfg.thresholds.stability_jpeg_quality)
+        x = torch.from_numpy(x)
         opt.zero_grad()
         out = qmodel(x)
         if cfg.qat_loss == "distill":

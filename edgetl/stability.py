@@ -114,6 +114,29 @@ def perturbed_inputs(inputs: np.ndarray, spec, jpeg_quality: int = JPEG_QUALITY,
             "darker": normalise(scale_brightness(px, 1 - brightness), spec)}
 
 
+def random_perturbation(inputs: np.ndarray, spec, rng: np.random.Generator, share: float,
+                        jpeg_quality: int = JPEG_QUALITY, brightness: float = BRIGHTNESS) -> np.ndarray:
+    """A training batch (float, the artifact's input form) with a random ``share`` of its images moved
+    the way the stability check moves the checkset, over wider ranges so that training does not fit
+    one setting: half a JPEG round trip at a quality drawn from [min(``jpeg_quality``, 80), 95], half a
+    brightness scale by a factor drawn from [1 - 2 ``brightness``, 1 + 2 ``brightness``]. QAT distils on
+    it (``QuantizeConfig.qat_perturb``): teacher and student see the same moved image, so the quantized
+    model learns to agree with float around each image, not only on it."""
+    pick = np.flatnonzero(rng.random(len(inputs)) < share)
+    if not len(pick):
+        return inputs
+    px = pixels(inputs[pick], spec)
+    out = inputs.copy()
+    lo = min(int(jpeg_quality), 80)
+    for j, i in enumerate(pick):
+        if rng.random() < 0.5:
+            moved = jpeg_roundtrip(px[j:j + 1], spec, int(rng.integers(lo, 96)))
+        else:
+            moved = scale_brightness(px[j:j + 1], 1 + float(rng.uniform(-2 * brightness, 2 * brightness)))
+        out[i] = normalise(moved, spec)[0]
+    return out
+
+
 def make_probe(inputs: np.ndarray, spec, float_logits: np.ndarray,
                float_infer: Callable[[np.ndarray], np.ndarray] | None, jpeg_quality: int = JPEG_QUALITY,
                brightness: float = BRIGHTNESS, stored: Any = None) -> StabilityProbe:
@@ -190,4 +213,4 @@ def markdown(st: Mapping[str, Any]) -> list[str]:
 
 
 __all__ = ["PERTURBATIONS", "StabilityProbe", "images_needed", "make_probe", "markdown", "measure",
-           "perturbed_inputs"]
+           "perturbed_inputs", "random_perturbation"]

@@ -206,3 +206,9 @@ def test_failed_gate_hint_comes_from_what_was_tried():
     speed = {"passed": False, "failures": ["speed: ..."], "suggestions": list(SUGGEST_SPEED)}
     assert "--no-speed-check" in next_steps(speed, ptq_only)
     assert "report.md" in next_steps({"passed": False, "failures": ["x"]}, None)
+    from edgetl.check import SUGGEST_STABILITY
+
+    unstable = {**gate, "suggestions": [SUGGEST_STABILITY, *SUGGEST_ACCURACY]}
+    assert "--qat-perturb 0.5" in next_steps(unstable, everything)  # QAT ran on the images as loaded
+    perturbed = {**everything, "qat": {"epochs": 2, "perturb": 0.5}}
+    assert "--qat-perturb" not in next_steps(unstable, perturbed)  # already done: not suggested again

@@ -182,8 +182,9 @@ def test_compile_bare_onnx_needs_preprocessing(tiny_run, tmp_path, capsys):
     assert "--preprocess" in capsys.readouterr().err
 
 
-def test_compile_refuses_bad_qat_images(tiny_run, tmp_path, capsys):
+@pytest.mark.parametrize("option,value", [("--qat-max-images", "0"), ("--qat-perturb", "1.5")])
+def test_compile_refuses_bad_qat_options(tiny_run, tmp_path, capsys, option, value):
     out = tmp_path / "bad"
-    assert main(["compile", str(tiny_run), "--target", "x86-cpu-onnxruntime", "--out", str(out),
-                 "--qat-max-images", "0"]) == 2
-    assert "--qat-max-images" in capsys.readouterr().err and not out.exists()
+    assert main(["compile", str(tiny_run), "--target", "x86-cpu-onnxruntime", "--out", str(out), option, value]) == 2
+    err = capsys.readouterr().err
+    assert option in err and "Traceback" not in err and not out.exists()

@@ -13,7 +13,7 @@ from edgetl.check import Checkset, Thresholds, gate_from_logits
 from edgetl.runtime import cpu as cpumod
 from edgetl.runtime.cpu import classify, parse_cpuinfo
 from edgetl.runtime.preprocess import PreprocessSpec, preprocess
-from edgetl.stability import images_needed, measure, perturbed_inputs, pixels
+from edgetl.stability import images_needed, measure, perturbed_inputs, pixels, random_perturbation
 from edgetl.targets import load_target, weight_range_for
 
 AVX2 = "fpu sse4_1 avx2 fma f16c"
@@ -155,6 +155,31 @@ def test_perturbations_are_small_realistic_and_reproducible():
     assert perturbed_inputs(_inputs(spec=nhwc), nhwc)["jpeg"].shape == (6, 24, 24, 3)
 
 
+def test_qat_perturbation_moves_the_share_asked_reproducibly():
+    x = _inputs(40)
+    assert random_perturbation(x, SPEC, np.random.default_rng(0), 0.0) is x
+    moved = random_perturbation(x, SPEC, np.random.default_rng(0), 0.5)
+    changed = [not np.array_equal(m, o) for m, o in zip(moved, x)]
+    assert 10 <= sum(changed) <= 30 and moved.dtype == np.float32 and moved.shape == x.shape
+    assert np.array_equal(moved, random_perturbation(x, SPEC, np.random.default_rng(0), 0.5))  # seeded
+    everything = random_perturbation(x, SPEC, np.random.default_rng(1), 1.0)
+    # (a brightness factor drawn very near 1 may round back to the same pixels)
+    assert sum(not np.array_equal(m, o) for m, o in zip(everything, x)) >= 36
+    # still images of the same pixels' kind: a float rendering of uint8 pixels, near the original
+    px, moved_px = pixels(x, SPEC).astype(int), pixels(everything, SPEC).astype(int)
+    assert np.array_equal(normalise_px(moved_px.astype(np.uint8)), everything)
+    assert np.median(np.abs(moved_px - px)) <= 16
+    x0 = x.copy()
+    random_perturbation(x, SPEC, np.random.default_rng(2), 1.0)
+    assert np.array_equal(x, x0)  # the loaded batch is not modified in place
+
+
+def normalise_px(px: np.ndarray) -> np.ndarray:
+    from edgetl.stability import normalise
+
+    return normalise(px, SPEC)
+
+
 def test_stability_counts_int8_only_flips_apart_from_float_flips():
     n = 10
     x = np.zeros((n, 3, 24, 24), np.float32)
@@ -175,6 +200,8 @@ def test_stability_counts_int8_only_flips_apart_from_float_flips():
     g = gate_from_logits(base, Checkset(x, np.zeros(n, np.int64), base), Thresholds(speed_check=False))
     assert g.passed and not g.add_stability(st).passed and g.failures[0].startswith("stability")
     assert not g.accuracy_passed and g.margins["stability"] == -1
+    assert "2 INT8 flip(s)" in g.failures[0] and "float itself changed its prediction on 2" in g.failures[0]
+    assert "--qat-perturb" in g.suggestions[0]  # the stability-specific repair comes first
 
 
 def test_a_deployed_verdict_from_another_cpu_class_says_so(monkeypatch):

@@ -74,13 +74,13 @@ def test_calibration_comes_from_train_split_never_test(run: Path, ptq: Path):
 def test_qat_produces_a_qdq_onnx_rendered_from_the_qat_result(run: Path, tmp_path: Path):
     out = tmp_path / "qat"
     rc = main(["quantize", str(run), "--out", str(out), "--method", "qat", "--qat-epochs", "1", "--qat-lr", "1e-4",
-               "--all-forms", *FAST])
+               "--qat-perturb", "0.5", "--all-forms", *FAST])
     m = read_manifest(out)
     assert rc == (0 if m.gate["passed"] else 1)
     assert is_qdq(out / "model_int8.onnx") and m.quantization["method"] == "qat"
     qat = m.quantization["qat"]
     assert qat["epochs"] == 1 and qat["learned_ranges"] > 0 and "HISTOGRAM" in qat["init"]
-    assert qat["objective"] == "distill" and len(qat["loss"]) == 1
+    assert qat["objective"] == "distill" and len(qat["loss"]) == 1 and qat["perturb"] == 0.5
     assert 0.0 <= m.gate["agreement"] <= 1.0
     forms = {f["form"]: f for f in json.loads((out / "report.json").read_text())["forms"]}
     assert set(forms) == {"u8s8-asymmetric-per-channel", "s8s8-symmetric-per-channel", "nncf-native"}

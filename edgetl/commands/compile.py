@@ -107,6 +107,10 @@ def summary_table(result):
 @click.option("--qat-max-images", type=int,
               help="Training images per QAT epoch (default: the whole train split). Fewer is faster but may "
                    "miss the gate: on ELPV 640 was enough for one model and not for another.")
+@click.option("--qat-perturb", type=float, metavar="SHARE",
+              help="Share of QAT images (0..1) moved as the gate's stability part moves the checkset (JPEG, "
+                   "brightness) before the float teacher and the quantized student see them: for a model whose "
+                   "INT8 passes agreement and fails stability. [default: 0]")
 @click.option("--max-fallback-rounds", type=int,
               help="Mixed-precision rounds per step: each keeps the next most sensitive layer in float. [default: 3]")
 @click.option("--seek-margin", type=int,
@@ -132,7 +136,8 @@ def summary_table(result):
 def compile_cmd(source: Path, target: str, out: Path, method: str | None, time_budget: float | None,
                 weight_range: str | None, precision: str | None,
                 sets: tuple[str, ...], calib_size: int | None, calib_min: int | None, calibrator: str | None,
-                qat_epochs: int | None, qat_max_images: int | None, max_fallback_rounds: int | None,
+                qat_epochs: int | None, qat_max_images: int | None, qat_perturb: float | None,
+                max_fallback_rounds: int | None,
                 seek_margin: int | None, no_speed_check: bool, overwrite: bool, arch: str | None,
                 labels: Path | None, images: Path | None,
                 preprocess: Path | None, input_size: str | None, mean: str | None, std: str | None,
@@ -183,6 +188,7 @@ def compile_cmd(source: Path, target: str, out: Path, method: str | None, time_b
         raise EdgetlError(f"--time-budget {time_budget:g} is not valid", hint="give the seconds the repair may take, > 0")
     overrides = {k: v for k, v in (("calib_size", calib_size), ("calib_min", calib_min), ("calibrator", calibrator),
                                    ("qat_epochs", qat_epochs), ("qat_max_images", qat_max_images),
+                                   ("qat_perturb", qat_perturb),
                                    ("weight_range", weight_range), ("time_budget", time_budget),
                                    ("max_fallback_rounds", max_fallback_rounds),
                                    ("seek_margin", seek_margin)) if v is not None}

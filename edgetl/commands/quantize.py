@@ -51,6 +51,8 @@ from .check import gate_options, thresholds_from
 @click.option("--qat-max-images", type=int, default=None, help="Training images per QAT epoch (default: all).")
 @click.option("--qat-loss", type=click.Choice(["distill", "ce"]), default="distill", show_default=True,
               help="distill: match the float model's outputs (what the gate's agreement measures); ce: the labels.")
+@click.option("--qat-perturb", type=float, default=0.0, show_default=True, metavar="SHARE",
+              help="Share of QAT images moved as the gate's stability part moves the checkset (JPEG, brightness).")
 @click.option("--all-forms", is_flag=True,
               help="Also render the other QDQ form(s) (and NNCF's own QAT export) under forms/, measured side by side "
                    "in the report.")
@@ -60,7 +62,7 @@ def quantize(run: Path, out: Path, method: str, weight_range: str, calibrator: s
              calib_size: int | None, calib_min: int, calib_dir: Path | None, seed: int, checkset_cap: int,
              static_batch: int | None, max_fallback_rounds: int, fallback_step: int, sensitivity: bool,
              sensitivity_images: int, qat_epochs: int, qat_lr: float, qat_batch_size: int, qat_max_images: int | None,
-             qat_loss: str, all_forms: bool, overwrite: bool, **gate: object) -> int:
+             qat_loss: str, qat_perturb: float, all_forms: bool, overwrite: bool, **gate: object) -> int:
     """Quantize a trained run to INT8 and gate it against the float model.
 
     Writes OUT/ with model_fp32.onnx (parity-checked), model_int8.onnx (QDQ), checkset.npz,
@@ -95,7 +97,7 @@ def quantize(run: Path, out: Path, method: str, weight_range: str, calibrator: s
                          max_fallback_rounds=max_fallback_rounds, fallback_step=fallback_step, sensitivity=sensitivity,
                          sensitivity_images=sensitivity_images, qat_epochs=qat_epochs, qat_lr=qat_lr,
                          qat_batch_size=qat_batch_size, qat_max_images=qat_max_images, qat_loss=qat_loss,
-                         all_forms=all_forms)
+                         qat_perturb=qat_perturb, all_forms=all_forms)
     outcome = quantize_run(run, out, cfg, overwrite=overwrite, log=click.echo)
     verdict = "deployable" if outcome.passed else "NOT deployable (gate failed; see report.md)"
     click.echo(f"wrote {out}: {verdict}")
