@@ -342,6 +342,21 @@ def main(argv: list[str] | None = None) -> int:
         note = cap.summary(failed=rc != 0) if cap is not None else None
         if note:
             click.secho(f"note: {note}", err=True, dim=True)
+        if argv is None:  # the process's own CLI (never an in-process call, e.g. the tests')
+            _exit_past_blocked_capture(rc)
+
+
+def _exit_past_blocked_capture(rc: int) -> None:
+    """Leave with ``rc`` at once when a capture thread is still blocked in native code (an RTSP opening
+    abandoned by the watchdog): the interpreter's shutdown could otherwise be aborted by it ("terminate
+    called without an active exception", exit 134 in place of the documented code, seen on
+    `edgetl run` of a stream that never delivered a frame). Output is flushed first; nothing else is
+    pending by then (files are written and closed by the commands)."""
+    sources = sys.modules.get("edgetl.runtime.sources")
+    if sources is not None and sources.capture_threads_alive():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
 
 
 def _main(args: list[str]) -> int:

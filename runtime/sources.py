@@ -69,6 +69,7 @@ NETWORK_TIMEOUT_MS = 5000
 # backend waits for a sample forever when a stream freezes (no read timeout before OpenCV 4.7).
 STALL_TIMEOUT_S = NETWORK_TIMEOUT_MS / 1000
 MAX_LISTED = 100  # skipped image files named in the summary (all are counted)
+CAPTURE_THREAD = "edgetl-capture-"  # the capture threads' name prefix (capture_threads_alive)
 Note = Callable[[str], None]
 
 
@@ -477,10 +478,12 @@ class FrameSource:
 
     def _spawn(self, reader: Reader | None) -> None:
         self._thread = threading.Thread(target=self._capture, args=(reader, self._gen),
-                                        name=f"edgetl-capture-{self._gen}", daemon=True)
+                                        name=f"{CAPTURE_THREAD}{self._gen}", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
+        """Stop the capture thread; one blocked in a native read or opening is left behind (see
+        :func:`capture_threads_alive`)."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
@@ -759,3 +762,11 @@ class FrameSource:
         return SourceLostError(
             f"source {uri!r} stopped delivering frames after {self.frames_read} frames and could not be reopened "
             f"in {limit:g} s ({attempts} attempts{': ' + last if last else ''})", hint=hint)
+
+
+def capture_threads_alive() -> bool:
+    """Whether a capture thread is still alive: one left blocked in a native call (OpenCV's FFmpeg or
+    GStreamer opening or read, abandoned by the watchdog or by ``close``). If that call returns while
+    the interpreter shuts down, the C++ side can abort the process ("terminate called without an
+    active exception", SIGABRT) in place of the exit code: the CLI then leaves with ``os._exit``."""
+    return any(t.name.startswith(CAPTURE_THREAD) and t.is_alive() for t in threading.enumerate())

@@ -173,3 +173,22 @@ def test_http_stream_reconnects_then_reports_loss():
     assert server.url in exc.value.message and "could not be reopened in 1 s" in exc.value.message
     assert "--reconnect-timeout" in exc.value.hint
     assert any("reconnected" in n for n in notes)
+
+
+def test_capture_threads_alive_sees_a_capture_thread_left_blocked():
+    """What the CLI checks before it exits hard (os._exit) past a capture thread left in native code."""
+    import threading
+
+    from edgetl.runtime.sources import CAPTURE_THREAD, capture_threads_alive
+
+    release = threading.Event()
+    other = threading.Thread(target=release.wait, name="not-a-capture-thread", daemon=True)
+    other.start()
+    assert not capture_threads_alive()
+    blocked = threading.Thread(target=release.wait, name=f"{CAPTURE_THREAD}7", daemon=True)
+    blocked.start()
+    assert capture_threads_alive()
+    release.set()
+    blocked.join(5)
+    other.join(5)
+    assert not capture_threads_alive()

@@ -23,7 +23,8 @@ import pytest
 from _streams import gst_python_default, gst_python_missing, mjpeg_server, rtsp_server, rtsp_server_missing
 from _tinyartifact import make_tiny_artifact
 
-CODE = "import sys\nfrom edgetl.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+# main() with no argument: the console script's entry (it reads sys.argv; a capture thread left blocked exits hard)
+CODE = "import sys\nfrom edgetl.cli import main\nsys.exit(main())\n"
 needs_rtsp = pytest.mark.skipif(rtsp_server_missing() is not None, reason=str(rtsp_server_missing()))
 
 
@@ -119,8 +120,10 @@ def test_rtsp_server_killed_and_restarted_inside_the_window(tmp_path, artifact, 
 
 @needs_rtsp
 def test_rtsp_server_killed_for_good_exits_3_after_the_timeout(tmp_path, artifact):
+    # 4 s, not 2: the first opening is bounded by the same timeout, and FFmpeg's RTSP opening of this
+    # server took 2.2 s on a 2-core EPYC (idle or not): at 2 s the test raced it
     with rtsp_server("--fps", "15") as server:
-        run = Run(sys.executable, artifact, "--source", server.url, "--headless", "--reconnect-timeout", "2",
+        run = Run(sys.executable, artifact, "--source", server.url, "--headless", "--reconnect-timeout", "4",
                   "--summary-json", tmp_path / "s.json")
         run.wait_lines(5)
         server.kill()
@@ -128,8 +131,9 @@ def test_rtsp_server_killed_for_good_exits_3_after_the_timeout(tmp_path, artifac
         code = run.finish()
     gone = time.monotonic() - t_kill
     assert code == 3, run.err
-    assert 1.8 <= gone < 9, gone
-    assert "stopped delivering frames" in run.err and "could not be reopened in 2 s" in run.err
+    assert 3.8 <= gone < 11, gone
+    assert "stopped delivering frames" in run.err and "could not be reopened in 4 s" in run.err
+    assert "terminate called" not in run.err  # no abort at exit past a capture thread left blocked
     assert "Traceback" not in run.err
     s = summary(tmp_path / "s.json")
     assert s["stop_reason"] == "source lost" and s["frames"] >= 5 and s["reconnects"] == 0
