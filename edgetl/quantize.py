@@ -457,8 +457,8 @@ def _duration(seconds: float) -> str:
 
 
 def _qat_epoch(qmodel, teacher, opt, samples: list[tuple[Path, int]], spec, cfg: QuantizeConfig, log: Log,
-               deadline: float | None, estimate: Callable[[float], None] | None = None,
-               rng: np.random.Generator | None = None) -> tuple[float, int, bool]:
+               deadline: float | None, estimate: Callable[[float], None] | None,
+               rng: np.random.Generator) -> tuple[float, int, bool]:
     """One pass over ``samples``: ``(mean loss, images seen, stopped at the deadline)``. ``estimate``
     gets the training rate (images/s) once, after the second batch (the first one warms up). With
     ``cfg.qat_perturb`` a share of each batch is perturbed first (``rng``)."""
@@ -479,8 +479,7 @@ def _qat_epoch(qmodel, teacher, opt, samples: list[tuple[Path, int]], spec, cfg:
         batch = samples[i:i + cfg.qat_batch_size]
         x = load_images([p for p, _ in batch], spec)
         if cfg.qat_perturb > 0:
-            x = random_perturbation(x, spec, rng if rng is not None else np.random.default_rng(cfg.seed),
-                                    cfg.qat_perturb, cfg.thresholds.stability_jpeg_quality)
+            x = random_perturbation(x, spec, rng, cfg.qat_perturb, cfg.thresholds.stability_jpeg_quality)
         x = torch.from_numpy(x)
         opt.zero_grad()
         out = qmodel(x)

@@ -13,7 +13,7 @@ from edgetl.check import Checkset, Thresholds, gate_from_logits
 from edgetl.runtime import cpu as cpumod
 from edgetl.runtime.cpu import classify, parse_cpuinfo
 from edgetl.runtime.preprocess import PreprocessSpec, preprocess
-from edgetl.stability import images_needed, measure, perturbed_inputs, pixels, random_perturbation
+from edgetl.stability import images_needed, measure, normalise, perturbed_inputs, pixels, random_perturbation
 from edgetl.targets import load_target, weight_range_for
 
 AVX2 = "fpu sse4_1 avx2 fma f16c"
@@ -167,17 +167,11 @@ def test_qat_perturbation_moves_the_share_asked_reproducibly():
     assert sum(not np.array_equal(m, o) for m, o in zip(everything, x)) >= 36
     # still images of the same pixels' kind: a float rendering of uint8 pixels, near the original
     px, moved_px = pixels(x, SPEC).astype(int), pixels(everything, SPEC).astype(int)
-    assert np.array_equal(normalise_px(moved_px.astype(np.uint8)), everything)
+    assert np.array_equal(normalise(moved_px.astype(np.uint8), SPEC), everything)
     assert np.median(np.abs(moved_px - px)) <= 16
     x0 = x.copy()
     random_perturbation(x, SPEC, np.random.default_rng(2), 1.0)
     assert np.array_equal(x, x0)  # the loaded batch is not modified in place
-
-
-def normalise_px(px: np.ndarray) -> np.ndarray:
-    from edgetl.stability import normalise
-
-    return normalise(px, SPEC)
 
 
 def test_stability_counts_int8_only_flips_apart_from_float_flips():
