@@ -463,8 +463,7 @@ def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[s
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     manifest = open_verified(artifact, "artifact",
                              hint="bench an artifact from `edgetl quantize`/`edgetl compile` (pass the run with --run)")
-    task = _Detect(artifact, manifest) if manifest.task == "detection" else \
-        _Classify(artifact, manifest, reps, throughput_batch)
+    task = _task(artifact, manifest, reps, throughput_batch)
     run_dir = _find_run(manifest, artifact, Path(run) if run else None)
     frames, frames_source = load_frames(task.paths, run_dir, n_frames, frame_size)
     cands, skipped = plan(artifact, manifest, run_dir, threads, rows)
@@ -475,6 +474,21 @@ def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[s
     verdict = mark_gates(results, manifest)
     return {
         "artifact": str(artifact), "task": manifest.task, "labels": list(manifest.labels), "deployable": verdict,
+        **_conditions(load_start, others, threads, frames, frames_source),
+        "input_size": list(manifest.preprocess.input_size),
+        "reps": reps, "rounds": rounds, "rows": results, "skipped": skipped, "speedups": summary, **task.summary(),
+    }
+
+
+def _task(artifact: Path, manifest: Manifest, reps: int, throughput_batch: int):
+    return _Detect(artifact, manifest) if manifest.task == "detection" else \
+        _Classify(artifact, manifest, reps, throughput_batch)
+
+
+def _conditions(load_start: float | None, others: float | None, threads: int, frames: list[np.ndarray],
+                frames_source: str) -> dict[str, Any]:
+    """What the timings were measured under: the machine, its load, the threads and the frames."""
+    return {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu": host_cpu().to_dict(), "cpu_class": host_cpu().isa_class,
                     "cpus": os.cpu_count(), "loadavg_start": load_start,
@@ -483,9 +497,79 @@ def run_bench(artifact: str | Path, run: str | Path | None = None, rows: tuple[s
         "busy_warning": busy_warning(others, threads),
         "threads": threads, "frames": frames_source,
         "frame_sizes": sorted({f"{f.shape[1]}x{f.shape[0]}" for f in frames}),
-        "input_size": list(manifest.preprocess.input_size),
-        "reps": reps, "rounds": rounds, "rows": results, "skipped": skipped, "speedups": summary, **task.summary(),
     }
+
+
+COMPARE_ROWS = ("ort-int8", "ov-int8", "tensorrt")
+
+
+def _short_names(artifacts: list[Path]) -> list[str]:
+    """Each artifact's folder name, or the path as given where two folders share a name."""
+    names = [a.name or str(a) for a in artifacts]
+    return [n if names.count(n) == 1 else str(a) for n, a in zip(names, artifacts)]
+
+
+def run_compare(artifacts: list[str | Path], rows: tuple[str, ...] = COMPARE_ROWS, threads: int = 2,
+                warmup: int = 10, reps: int = 100, rounds: int = 5, throughput_batch: int = 8,
+                frame_size: tuple[int, int] | None = None, n_frames: int = 32, block_warmup: int = 5,
+                progress: Callable[[str], None] = lambda s: None, chart: bool = True) -> dict[str, Any]:
+    """Several artifacts (models) side by side: the same rows of each, opened in one process and timed
+    in the same interleaved rounds on the same frames (the first artifact's held-out images), so the
+    ratios between models are measured under one machine state. Rows are named ``NAME ROW`` (NAME: the
+    artifact's folder); each keeps its artifact's own quality and gate. ``relative``: each row's p50 over
+    the first artifact's p50 of the same row."""
+    if chart:
+        require_chart()
+    paths = [Path(a) for a in artifacts]
+    if len(set(p.resolve() for p in paths)) < len(paths):
+        raise EdgetlError("the same artifact is named twice", hint="name each artifact to compare once")
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    manifests = [open_verified(p, "artifact", hint="compare artifacts from `edgetl quantize`/`edgetl compile`")
+                 for p in paths]
+    if len({m.task for m in manifests}) > 1:
+        raise EdgetlError(f"{', '.join(f'{p} ({m.task})' for p, m in zip(paths, manifests))}: "
+                          "the artifacts are of different tasks", hint="compare classifiers with classifiers, "
+                                                                       "detectors with detectors")
+    frames: list[np.ndarray] = []
+    frames_source, live, skipped, task_of = "", [], {}, {}
+    for i, (p, name, m) in enumerate(zip(paths, _short_names(paths), manifests)):
+        task, run_dir = _task(p, m, reps, throughput_batch), _find_run(m, p, None)
+        if i == 0:
+            frames, frames_source = load_frames(task.paths, run_dir, n_frames, frame_size)
+            frames_source += f"; the same frames for every artifact (those of {name})"
+        cands, own_skipped = plan(p, m, run_dir, threads, rows)
+        skipped.update({f"{name} {k}": v for k, v in own_skipped.items()})
+        for c in cands:
+            c.name, c.label = f"{name} {c.name}", f"{name}: {c.label}"
+        own_skips: dict[str, str] = {}
+        got = _load_rows(cands, own_skips, task, frames[:warmup], progress)
+        skipped.update(own_skips)
+        own = {c.name[len(name) + 1:]: c.result for c in got}
+        verdict = mark_gates(own, m)
+        for row, r in own.items():
+            r.update(artifact=str(p), row=row, deployable=verdict, input_size=list(m.preprocess.input_size))
+        for c in got:
+            task_of[c.name] = task
+        live += got
+    others = _latency_rounds(live, frames, lambda c, f: task_of[c.name].timed(c, f), reps, rounds, block_warmup,
+                             progress)
+    results = {c.name: c.result for c in live}
+    return {
+        "artifact": " vs ".join(_short_names(paths)), "artifacts": [str(p) for p in paths], "task": manifests[0].task,
+        **_conditions(load_start, others, threads, frames, frames_source),
+        "reps": reps, "rounds": rounds, "rows": results, "skipped": skipped, "speedups": {},
+        "relative": _relative(results),
+    }
+
+
+def _relative(rows: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Each row's p50 over the p50 of the same row of the first artifact that has it."""
+    first: dict[str, float] = {}
+    out = {}
+    for name, r in rows.items():
+        base = first.setdefault(r["row"], r["latency_p50_ms"])
+        out[name] = r["latency_p50_ms"] / base
+    return out
 
 
 INT8_ROW_BACKEND = {"ort-int8": "onnxruntime", "ov-int8": "openvino", "tensorrt": "tensorrt"}

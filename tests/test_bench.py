@@ -126,3 +126,45 @@ def test_a_build_that_failed_its_gate_is_marked_everywhere(tmp_path):
     assert "gate FAILED: not deployable" in bench_markdown(result)
     write_chart(result, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_several_artifacts_are_timed_side_by_side(artifact, tmp_path, capsys):
+    """Models against each other: the same rows of each in one run, each with its own quality and gate;
+    the artifacts are only read."""
+    _, art = artifact
+    a, b = tmp_path / "lite-a", tmp_path / "lite-b"
+    shutil.copytree(art, a)
+    shutil.copytree(art, b)
+    out = tmp_path / "cmp"
+    assert main(["bench", str(a), str(b), "--backends", "ort-int8,ov-int8", "--reps", "6", "--rounds", "2",
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert set(result["rows"]) == {"lite-a ort-int8", "lite-a ov-int8", "lite-b ort-int8", "lite-b ov-int8"}
+    assert result["artifacts"] == [str(a), str(b)] and result["skipped"] == {}
+    for name, r in result["rows"].items():
+        assert r["artifact"] == str(a if name.startswith("lite-a") else b) and r["row"] == name.split()[1]
+        assert r["latency_reps"] == 6 and r["input_size"] == result["rows"]["lite-a ov-int8"]["input_size"]
+    # the same model: the same answers on its checkset; the first artifact is the reference of the ratios
+    assert result["rows"]["lite-a ov-int8"]["top1"] == result["rows"]["lite-b ov-int8"]["top1"]
+    assert result["relative"]["lite-a ov-int8"] == 1.0 and result["relative"]["lite-b ort-int8"] > 0
+    assert "the same frames for every artifact" in result["frames"]
+    assert (out / "bench.png").stat().st_size > 1000
+    assert not (a / "bench.json").exists() and not (b / "bench.json").exists()
+    verify_files(a)
+    assert "relative to the first artifact" in capsys.readouterr().out
+
+
+def test_comparing_artifacts_refuses_what_it_cannot_honour(artifact, tmp_path, capsys):
+    run, art = artifact
+    a = tmp_path / "a"
+    shutil.copytree(art, a)
+    cases = [([str(a), str(art)], "pass --out DIR"),
+             ([str(a), str(art), "--run", str(run), "--out", str(tmp_path / "o")], "drop --run"),
+             ([str(a), str(tmp_path / "a"), "--out", str(tmp_path / "o")], "named twice"),
+             ([str(a), str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "nope")]
+    for args, said in cases:
+        capsys.readouterr()
+        assert main(["bench", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, (args, err)
+    assert not (tmp_path / "o").exists()
