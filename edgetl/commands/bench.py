@@ -34,7 +34,8 @@ def _size(value: str | None) -> tuple[int, int] | None:
 @click.argument("artifacts", metavar="ARTIFACT [ARTIFACT...]", nargs=-1, required=True,
                 type=click.Path(path_type=Path))
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
-              help="The float run (for the PyTorch eager rows); default: the run recorded in the artifact.")
+              help="The float run: the PyTorch eager rows, and its held-out test images as the timed frames. "
+                   "Without it those rows are skipped and the frames are generated (1280x720 or --frame-size).")
 @click.option("--backends", default=None, help=f"Comma-separated rows to run (default all; with several artifacts: "
                                                f"{','.join(COMPARE_ROWS)}): {', '.join(ALL_ROWS)}.")
 @click.option("--threads", default=2, show_default=True, help="Threads for every backend (fixed, recorded).")
