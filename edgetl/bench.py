@@ -546,8 +546,9 @@ def run_compare(artifacts: list[str | Path], rows: tuple[str, ...] = COMPARE_ROW
         skipped.update(own_skips)
         own = {c.name[len(name) + 1:]: c.result for c in got}
         verdict = mark_gates(own, m)
-        for row, r in own.items():
-            r.update(artifact=str(p), row=row, deployable=verdict, input_size=list(m.preprocess.input_size))
+        for row, r in own.items():  # the label says the artifact's verdict: its target's build decides it
+            r.update(artifact=str(p), row=row, deployable=verdict, input_size=list(m.preprocess.input_size),
+                     label=f"{name} ({'deployable' if verdict else 'NOT deployable'}): {r['label'][len(name) + 2:]}")
         for c in got:
             task_of[c.name] = task
         live += got
@@ -750,7 +751,8 @@ def write_chart(result: dict[str, Any], path: Path) -> None:
     ax.set_xlim(0, worst * (2.0 if det else 2.2 if any(failed) else 1.75))
     verdict = {True: "deployable", False: "NOT deployable (see report.md)"}.get(result.get("deployable"), "")
     ref = f"; float mAP@0.5 {100 * det['float_map50']:.1f}% on {det['n']} held-out images" if det else ""
-    ax.set_title(f"{Path(result['artifact']).name}{': ' + verdict if verdict else ''}: threads={result['threads']}\n"
+    title = result["artifact"] if "artifacts" in result else Path(result["artifact"]).name  # several: "A vs B"
+    ax.set_title(f"{title}{': ' + verdict if verdict else ''}: threads={result['threads']}\n"
                  f"(Nx) = speed-up over {base_label}{ref}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -144,6 +144,7 @@ def test_several_artifacts_are_timed_side_by_side(artifact, tmp_path, capsys):
     for name, r in result["rows"].items():
         assert r["artifact"] == str(a if name.startswith("lite-a") else b) and r["row"] == name.split()[1]
         assert r["latency_reps"] == 6 and r["input_size"] == result["rows"]["lite-a ov-int8"]["input_size"]
+        assert r["label"].startswith(name.split()[0] + (" (deployable): " if r["deployable"] else " (NOT deployable): "))
     # the same model: the same answers on its checkset; the first artifact is the reference of the ratios
     assert result["rows"]["lite-a ov-int8"]["top1"] == result["rows"]["lite-b ov-int8"]["top1"]
     assert result["relative"]["lite-a ov-int8"] == 1.0 and result["relative"]["lite-b ort-int8"] > 0
