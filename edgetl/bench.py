@@ -514,7 +514,7 @@ def run_compare(artifacts: list[str | Path], rows: tuple[str, ...] = COMPARE_ROW
                 frame_size: tuple[int, int] | None = None, n_frames: int = 32, block_warmup: int = 5,
                 progress: Callable[[str], None] = lambda s: None, chart: bool = True) -> dict[str, Any]:
     """Several artifacts (models) side by side: the same rows of each, opened in one process and timed
-    in the same interleaved rounds on the same frames (the first artifact's held-out images), so the
+    in the same interleaved rounds on the same frames (``load_frames`` of the first artifact), so the
     ratios between models are measured under one machine state. Rows are named ``NAME ROW`` (NAME: the
     artifact's folder); each keeps its artifact's own quality and gate. ``relative``: each row's p50 over
     the first artifact's p50 of the same row."""
@@ -530,33 +530,29 @@ def run_compare(artifacts: list[str | Path], rows: tuple[str, ...] = COMPARE_ROW
         raise EdgetlError(f"{', '.join(f'{p} ({m.task})' for p, m in zip(paths, manifests))}: "
                           "the artifacts are of different tasks", hint="compare classifiers with classifiers, "
                                                                        "detectors with detectors")
-    frames: list[np.ndarray] = []
-    frames_source, live, skipped, task_of = "", [], {}, {}
-    for i, (p, name, m) in enumerate(zip(paths, _short_names(paths), manifests)):
-        task, run_dir = _task(p, m, reps, throughput_batch), _find_run(m, p, None)
-        if i == 0:
-            frames, frames_source = load_frames(task.paths, run_dir, n_frames, frame_size)
-            frames_source += f"; the same frames for every artifact (those of {name})"
+    names = _short_names(paths)
+    tasks = [_task(p, m, reps, throughput_batch) for p, m in zip(paths, manifests)]
+    runs = [_find_run(m, p, None) for p, m in zip(paths, manifests)]
+    frames, frames_source = load_frames(tasks[0].paths, runs[0], n_frames, frame_size)
+    frames_source += f"; the same frames for every artifact (those of {names[0]})"
+    live, skipped, task_of = [], {}, {}
+    for p, name, m, task, run_dir in zip(paths, names, manifests, tasks, runs):
         cands, own_skipped = plan(p, m, run_dir, threads, rows)
+        got = _load_rows(cands, own_skipped, task, frames[:warmup], lambda s, name=name: progress(f"{name}: {s}"))
         skipped.update({f"{name} {k}": v for k, v in own_skipped.items()})
-        for c in cands:
-            c.name, c.label = f"{name} {c.name}", f"{name}: {c.label}"
-        own_skips: dict[str, str] = {}
-        got = _load_rows(cands, own_skips, task, frames[:warmup], progress)
-        skipped.update(own_skips)
-        own = {c.name[len(name) + 1:]: c.result for c in got}
-        verdict = mark_gates(own, m)
-        for row, r in own.items():  # the label says the artifact's verdict: its target's build decides it
-            r.update(artifact=str(p), row=row, deployable=verdict, input_size=list(m.preprocess.input_size),
-                     label=f"{name} ({'deployable' if verdict else 'NOT deployable'}): {r['label'][len(name) + 2:]}")
+        verdict = mark_gates({c.name: c.result for c in got}, m)
+        tag = f"{name} ({'deployable' if verdict else 'NOT deployable'})"  # its target's build decides the verdict
         for c in got:
+            c.result.update(artifact=str(p), row=c.name, deployable=verdict, input_size=list(m.preprocess.input_size),
+                            label=f"{tag}: {c.result['label']}")
+            c.name = f"{name} {c.name}"
             task_of[c.name] = task
         live += got
     others = _latency_rounds(live, frames, lambda c, f: task_of[c.name].timed(c, f), reps, rounds, block_warmup,
                              progress)
     results = {c.name: c.result for c in live}
     return {
-        "artifact": " vs ".join(_short_names(paths)), "artifacts": [str(p) for p in paths], "task": manifests[0].task,
+        "artifact": " vs ".join(names), "artifacts": [str(p) for p in paths], "task": manifests[0].task,
         **_conditions(load_start, others, threads, frames, frames_source),
         "reps": reps, "rounds": rounds, "rows": results, "skipped": skipped, "speedups": {},
         "relative": _relative(results),

@@ -106,8 +106,8 @@ def _compare(artifacts: tuple[Path, ...], run_dir: Path | None, backends: str | 
     from ..bench import run_compare
 
     if run_dir is not None:
-        raise click.UsageError("--run names the float run of one artifact: with several artifacts each one's "
-                               "recorded run is used (drop --run)")
+        raise click.UsageError("--run names the float run of one artifact: with several artifacts there is no "
+                               "eager row and the timed frames are generated (drop --run)")
     if out_dir is None:
         raise click.UsageError(f"comparing {len(artifacts)} artifacts writes bench.json and bench.png to a new "
                                "folder: pass --out DIR")
